@@ -1,0 +1,24 @@
+.PHONY: deps check test lint demo bench
+
+VENV := .venv/bin
+
+deps:
+	scripts/install-deps
+
+lint: deps
+	$(VENV)/ruff check prep_agent tests benchmarks
+	$(VENV)/ruff format --check prep_agent tests benchmarks
+	$(VENV)/mypy prep_agent
+
+test: deps
+	$(VENV)/python -m pytest
+
+# The README's test command: everything CI runs.
+check: lint test
+
+# The README's run command: agent + simulated institute on localhost.
+demo: deps
+	$(VENV)/prep-agent demo
+
+bench: deps
+	$(VENV)/python benchmarks/publish.py

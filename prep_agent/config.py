@@ -1,0 +1,191 @@
+"""The agent's configuration: one INI file, loaded into a frozen dataclass."""
+
+from __future__ import annotations
+
+import configparser
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from prep_agent.errors import ConfigError
+from prep_agent.manifest import Limits
+
+STAMP_MODES = ("reject", "warn", "off")
+"""Values of ``stamp_check`` (prep-cut-v1 §4.7)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of one agent; paths are absolute."""
+
+    root: Path
+    inbox: Path
+    election: str
+    trust: Path
+    threshold: int = 1
+    listen: str = "127.0.0.1:8080"
+    rescan_interval: float = 5.0
+    settle_timeout: float = 120.0
+    max_clock_skew: timedelta = timedelta(seconds=300)
+    keep_releases: int = 10
+    keep_quarantine: int = 50
+    stale_periods: int = 3
+    stamp_check: str = "reject"
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def releases(self) -> Path:
+        """Folder of the immutable releases."""
+        return self.root / "releases"
+
+    @property
+    def current(self) -> Path:
+        """The symlink whose target is the published release."""
+        return self.root / "current"
+
+    @property
+    def staging(self) -> Path:
+        """Agent-owned folder where a release is built before it is renamed."""
+        return self.root / "staging"
+
+    @property
+    def quarantine(self) -> Path:
+        """Folder of rejected cuts (manifest, signature, reason)."""
+        return self.root / "quarantine"
+
+    @property
+    def state_file(self) -> Path:
+        """The durable state (highest sequence, last rejection)."""
+        return self.root / "state.json"
+
+    @property
+    def journal_file(self) -> Path:
+        """Append-only JSON-lines journal of every event."""
+        return self.root / "journal.jsonl"
+
+    @property
+    def lock_file(self) -> Path:
+        """Lock held by the one agent of this root."""
+        return self.root / "lock"
+
+
+TEMPLATE = """\
+# prep-agent configuration (prep-cut/1). Lines starting with # are comments.
+[agent]
+# Identifier of the election this difusor publishes; cuts for another are rejected.
+election = {election}
+# Agent-owned storage: releases/, current -> releases/..., state.json, journal.jsonl.
+root = {root}
+# Drop folder written by the institute over SFTP (read-only for the agent).
+inbox = {inbox}
+# OpenSSH allowed_signers file with the institute's keys (namespace prep-cut).
+trust = {trust}
+# Distinct trusted keys that must sign each cut.
+threshold = {threshold}
+# Address of the embedded web server (frame, health).
+listen = {listen}
+# Seconds between full rescans of the drop folder (file events are only hints).
+rescan_interval = 5
+# Seconds a cut may keep failing while its upload is still arriving.
+settle_timeout = 120
+# Seconds the institute's clock may be ahead of ours.
+max_clock_skew = 300
+# Releases kept for rollback, and rejected cuts kept in quarantine.
+keep_releases = 10
+keep_quarantine = 50
+# Periods without a new cut before the public page shows the interruption notice.
+stale_periods = 3
+# Stamps inside CSV/zip files that disagree with cut_time: reject, warn or off.
+stamp_check = reject
+
+[limits]
+max_manifest_bytes = 33554432
+max_files = 200000
+max_file_bytes = 2147483648
+max_cut_bytes = 21474836480
+"""
+
+
+def render_template(**values: object) -> str:
+    """Return a commented config file with the given values filled in."""
+    return TEMPLATE.format(**values)
+
+
+def _positive(parser: configparser.ConfigParser, section: str, key: str, default: int) -> int:
+    try:
+        value = parser.getint(section, key, fallback=default)
+    except ValueError:
+        raise ConfigError(f"[{section}] {key} must be an integer") from None
+    if value < 1:
+        raise ConfigError(f"[{section}] {key} must be at least 1")
+    return value
+
+
+def _seconds(parser: configparser.ConfigParser, key: str, default: float) -> float:
+    try:
+        value = parser.getfloat("agent", key, fallback=default)
+    except ValueError:
+        raise ConfigError(f"[agent] {key} must be a number of seconds") from None
+    if value < 0:
+        raise ConfigError(f"[agent] {key} must not be negative")
+    return value
+
+
+def _limits(parser: configparser.ConfigParser) -> Limits:
+    base = Limits()
+    return Limits(
+        max_manifest_bytes=_positive(
+            parser, "limits", "max_manifest_bytes", base.max_manifest_bytes
+        ),
+        max_files=_positive(parser, "limits", "max_files", base.max_files),
+        max_file_bytes=_positive(parser, "limits", "max_file_bytes", base.max_file_bytes),
+        max_cut_bytes=_positive(parser, "limits", "max_cut_bytes", base.max_cut_bytes),
+    )
+
+
+def _path(parser: configparser.ConfigParser, key: str, base: Path) -> Path:
+    value = parser.get("agent", key, fallback="").strip()
+    if not value:
+        raise ConfigError(f"[agent] {key} is required")
+    return (base / value).resolve() if not Path(value).is_absolute() else Path(value)
+
+
+def load(path: Path) -> Config:
+    """Read a config file; relative paths are taken from the file's folder.
+
+    Raises ``ConfigError`` with a one-line reason.
+    """
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            parser.read_file(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except configparser.Error as exc:
+        raise ConfigError(f"config {path}: {exc.message.splitlines()[0]}") from None
+    if not parser.has_section("agent"):
+        raise ConfigError(f"config {path}: no [agent] section")
+    base = path.resolve().parent
+    stamp = parser.get("agent", "stamp_check", fallback="reject").strip()
+    if stamp not in STAMP_MODES:
+        raise ConfigError(f"[agent] stamp_check must be one of {', '.join(STAMP_MODES)}")
+    return Config(
+        root=_path(parser, "root", base),
+        inbox=_path(parser, "inbox", base),
+        election=parser.get("agent", "election", fallback="").strip() or _missing("election"),
+        trust=_path(parser, "trust", base),
+        threshold=_positive(parser, "agent", "threshold", 1),
+        listen=parser.get("agent", "listen", fallback="127.0.0.1:8080").strip(),
+        rescan_interval=_seconds(parser, "rescan_interval", 5.0) or 5.0,
+        settle_timeout=_seconds(parser, "settle_timeout", 120.0),
+        max_clock_skew=timedelta(seconds=_seconds(parser, "max_clock_skew", 300.0)),
+        keep_releases=_positive(parser, "agent", "keep_releases", 10),
+        keep_quarantine=_positive(parser, "agent", "keep_quarantine", 50),
+        stale_periods=_positive(parser, "agent", "stale_periods", 3),
+        stamp_check=stamp,
+        limits=_limits(parser),
+    )
+
+
+def _missing(key: str) -> str:
+    raise ConfigError(f"[agent] {key} is required")

@@ -1,0 +1,53 @@
+"""The append-only JSON-lines journal of every agent event.
+
+One object a line: ``{"time": RFC 3339 UTC, "event": name, ...}``. It is the
+input of the memoria técnica (incidents, latencies, cut timeline).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class Journal:
+    """Appends events to a JSON-lines file, each line flushed and fsynced."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Append one event and return it as written."""
+        record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
+        record["event"] = event
+        record.update(fields)
+        line = json.dumps(record, ensure_ascii=False, sort_keys=False) + "\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, line.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        log.info("%s %s", event, json.dumps(fields, ensure_ascii=False))
+        return record
+
+
+def read_journal(path: Path) -> Iterator[dict[str, Any]]:
+    """Yield the journal's events; a torn last line (crash) is skipped."""
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                yield record
