@@ -167,7 +167,7 @@ class Agent:
             sig_bytes,
             self.config.inbox,
             self.config.stamp_check,
-            lambda text: self.journal.write("stamp-warning", detail=text),
+            self._warn_stamp,
         )
         built = time.monotonic()
         self.store.swap(release.name)
@@ -187,6 +187,9 @@ class Agent:
         if pruned:
             self.journal.write("releases-pruned", releases=pruned)
         return Outcome("published", manifest.sequence)
+
+    def _warn_stamp(self, text: str) -> None:
+        self.journal.write("stamp-warning", detail=text)
 
     def _journal_published(
         self,
@@ -225,8 +228,8 @@ class Agent:
         settle: bool,
     ) -> Outcome:
         pending = self.pending
-        waiting = rejection.transient and settle and pending is not None
-        if waiting and not pending.settled(time.monotonic(), self.config.settle_timeout):
+        retry = rejection.transient and settle and pending is not None
+        if retry and pending and not pending.settled(time.monotonic(), self.config.settle_timeout):
             if pending.last_reason != rejection.reason:
                 pending.last_reason = rejection.reason
                 self.journal.write("cut-waiting", reason=rejection.reason, detail=rejection.detail)

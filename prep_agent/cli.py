@@ -39,7 +39,7 @@ from prep_agent.lock import LockFile
 from prep_agent.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from prep_agent.publish import Store, read_inbox_file
 from prep_agent.state import load_state, save_state
-from prep_agent.verify import MAX_SIGNATURE_BYTES, decide
+from prep_agent.verify import MAX_SIGNATURE_BYTES, Published, decide
 
 log = logging.getLogger("prep_agent")
 
@@ -117,9 +117,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         data = read_inbox_file(folder, MANIFEST_NAME, config.limits.max_manifest_bytes)
         if sig is None or data is None:
             raise Rejection("incomplete", f"no {SIGNATURE_NAME} and {MANIFEST_NAME} in {folder}")
-        current = store.current() if store.releases.is_dir() else None
-        from prep_agent.verify import Published
-
+        current = store.current()
         published = Published(
             sequence=current.manifest.sequence if current else None,
             cut_time=current.manifest.cut_time if current else None,
@@ -149,7 +147,7 @@ def status_document(config: Config) -> dict[str, Any]:
     """What ``status --json`` prints: derived from ``current`` and the state."""
     store = Store(config.root, config.limits)
     state = load_state(config.state_file)
-    current = store.current() if store.current_link.is_symlink() else None
+    current = store.current()
     manifest = current.manifest if current else None
     now = utc_now()
     return {
@@ -163,7 +161,7 @@ def status_document(config: Config) -> dict[str, Any]:
         "stale_at": stale_at(manifest, config.stale_periods).isoformat() if manifest else None,
         "highest_sequence": state.highest_sequence,
         "last_rejection": asdict(state.last_rejection) if state.last_rejection else None,
-        "releases": store.release_names() if store.releases.is_dir() else [],
+        "releases": store.release_names(),
     }
 
 
@@ -210,7 +208,7 @@ def cmd_reset_sequence(args: argparse.Namespace) -> int:
     config = _config(args)
     store = Store(config.root, config.limits)
     with LockFile(config.root / "publish.lock", blocking=True):
-        current = store.current() if store.current_link.is_symlink() else None
+        current = store.current()
         if current is not None and args.to < current.manifest.sequence:
             raise Error(
                 f"sequence {args.to} is below the published {current.manifest.sequence}; "

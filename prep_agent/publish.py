@@ -252,7 +252,9 @@ class Store:
         return Path(target).name
 
     def release_names(self) -> list[str]:
-        """Names of the complete releases, oldest first."""
+        """Names of the complete releases, oldest first (none before ``init``)."""
+        if not self.releases.is_dir():
+            return []
         return sorted(p.name for p in self.releases.iterdir() if not p.name.startswith("."))
 
     def load_release(self, name: str) -> Release:

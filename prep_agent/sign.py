@@ -54,7 +54,7 @@ def list_files(folder: Path) -> list[dict[str, Any]]:
                 continue
             size, sha = hash_file(path)
             entries.append({"path": rel, "size": size, "sha256": sha})
-    return entries
+    return sorted(entries, key=lambda e: str(e["path"]))
 
 
 def manifest_bytes(folder: Path, info: CutInfo) -> bytes:

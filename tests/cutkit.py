@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from prep_agent.config import Config, load, render_template
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 """The read-only shared folder beside the project."""
+PREP_AGENT = str(Path(sys.executable).parent / "prep-agent")
+"""The installed command of the venv running the tests."""
 OFFSET = timezone(timedelta(hours=-6))
 ELECTION = "coah-ayun-2021"
 

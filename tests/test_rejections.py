@@ -427,7 +427,9 @@ def test_replay_is_a_no_op(published: tuple[Agent, Path]) -> None:
     files = inst.files(GOOD_TIME, 2)
     data = (agent.config.current / ".well-known/prep-cut/manifest.json").read_bytes()
     # ed25519 signatures are deterministic: the same bytes re-signed with sha256 differ.
-    inst.deliver(agent.config.inbox, files, raw=data, sig=ssh_sign(inst.key, data, hashalg="sha256"))
+    inst.deliver(
+        agent.config.inbox, files, raw=data, sig=ssh_sign(inst.key, data, hashalg="sha256")
+    )
     outcome = agent.step(settle=False)
     assert outcome.status == "replay"
     assert tree_digest(agent.config.current) == before
