@@ -76,6 +76,12 @@ def deliver(source: Path, inbox: Path) -> None:
 class CurrentHandler(http.server.SimpleHTTPRequestHandler):
     """Serves the release ``current`` points to at the moment of each request."""
 
+    extensions_map = {
+        **http.server.SimpleHTTPRequestHandler.extensions_map,
+        ".html": "text/html; charset=utf-8",
+        ".csv": "text/csv; charset=utf-8",
+    }
+
     def __init__(self, *args: Any, current: Path, **kwargs: Any) -> None:
         super().__init__(*args, directory=os.path.realpath(current), **kwargs)
 
