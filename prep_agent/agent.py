@@ -21,7 +21,13 @@ from typing import Callable
 
 from prep_agent import sshsig
 from prep_agent.config import Config
-from prep_agent.errors import SIGNATURE_MALFORMED, ConfigError, Rejection, SignatureFormatError
+from prep_agent.errors import (
+    SIGNATURE_MALFORMED,
+    ConfigError,
+    Error,
+    Rejection,
+    SignatureFormatError,
+)
 from prep_agent.intake import Pending, Watcher
 from prep_agent.journal import Journal
 from prep_agent.lock import LockFile
@@ -42,7 +48,8 @@ def utc_now() -> datetime:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one step did: ``idle``, ``waiting``, ``published``, ``replay`` or ``rejected``."""
+    """What one step did: ``idle``, ``waiting``, ``published``, ``replay``, ``rejected``
+    or (daemon only) ``error``."""
 
     status: str
     sequence: int | None = None
@@ -117,7 +124,7 @@ class Agent:
         reset-sequence) never interleave with a publication.
         """
         with LockFile(self.config.root / "publish.lock", blocking=True):
-            self.state = load_state(self.config.state_file)
+            self.state = self._reconcile(load_state(self.config.state_file))
             return self._step(settle)
 
     def _step(self, settle: bool) -> Outcome:
@@ -271,7 +278,7 @@ class Agent:
         outcome = Outcome("idle")
         try:
             while not self.stop_event.is_set():
-                outcome = self.step()
+                outcome = self._safe_step()
                 if outcome.status == "waiting":
                     # An upload is in progress: retry on its events, at most 5 times a second.
                     self.stop_event.wait(0.2)
@@ -282,6 +289,16 @@ class Agent:
             watcher.stop()
             self.journal.write("agent-stopped")
         return outcome
+
+    def _safe_step(self) -> Outcome:
+        """``step()`` for the daemon: a failure of ours (disk full, I/O error) is
+        journaled and retried on the next rescan; the published cut stays."""
+        try:
+            return self.step()
+        except (OSError, Error) as exc:
+            log.error("publication failed: %s", exc, exc_info=True)
+            self.journal.write("agent-error", detail=str(exc))
+            return Outcome("error")
 
     def stop(self) -> None:
         """Ask ``run`` to return (thread- and signal-safe)."""

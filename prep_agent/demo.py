@@ -76,7 +76,7 @@ def deliver(source: Path, inbox: Path) -> None:
 class CurrentHandler(http.server.SimpleHTTPRequestHandler):
     """Serves the release ``current`` points to at the moment of each request."""
 
-    extensions_map = {
+    extensions_map = {  # noqa: RUF012 - the base class declares it a plain dict
         **http.server.SimpleHTTPRequestHandler.extensions_map,
         ".html": "text/html; charset=utf-8",
         ".csv": "text/csv; charset=utf-8",

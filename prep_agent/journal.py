@@ -18,7 +18,10 @@ log = logging.getLogger(__name__)
 
 
 class Journal:
-    """Appends events to a JSON-lines file, each line flushed and fsynced."""
+    """Appends events to a JSON-lines file, each line flushed and fsynced.
+
+    A line that cannot be written is logged instead; it never raises.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -28,13 +31,17 @@ class Journal:
         record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
         record["event"] = event
         record.update(fields)
-        line = json.dumps(record, ensure_ascii=False, sort_keys=False) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        line = json.dumps(record, ensure_ascii=False) + "\n"
         try:
-            os.write(fd, line.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            try:
+                os.write(fd, line.encode("utf-8"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            # Losing a journal line (disk full) must never stop publication.
+            log.error("journal %s not written (%s): %s", self.path, exc.strerror, line.strip())
         log.info("%s %s", event, json.dumps(fields, ensure_ascii=False))
         return record
 
