@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
 import time
 
 import requests
-
 from cutkit import PREP_AGENT
 
 
@@ -31,10 +31,8 @@ def test_demo_publishes_and_serves_then_stops_on_ctrl_c() -> None:
         body = ""
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and "Actas capturadas: 1200" not in body:
-            try:
+            with contextlib.suppress(requests.ConnectionError):
                 body = requests.get(url, timeout=2).text
-            except requests.ConnectionError:
-                pass
             time.sleep(0.1)
         assert "Corte de información:" in body and "(UTC-6)" in body
         assert "Actas capturadas: 1200" in body  # the third cut replaced the first two

@@ -15,8 +15,9 @@ from cutkit import Institute, make_config, minute_ago, tree_digest
 
 from prep_agent import cli
 from prep_agent.agent import Agent
-from prep_agent.errors import LockError
+from prep_agent.errors import LockError, Rejection
 from prep_agent.lock import LockFile
+from prep_agent.publish import open_in_inbox
 
 
 @pytest.fixture
@@ -198,3 +199,24 @@ def test_published_tree_identical_to_upload_after_many_cuts(
     assert {k: v for k, v in digest.items() if not k.startswith(".well-known")} == {
         k: __import__("hashlib").sha256(v).hexdigest() for k, v in expected.items()
     }
+
+
+@pytest.mark.timeout(5)
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "dirlink", "missing"])
+def test_open_in_inbox_never_follows_or_blocks(tmp_path: Path, kind: str) -> None:
+    """The open itself is safe, not only the stat pre-check (a file can change in between)."""
+    inbox = tmp_path / "inbox"
+    (inbox / "d").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "f").write_text("secret")
+    if kind == "fifo":
+        os.mkfifo(inbox / "d" / "f")
+    elif kind == "symlink":
+        (inbox / "d" / "f").symlink_to(tmp_path / "outside" / "f")
+    elif kind == "dirlink":
+        (inbox / "d").rmdir()
+        (inbox / "d").symlink_to(tmp_path / "outside")
+    expected = "incomplete" if kind == "missing" else "file-type"
+    with pytest.raises(Rejection) as caught:
+        open_in_inbox(inbox, "d/f")
+    assert caught.value.reason == expected

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import zipfile
 from collections.abc import Callable
 from datetime import timedelta
@@ -179,6 +180,14 @@ def special_file(kind: str) -> Case:
         if kind == "symlink":
             (tmp / "outside.html").write_bytes(page)
             target.symlink_to(tmp / "outside.html")
+        elif kind == "dirlink":
+            files["index.html"] = page
+            outside = tmp / "outside"
+            outside.mkdir()
+            csv = files.pop("datos/COAH_AYUN_2021.csv")
+            (outside / "COAH_AYUN_2021.csv").write_bytes(csv)
+            shutil.rmtree(inbox / "datos")
+            (inbox / "datos").symlink_to(outside)
         elif kind == "fifo":
             os.mkfifo(target)
         else:
@@ -353,6 +362,7 @@ CASES: dict[str, tuple[Case, str]] = {
     "wrong size": (tampered(1), "file-mismatch"),
     "symlink in drop folder": (special_file("symlink"), "file-type"),
     "FIFO in drop folder": (special_file("fifo"), "file-type"),
+    "symlinked folder in drop folder": (special_file("dirlink"), "file-type"),
     "directory instead of file": (special_file("dir"), "file-type"),
     # §4.6 limits (configured small in the test agent)
     "oversized file": (with_extra_file("grande.bin", lambda: b"x" * 300_000), "limit-exceeded"),
