@@ -87,6 +87,7 @@ class Agent:
         self.config = config
         self.clock = clock
         self.policy = load_policy(config)
+        self._trust_stamp = _file_stamp(config.trust)
         self.store = Store(config.root, config.limits)
         self.journal = Journal(config.journal_file)
         self.pending: Pending | None = None
@@ -125,7 +126,24 @@ class Agent:
         """
         with LockFile(self.config.root / "publish.lock", blocking=True):
             self.state = self._reconcile(load_state(self.config.state_file))
+            self._refresh_policy()
             return self._step(settle)
+
+    def _refresh_policy(self) -> None:
+        """Reload allowed_signers when the file changed (key rotation without restart).
+
+        An invalid new file is journaled and the previous trust is kept.
+        """
+        stamp = _file_stamp(self.config.trust)
+        if stamp == self._trust_stamp:
+            return
+        self._trust_stamp = stamp
+        try:
+            self.policy = load_policy(self.config)
+        except ConfigError as exc:
+            self.journal.write("trust-error", detail=str(exc))
+            return
+        self.journal.write("trust-reloaded", keys=len(self.policy.signers))
 
     def _step(self, settle: bool) -> Outcome:
         inbox = self.config.inbox
@@ -305,6 +323,15 @@ class Agent:
         self.stop_event.set()
         if self._watcher is not None:
             self._watcher.wake.set()
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int, int]:
+    """What changes when a file is rewritten or replaced."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0, 0)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _signature_id(path: Path, data: bytes | None) -> str | None:

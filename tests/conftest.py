@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from cutkit import Institute
@@ -33,11 +32,3 @@ def no_thread_leaks() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def institute(tmp_path_factory: pytest.TempPathFactory) -> Institute:
     return Institute(tmp_path_factory.mktemp("institute"))
-
-
-@pytest.fixture
-def shared() -> Path:
-    from cutkit import SHARED
-
-    assert SHARED.is_dir(), f"{SHARED} is missing"
-    return SHARED

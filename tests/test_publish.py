@@ -220,3 +220,27 @@ def test_open_in_inbox_never_follows_or_blocks(tmp_path: Path, kind: str) -> Non
     with pytest.raises(Rejection) as caught:
         open_in_inbox(inbox, "d/f")
     assert caught.value.reason == expected
+
+
+def test_allowed_signers_reloaded_on_change(tmp_path: Path, inst: Institute) -> None:
+    """Key rotation without restart; a broken file keeps the previous trust."""
+    config = make_config(tmp_path, inst)
+    agent = Agent(config)
+    new = Institute(tmp_path / "new")
+    when = minute_ago(10)
+    files = inst.files(when, 1)
+    new.deliver(config.inbox, files, inst.manifest(files, 1, when))
+    outcome = agent.step(settle=False)
+    assert outcome.rejection is not None and outcome.rejection.reason == "signature-untrusted"
+
+    original = inst.allowed_signers.read_text()
+    inst.allowed_signers.write_text(original + new.allowed_signers.read_text())
+    new.cut(config.inbox, 2, cut_time=minute_ago(9))
+    assert agent.step(settle=False).status == "published"
+
+    inst.allowed_signers.write_text(original + "this is not a key line\n")
+    inst.cut(config.inbox, 3, cut_time=minute_ago(8))
+    assert agent.step(settle=False).status == "published"
+    events = [json.loads(line)["event"] for line in config.journal_file.read_text().splitlines()]
+    assert events.count("trust-reloaded") == 1 and events.count("trust-error") == 1
+    inst.allowed_signers.write_text(original)

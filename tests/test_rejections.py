@@ -18,7 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cutkit import ELECTION, Institute, csv_bytes, make_config, minute_ago, ssh_sign, tree_digest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cutkit import (
+    ELECTION,
+    Institute,
+    csv_bytes,
+    keygen,
+    make_config,
+    minute_ago,
+    ssh_sign,
+    tree_digest,
+)
 
 from prep_agent.agent import Agent
 
@@ -128,8 +139,6 @@ def other_key(
     """Sign with a fresh key; optionally add it to allowed_signers with ``options``."""
 
     def make(inst: Institute, data: bytes, tmp: Path) -> bytes:
-        from cutkit import keygen
-
         key = tmp / f"k_{kind}_{bits}"
         public = keygen(key, kind, bits or None)
         if options is not None and options != "untrusted":
@@ -140,10 +149,33 @@ def other_key(
     return make
 
 
+def ssh_string(value: bytes) -> bytes:
+    return len(value).to_bytes(4, "big") + value
+
+
+def rsa_sha1(inst: Institute, data: bytes, tmp: Path) -> bytes:
+    """A well-formed SSHSIG by a trusted RSA 3072 key, but with the SHA-1 ``ssh-rsa`` algorithm."""
+    key_path = tmp / "rsa3072"
+    public = keygen(key_path, "rsa", 3072)
+    with inst.allowed_signers.open("a") as fh:
+        fh.write(f"iec {public}\n")
+    key = serialization.load_ssh_private_key(key_path.read_bytes(), None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    header = b"".join(ssh_string(x) for x in (b"prep-cut", b"", b"sha512"))
+    to_sign = b"SSHSIG" + header + ssh_string(hashlib.sha512(data).digest())
+    raw = key.sign(to_sign, padding.PKCS1v15(), hashes.SHA1())
+    blob = (
+        b"SSHSIG"
+        + (1).to_bytes(4, "big")
+        + ssh_string(base64.b64decode(public.split()[1]))
+        + header
+        + ssh_string(ssh_string(b"ssh-rsa") + ssh_string(raw))
+    )
+    return rearmor(blob)
+
+
 def rogue_embedded(inst: Institute, data: bytes, tmp: Path) -> bytes:
     """The trusted key's public blob with a rogue key's signature inside."""
-    from cutkit import keygen
-
     rogue = tmp / "rogue"
     keygen(rogue, "ed25519")
     good, bad = blob_of(ssh_sign(inst.key, data)), blob_of(ssh_sign(rogue, data))
@@ -293,6 +325,7 @@ CASES: dict[str, tuple[Case, str]] = {
         with_sig(other_key("ed25519", options='namespaces="file"')),
         "signature-untrusted",
     ),
+    "ssh-rsa SHA-1": (with_sig(rsa_sha1), "signature-untrusted"),
     "RSA 2048": (with_sig(other_key("rsa", 2048, options="")), "signature-untrusted"),
     "manifest edited after signing": (edited_after_signing, "signature-untrusted"),
     "no signature block": (with_sig(lambda i, d, t: b""), "signature-malformed"),
@@ -384,6 +417,20 @@ CASES: dict[str, tuple[Case, str]] = {
 }
 
 
+DETAILS = {
+    "ssh-rsa SHA-1": "ssh-rsa",
+    "RSA 2048": "2048 bits",
+    "wrong namespace": "namespace",
+    "key for another namespace": "namespace",
+    "untrusted key": "not in allowed_signers",
+    "embedded trusted key, rogue signature": "does not verify",
+    "key expired": "valid",
+    "key not yet valid": "valid",
+    "flipped signature": "does not verify",
+}
+"""Why a signature block did not count, for the cases that share a reason class."""
+
+
 @pytest.fixture
 def published(tmp_path: Path) -> tuple[Agent, Path]:
     """An agent (small limits) with sequence 1 published."""
@@ -415,6 +462,7 @@ def test_bad_cut_is_rejected_and_previous_stays(name: str, published: tuple[Agen
     assert outcome.status == "rejected", outcome
     assert outcome.rejection is not None
     assert outcome.rejection.reason == reason, outcome.rejection
+    assert DETAILS.get(name, "") in outcome.rejection.detail
     assert os.readlink(agent.config.current) == current_before
     assert tree_digest(agent.config.current) == before
     assert len(os.listdir(agent.config.releases)) == 1
