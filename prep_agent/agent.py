@@ -28,6 +28,8 @@ from prep_agent.errors import (
     Rejection,
     SignatureFormatError,
 )
+from prep_agent.frame import install_static, stale_deadline, write_public
+from prep_agent.health import Metrics, Snapshot
 from prep_agent.intake import Pending, Watcher
 from prep_agent.journal import Journal
 from prep_agent.lock import LockFile
@@ -93,8 +95,14 @@ class Agent:
         self.pending: Pending | None = None
         self.stop_event = threading.Event()
         self._watcher: Watcher | None = None
+        self._stale_written: str | None = None
+        self.metrics = Metrics()
+        self._running = False
         self.store.ensure_layout()
         self.state = self._reconcile(load_state(config.state_file))
+        install_static(config)
+        self.shown = self.store.current_name()
+        write_public(config, self.store.current())
 
     def _reconcile(self, state: State) -> State:
         """After a crash between swap and state write, the release wins (§5)."""
@@ -127,7 +135,24 @@ class Agent:
         with LockFile(self.config.root / "publish.lock", blocking=True):
             self.state = self._reconcile(load_state(self.config.state_file))
             self._refresh_policy()
+            self._refresh_public()
             return self._step(settle)
+
+    def _show(self, release: Release | None) -> None:
+        """Rewrite the frame and status.json for what is now current."""
+        write_public(self.config, release)
+        self.shown = release.name if release else None
+
+    def _refresh_public(self) -> None:
+        """Keep the public files true to ``current``: after an operator rollback,
+        and once the cut turns stale (for readers without JavaScript)."""
+        current = self.store.current()
+        name = current.name if current else None
+        deadline = stale_deadline(current, self.config.stale_periods)
+        due = deadline is not None and self.clock() >= deadline and self._stale_written != name
+        if name != self.shown or due:
+            self._show(current)
+            self._stale_written = name if due else self._stale_written
 
     def _refresh_policy(self) -> None:
         """Reload allowed_signers when the file changed (key rotation without restart).
@@ -197,6 +222,7 @@ class Agent:
         built = time.monotonic()
         self.store.swap(release.name)
         swapped = time.monotonic()
+        self._show(release)
         self.state = replace(
             self.state,
             highest_sequence=manifest.sequence,
@@ -213,6 +239,25 @@ class Agent:
             self.journal.write("releases-pruned", releases=pruned)
         return Outcome("published", manifest.sequence)
 
+    def snapshot(self) -> Snapshot:
+        """What health and metrics report, read from ``current`` and the state."""
+        current = self.store.current()
+        watcher = self._watcher
+        alive = self._running and (watcher is None or watcher.alive())
+        return Snapshot(
+            now=self.clock(),
+            service_id=self.config.service_id,
+            manifest=current.manifest if current else None,
+            manifest_sha256=current.manifest_sha256 if current else None,
+            stale_periods=self.config.stale_periods,
+            last_rejection=self.state.last_rejection,
+            watcher_mode=watcher.mode if watcher else "polling",
+            watcher_fallback=bool(watcher and watcher.failure),
+            agent_alive=alive,
+            storage=self.config.root,
+            storage_writable=os.access(self.config.releases, os.W_OK),
+        )
+
     def _warn_stamp(self, text: str) -> None:
         self.journal.write("stamp-warning", detail=text)
 
@@ -227,6 +272,7 @@ class Agent:
         swapped: float,
     ) -> None:
         m = release.manifest
+        self.metrics.observe_publish(swapped - started)
         waited = time.monotonic() - self.pending.first_seen if self.pending else 0.0
         self.journal.write(
             "cut-published",
@@ -270,6 +316,7 @@ class Agent:
             last_decided_signature=pending.signature_sha256 if pending else None,
         )
         save_state(self.config.state_file, self.state)
+        self.metrics.count_rejection(rejection.reason)
         self.journal.write(
             "cut-rejected",
             reason=rejection.reason,
@@ -292,6 +339,7 @@ class Agent:
         watcher = Watcher(self.config.inbox)
         self._watcher = watcher
         watcher.start()
+        self._running = True
         self.journal.write("agent-started", watcher=watcher.mode, failure=watcher.failure)
         outcome = Outcome("idle")
         try:
@@ -304,6 +352,7 @@ class Agent:
                 else:
                     watcher.wait(self.config.rescan_interval)
         finally:
+            self._running = False
             watcher.stop()
             self.journal.write("agent-stopped")
         return outcome

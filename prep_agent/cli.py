@@ -33,11 +33,13 @@ from prep_agent.errors import (
     Error,
     Rejection,
 )
+from prep_agent.frame import write_public
 from prep_agent.freshness import freshness, stale_at
 from prep_agent.journal import Journal
 from prep_agent.lock import LockFile
 from prep_agent.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from prep_agent.publish import Store, read_inbox_file
+from prep_agent.serve import Server, build_app
 from prep_agent.state import load_state, save_state
 from prep_agent.verify import MAX_SIGNATURE_BYTES, Published, decide
 
@@ -92,7 +94,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
-        agent.run()
+        server = Server(config, build_app(config, agent.snapshot, agent.metrics))
+        server.start()
+        agent.journal.write("server-listening", address=server.address)
+        try:
+            agent.run()
+        finally:
+            server.stop()
     return EXIT_OK
 
 
@@ -196,6 +204,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             )
         target = matches[-1]
         store.swap(target)
+        write_public(config, store.load_release(target))
         Journal(config.journal_file).write(
             "operator-rollback", release_from=current, release_to=target, user=_user()
         )

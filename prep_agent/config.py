@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import configparser
+import functools
+import ipaddress
+import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from prep_agent.errors import ConfigError
 from prep_agent.manifest import Limits
 
 STAMP_MODES = ("reject", "warn", "off")
 """Values of ``stamp_check`` (prep-cut-v1 §4.7)."""
+OPENING_TEXT = (
+    "La publicación de los Resultados Electorales Preliminares iniciará en cuanto el "
+    "Instituto envíe el primer corte de información."
+)
+"""Text the frame shows before the first cut."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,19 @@ class Config:
     stale_periods: int = 3
     stamp_check: str = "reject"
     limits: Limits = field(default_factory=Limits)
+    service_id: str = "difusor"
+    difusor_name: str = "Difusor oficial del PREP"
+    logo: Path | None = None
+    opening_text: str = OPENING_TEXT
+    frame_ancestors: tuple[str, ...] = ("'self'",)
+    poll_seconds: int = 15
+    health_token: str | None = None
+    health_allow: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+
+    @property
+    def public(self) -> Path:
+        """Folder of the frame, its assets and ``status.json`` (served as is)."""
+        return self.root / "public"
 
     @property
     def releases(self) -> Path:
@@ -98,6 +120,26 @@ stale_periods = 3
 # Stamps inside CSV/zip files that disagree with cut_time: reject, warn or off.
 stamp_check = reject
 
+[frame]
+# Identifier of this difusor in health reports (serviceId).
+service_id = {service_id}
+# Name and logo (PNG/SVG/JPEG file) shown in the frame.
+difusor_name = {difusor_name}
+logo =
+# Text shown before the first cut.
+opening_text = {opening_text}
+# Origins allowed to embed the frame (CSP frame-ancestors), space separated,
+# e.g. https://www.mi-portal.mx. 'self' alone allows no other site.
+frame_ancestors = 'self'
+# Seconds between the page's checks for a new cut.
+poll_seconds = 15
+
+[health]
+# File holding the bearer token that unlocks the full /health document.
+token_file =
+# Client networks that see the full /health document and /metrics without a token.
+allow = 127.0.0.1/32 ::1/128
+
 [limits]
 max_manifest_bytes = 33554432
 max_files = 200000
@@ -108,7 +150,12 @@ max_cut_bytes = 21474836480
 
 def render_template(**values: object) -> str:
     """Return a commented config file with the given values filled in."""
-    return TEMPLATE.format(**values)
+    defaults: dict[str, object] = {
+        "service_id": "difusor",
+        "difusor_name": "Difusor oficial del PREP",
+        "opening_text": OPENING_TEXT,
+    }
+    return TEMPLATE.format(**{**defaults, **values})
 
 
 def _positive(parser: configparser.ConfigParser, section: str, key: str, default: int) -> int:
@@ -184,7 +231,57 @@ def load(path: Path) -> Config:
         stale_periods=_positive(parser, "agent", "stale_periods", 3),
         stamp_check=stamp,
         limits=_limits(parser),
+        **_frame(parser, base),
+        **_health(parser, base),
     )
+
+
+def _optional_path(
+    parser: configparser.ConfigParser, section: str, key: str, base: Path
+) -> Path | None:
+    value = parser.get(section, key, fallback="").strip()
+    return None if not value else (base / value).resolve()
+
+
+def _frame(parser: configparser.ConfigParser, base: Path) -> dict[str, Any]:
+    get = functools.partial(parser.get, "frame")
+    ancestors = tuple(get("frame_ancestors", fallback="'self'").split()) or ("'self'",)
+    for origin in ancestors:
+        if origin != "'self'" and not re.fullmatch(r"https?://[A-Za-z0-9.*-]+(:[0-9]+)?", origin):
+            raise ConfigError(
+                f"[frame] frame_ancestors: {origin!r} is not an origin like https://example.mx"
+            )
+    logo = _optional_path(parser, "frame", "logo", base)
+    if logo is not None and logo.suffix.lower() not in (".png", ".svg", ".jpg", ".jpeg", ".webp"):
+        raise ConfigError("[frame] logo must be a .png, .svg, .jpg or .webp file")
+    poll = _positive(parser, "frame", "poll_seconds", 15) if parser.has_section("frame") else 15
+    return {
+        "service_id": get("service_id", fallback="difusor").strip() or "difusor",
+        "difusor_name": get("difusor_name", fallback="Difusor oficial del PREP").strip(),
+        "logo": logo,
+        "opening_text": get("opening_text", fallback=OPENING_TEXT).strip() or OPENING_TEXT,
+        "frame_ancestors": ancestors,
+        "poll_seconds": poll,
+    }
+
+
+def _health(parser: configparser.ConfigParser, base: Path) -> dict[str, Any]:
+    token_file = _optional_path(parser, "health", "token_file", base)
+    token = None
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip() or None
+        except OSError as exc:
+            raise ConfigError(
+                f"[health] cannot read token_file {token_file}: {exc.strerror}"
+            ) from None
+    allow = tuple(parser.get("health", "allow", fallback="127.0.0.1/32 ::1/128").split())
+    for network in allow:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"[health] allow: {network!r} is not an address or network") from None
+    return {"health_token": token, "health_allow": allow}
 
 
 def _missing(key: str) -> str:

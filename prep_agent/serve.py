@@ -1,0 +1,228 @@
+"""The embedded web server: the frame, ``status.json``, the releases, and health.
+
+Hot paths (frame, status, release files) are served by a small WSGI layer
+straight from disk; everything else (``/health``, ``/livez``, ``/readyz``,
+``/metrics``) goes to the Flask application of ``health``. It runs on
+waitress, a production WSGI server; nginx can serve the same files from disk
+instead (``packaging/nginx``), proxying only the health paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+import os
+import stat
+import threading
+from collections.abc import Iterable
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import unquote
+
+import waitress
+
+from prep_agent.config import Config
+from prep_agent.errors import ConfigError
+from prep_agent.frame import RELEASES_URL
+from prep_agent.health import Metrics, Snapshot, create_app
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+"""Cache-Control of release files: a release URL never changes content."""
+SHORT = "public, max-age=5, stale-while-revalidate=10, stale-if-error=86400"
+"""Cache-Control of the frame and status.json: a CDN refreshes them every few seconds
+and keeps serving the last copy if the origin fails (the page still turns stale
+by the server clock)."""
+ASSETS = "public, max-age=300, stale-while-revalidate=60, stale-if-error=86400"
+"""Cache-Control of the frame's own script, style and logo."""
+
+_TEXT_TYPES = ("text/", "application/json", "application/javascript", "image/svg+xml")
+
+
+def frame_csp(config: Config) -> str:
+    """Content-Security-Policy of the frame page."""
+    ancestors = " ".join(config.frame_ancestors)
+    return (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "frame-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+        f"form-action 'none'; frame-ancestors {ancestors}"
+    )
+
+
+def content_csp(config: Config) -> str:
+    """Content-Security-Policy of the institute's files: only where they may be embedded."""
+    ancestors = " ".join(dict.fromkeys(("'self'", *config.frame_ancestors)))
+    return f"frame-ancestors {ancestors}"
+
+
+def content_type(path: str) -> str:
+    """MIME type by extension, UTF-8 for text."""
+    mime = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    return f"{mime}; charset=utf-8" if mime.startswith(_TEXT_TYPES) else mime
+
+
+def safe_relative(path: str) -> str | None:
+    """A decoded URL path below a folder, or None if it could escape it."""
+    decoded = unquote(path)
+    parts = decoded.split("/")
+    if "\0" in decoded or "\\" in decoded or any(p in ("..", ".") for p in parts):
+        return None
+    return "/".join(p for p in parts if p)
+
+
+class PublicApp:
+    """WSGI application serving the public files; other paths go to ``fallback``."""
+
+    def __init__(self, config: Config, fallback: WSGIApp) -> None:
+        self.config = config
+        self.fallback = fallback
+        self.frame_headers = [
+            ("Content-Security-Policy", frame_csp(config)),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Referrer-Policy", "strict-origin-when-cross-origin"),
+        ]
+        self.content_headers = [
+            ("Content-Security-Policy", content_csp(config)),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Referrer-Policy", "strict-origin-when-cross-origin"),
+        ]
+
+    def route(self, path: str) -> tuple[Path, str, list[tuple[str, str]]] | None:
+        """The file, Cache-Control and security headers for a URL path, or None."""
+        public = self.config.public
+        if path in ("/", "/index.html"):
+            return public / "index.html", SHORT, self.frame_headers
+        if path == "/status.json":
+            return public / "status.json", SHORT, self.frame_headers
+        if path.startswith("/static/"):
+            rel = safe_relative(path[len("/static/") :])
+            return (public / "static" / rel, ASSETS, self.frame_headers) if rel else None
+        prefix = f"/{RELEASES_URL}/"
+        if path.startswith(prefix):
+            rel = safe_relative(path[len(prefix) :])
+            if not rel or "/" not in rel:
+                return None
+            target = self.config.releases / rel
+            if path.endswith("/"):
+                target = target / "index.html"
+            return target, IMMUTABLE, self.content_headers
+        return None
+
+    def __call__(
+        self, environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        routed = self.route(path)
+        if routed is None:
+            if path.startswith(("/static/", f"/{RELEASES_URL}/")) or path in ("/", "/status.json"):
+                return _not_found(start_response)
+            return self.fallback(environ, start_response)
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in ("GET", "HEAD"):
+            start_response(
+                "405 Method Not Allowed", [("Allow", "GET, HEAD"), ("Content-Length", "0")]
+            )
+            return [b""]
+        return _send_file(environ, start_response, *routed)
+
+
+def _not_found(start_response: Callable[..., Any]) -> Iterable[bytes]:
+    body = b"No encontrado\n"
+    start_response(
+        "404 Not Found",
+        [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("X-Content-Type-Options", "nosniff"),
+        ],
+    )
+    return [body]
+
+
+def _send_file(
+    environ: dict[str, Any],
+    start_response: Callable[..., Any],
+    path: Path,
+    cache: str,
+    security: list[tuple[str, str]],
+) -> Iterable[bytes]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return _not_found(start_response)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        return _not_found(start_response)
+    etag = f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
+    headers = [
+        ("Content-Type", content_type(path.name)),
+        ("Cache-Control", cache),
+        ("ETag", etag),
+        ("Last-Modified", formatdate(st.st_mtime, usegmt=True)),
+        *security,
+    ]
+    if environ.get("HTTP_IF_NONE_MATCH") == etag:
+        os.close(fd)
+        start_response("304 Not Modified", headers)
+        return [b""]
+    headers.append(("Content-Length", str(st.st_size)))
+    start_response("200 OK", headers)
+    fh = os.fdopen(fd, "rb")
+    if environ.get("REQUEST_METHOD") == "HEAD":
+        fh.close()
+        return [b""]
+    wrapper = environ.get("wsgi.file_wrapper")
+    if wrapper is not None:
+        return wrapper(fh, 256 * 1024)  # type: ignore[no-any-return]
+    with fh:
+        return [fh.read()]
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) into host and port. Raises ``ConfigError``."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"listen {listen!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class Server:
+    """waitress serving ``app`` on the configured address, in a thread."""
+
+    def __init__(self, config: Config, app: WSGIApp, threads: int = 8) -> None:
+        host, port = parse_listen(config.listen)
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+        try:
+            self._server = waitress.create_server(
+                app,
+                host=host,
+                port=port,
+                threads=threads,
+                ident="prep-agent",
+                connection_limit=1000,
+                channel_timeout=30,
+                clear_untrusted_proxy_headers=True,
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror}") from None
+        self.address = f"{host}:{self._server.effective_port}"
+        self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
+
+    def start(self) -> None:
+        """Start serving in the background."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Close the listening socket and the connections; join the thread."""
+        self._server.close()
+        self._thread.join(timeout=5)
+
+
+def build_app(config: Config, snapshot: Callable[[], Snapshot], metrics: Metrics) -> PublicApp:
+    """The whole application: public files first, then health."""
+    health = create_app(snapshot, metrics, config.health_token, config.health_allow)
+    return PublicApp(config, health.wsgi_app)
