@@ -17,15 +17,21 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from prep_agent.manifest import SIGNATURE_NAME
+
 log = logging.getLogger(__name__)
 
 
 class _Wake(FileSystemEventHandler):  # type: ignore[misc]
-    def __init__(self, event: threading.Event) -> None:
-        self._event = event
+    def __init__(self, watcher: Watcher) -> None:
+        self._watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        self._event.set()
+        paths = (event.src_path, getattr(event, "dest_path", ""))
+        if any(str(p).endswith(SIGNATURE_NAME) for p in paths):
+            # The signature is uploaded last (§1.2): act at once, no quiet period.
+            self._watcher.signature.set()
+        self._watcher.wake.set()
 
 
 class Watcher:
@@ -34,6 +40,7 @@ class Watcher:
     def __init__(self, inbox: Path) -> None:
         self.inbox = inbox
         self.wake = threading.Event()
+        self.signature = threading.Event()
         self.mode = "polling"
         self.failure: str | None = None
         self._observer: Any | None = None
@@ -42,7 +49,7 @@ class Watcher:
         """Start the inotify observer, or record why polling is used instead."""
         observer = Observer()
         try:
-            observer.schedule(_Wake(self.wake), str(self.inbox), recursive=True)
+            observer.schedule(_Wake(self), str(self.inbox), recursive=True)
             observer.start()
         except OSError as exc:
             self.failure = f"inotify unavailable ({exc.strerror or exc}); polling the drop folder"
@@ -66,15 +73,17 @@ class Watcher:
         """Wait for an event or the timeout; True if woken by an event.
 
         After an event, waits until ``quiet`` seconds pass with no further
-        event (at most one rescan interval), so bursts coalesce.
+        event (at most one rescan interval), so bursts coalesce; an event on
+        the signature file returns at once.
         """
         woke = self.wake.wait(timeout)
         deadline = time.monotonic() + timeout
-        while woke and time.monotonic() < deadline:
+        while woke and time.monotonic() < deadline and not self.signature.is_set():
             self.wake.clear()
             if not self.wake.wait(quiet):
                 break
         self.wake.clear()
+        self.signature.clear()
         return woke
 
 

@@ -30,6 +30,7 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _RFC3339_RE = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
 )
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _MAX_SEQUENCE = 2**53
 _MAX_SEGMENT_BYTES = 255
 _MAX_PATH_BYTES = 4096
@@ -165,7 +166,7 @@ def check_path(path: object) -> str:
         raise Rejection(PATH_INVALID, "a path is not a string")
     if not path:
         raise _path_error(path, "empty")
-    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in path):
+    if _CONTROL_RE.search(path):
         raise _path_error(path, "control character")
     if path.startswith("/"):
         raise _path_error(path, "absolute")

@@ -233,6 +233,7 @@ class Store:
         self.quarantine_dir = root / "quarantine"
         self.current_link = root / "current"
         self._cache: dict[str, Release] = {}
+        self._index: dict[tuple[str, int], tuple[str, str]] | None = None
 
     def ensure_layout(self) -> None:
         """Create the folders and drop leftovers of an interrupted build."""
@@ -280,14 +281,29 @@ class Store:
         name = self.current_name()
         return None if name is None else self.load_release(name)
 
-    def reuse_index(self) -> dict[tuple[str, int], Path]:
-        """Verified files of the retained releases, by (SHA-256, size)."""
-        index: dict[tuple[str, int], Path] = {}
-        for name in reversed(self.release_names()):
-            release = self.load_release(name)
-            for entry in release.manifest.files:
-                index.setdefault((entry.sha256, entry.size), release.path / entry.path)
-        return index
+    def reuse_index(self) -> dict[tuple[str, int], tuple[str, str]]:
+        """Verified files of the retained releases: (SHA-256, size) -> (release, path).
+
+        Built once, then kept up to date by ``build`` and ``prune``; the newest
+        release holding a file wins, so pruning the oldest only drops the
+        entries nothing newer holds.
+        """
+        if self._index is None:
+            self._index = {}
+            for name in self.release_names():
+                self._add_to_index(self.load_release(name))
+        return self._index
+
+    def _add_to_index(self, release: Release) -> None:
+        assert self._index is not None
+        for entry in release.manifest.files:
+            self._index[(entry.sha256, entry.size)] = (release.name, entry.path)
+
+    def _source(
+        self, index: dict[tuple[str, int], tuple[str, str]], entry: FileEntry
+    ) -> str | None:
+        hit = index.get((entry.sha256, entry.size))
+        return None if hit is None else f"{self.releases}/{hit[0]}/{hit[1]}"
 
     def build(
         self,
@@ -324,23 +340,32 @@ class Store:
             remove_tree(work)
             raise
         fsync_dir(self.releases)
-        return self.load_release(name), copied
+        release = Release(name, final, manifest, digest)
+        self._cache[name] = release
+        self._add_to_index(release)
+        return release, copied
 
     def _fill(
-        self, work: Path, manifest: Manifest, index: dict[tuple[str, int], Path], inbox: Path
+        self,
+        work: Path,
+        manifest: Manifest,
+        index: dict[tuple[str, int], tuple[str, str]],
+        inbox: Path,
     ) -> int:
         copied = 0
-        made: set[Path] = set()
+        made: set[str] = set()
+        base = str(work)
         for entry in manifest.files:
-            dst = work / entry.path
-            if dst.parent not in made:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                made.add(dst.parent)
-            source = index.get((entry.sha256, entry.size))
+            dst = f"{base}/{entry.path}"
+            parent = os.path.dirname(dst)
+            if parent not in made:
+                os.makedirs(parent, exist_ok=True)
+                made.add(parent)
+            source = self._source(index, entry)
             if source is not None:
                 os.link(source, dst)
                 continue
-            copy_verified(open_in_inbox(inbox, entry.path), dst, entry)
+            copy_verified(open_in_inbox(inbox, entry.path), Path(dst), entry)
             copied += entry.size
         return copied
 
@@ -359,7 +384,7 @@ class Store:
         if stamp_mode == "off":
             return
         for entry in filter(_is_stamped, manifest.files):
-            source = index.get((entry.sha256, entry.size))
+            source = self._source(index, entry)
             fd = os.open(source, os.O_RDONLY) if source else open_in_inbox(inbox, entry.path)
             with os.fdopen(fd, "rb") as fh:
                 _check_one_stamp(fh, entry, manifest, stamp_mode, warn)
@@ -393,6 +418,9 @@ class Store:
         for name in doomed:
             remove_tree(self.releases / name)
             self._cache.pop(name, None)
+        if doomed and self._index is not None:
+            gone = set(doomed)
+            self._index = {k: v for k, v in self._index.items() if v[0] not in gone}
         return doomed
 
     def quarantine(

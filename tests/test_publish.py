@@ -183,7 +183,7 @@ def test_one_agent_per_root(tmp_path: Path, inst: Institute) -> None:
         _, err = daemon.communicate(timeout=10)
     assert daemon.returncode == 0, err
     events = [json.loads(line)["event"] for line in config.journal_file.read_text().splitlines()]
-    assert events == ["agent-started", "agent-stopped"]
+    assert events == ["server-listening", "agent-started", "agent-stopped"]
 
 
 def test_published_tree_identical_to_upload_after_many_cuts(
