@@ -35,6 +35,7 @@ from prep_agent.journal import Journal
 from prep_agent.lock import LockFile
 from prep_agent.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from prep_agent.publish import Release, Store, read_inbox_file
+from prep_agent.serve import write_nginx_snippets
 from prep_agent.state import Rejected, State, load_state, save_state
 from prep_agent.verify import MAX_SIGNATURE_BYTES, Policy, Published, decide
 
@@ -101,6 +102,7 @@ class Agent:
         self.store.ensure_layout()
         self.state = self._reconcile(load_state(config.state_file))
         install_static(config)
+        write_nginx_snippets(config)
         self.shown = self.store.current_name()
         write_public(config, self.store.current())
 

@@ -25,6 +25,7 @@ import waitress
 from prep_agent.config import Config
 from prep_agent.errors import ConfigError
 from prep_agent.frame import RELEASES_URL
+from prep_agent.fsutil import atomic_write
 from prep_agent.health import Metrics, Snapshot, create_app
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -55,6 +56,33 @@ def content_csp(config: Config) -> str:
     """Content-Security-Policy of the institute's files: only where they may be embedded."""
     ancestors = " ".join(dict.fromkeys(("'self'", *config.frame_ancestors)))
     return f"frame-ancestors {ancestors}"
+
+
+def nginx_snippets(config: Config) -> dict[str, str]:
+    """nginx ``add_header`` includes with the same security headers as ``PublicApp``.
+
+    Written into ``ROOT/nginx/`` at start so the packaged site
+    (``packaging/nginx``) follows the agent's config; reload nginx after a change.
+    """
+    common = (
+        'add_header X-Content-Type-Options "nosniff" always;\n'
+        'add_header Referrer-Policy "strict-origin-when-cross-origin" always;\n'
+    )
+    header = "# Written by prep-agent from its config; do not edit.\n"
+    return {
+        "frame-headers.conf": f"{header}add_header Content-Security-Policy "
+        f'"{frame_csp(config)}" always;\n{common}',
+        "content-headers.conf": f"{header}add_header Content-Security-Policy "
+        f'"{content_csp(config)}" always;\n{common}',
+    }
+
+
+def write_nginx_snippets(config: Config) -> None:
+    """Write ``nginx_snippets`` into ``ROOT/nginx/`` (atomically)."""
+    folder = config.root / "nginx"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in nginx_snippets(config).items():
+        atomic_write(folder / name, text.encode())
 
 
 def content_type(path: str) -> str:
