@@ -266,6 +266,13 @@ def cmd_sign(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Sign and deliver simulated PREP cuts (the institute's side, for tests and drills)."""
+    from prep_agent import simulate
+
+    return simulate.main(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run agent + simulated institute on localhost (the README's first command)."""
     from prep_agent import demo
@@ -388,6 +395,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entry", metavar="PATH", help="page to embed (default index.html)")
     p.add_argument("--period", type=int, metavar="SECONDS", help="period_seconds (60-3600)")
     p.add_argument("dir", metavar="DIR", help="folder of the publication tree")
+
+    p = add("simulate", cmd_simulate, "run a simulated institute that signs and delivers PREP cuts")
+    p.add_argument(
+        "--key", required=True, metavar="KEY", help="institute's OpenSSH private key (unencrypted)"
+    )
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for the signed cuts (NNNNNN/)"
+    )
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--inbox", metavar="DIR", help="deliver by copying into this drop folder")
+    dest.add_argument(
+        "--sftp", metavar="USER@HOST:DIR", help="deliver with the OpenSSH sftp client"
+    )
+    p.add_argument("--identity", metavar="FILE", help="ssh identity file for --sftp")
+    p.add_argument("--port", type=_positive_int, metavar="N", help="ssh port for --sftp")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="seconds between cuts (default 600)",
+    )
+    p.add_argument(
+        "--cuts", type=int, default=0, metavar="N", help="stop after N cuts (default: until Ctrl-C)"
+    )
+    p.add_argument("--final", action="store_true", help="make the last of --cuts the final cut")
+    p.add_argument(
+        "--seed", type=int, default=2021, metavar="N", help="simulation seed (default 2021)"
+    )
 
     p = add("demo", cmd_demo, "run agent + simulated institute on localhost")
     p.add_argument("--dir", metavar="DIR", help="working folder (default: a new temp folder)")

@@ -262,7 +262,9 @@ class _Election:
 def _election(sim: Simulation) -> _Election:
     """The catalogue of actas and their votes, drawn from ``sim.seed``."""
     rng = random.Random(sim.seed)
-    municipalities = tuple(_draw_municipality(rng, i + 1, n) for i, (n, _) in enumerate(MUNICIPALITIES))
+    municipalities = tuple(
+        _draw_municipality(rng, i + 1, n) for i, (n, _) in enumerate(MUNICIPALITIES)
+    )
     ranked: list[tuple[float, _Acta]] = []
     section = 1
     for muni, (_, population) in zip(municipalities, MUNICIPALITIES):
@@ -332,7 +334,8 @@ def _draw_acta(rng: random.Random, muni: _Municipality, casilla: _Casilla) -> _A
     votes = _split_votes(rng, muni, voters + reps)
     problem = _draw_problem(rng)
     if problem == EXCEEDS:
-        votes[votes.index(max(votes))] += nominal + reps - sum(votes) + rng.randint(5, 60)
+        limit = ballots + reps
+        votes[votes.index(max(votes))] += limit - sum(votes) + rng.randint(5, 60)
     unreadable = _draw_unreadable(rng, muni, problem)
     return _Acta(
         municipality=muni.id,
@@ -395,7 +398,8 @@ def captured_count(sim: Simulation, total: int, sequence: int, final: bool = Fal
     """Actas captured by cut ``sequence``: a saturating curve; all of them on the final cut."""
     if final:
         return total
-    return min(total - 1, math.floor(total * (1 - 0.5 ** (sequence / sim.half_life_cuts))))
+    share = 1.0 - math.pow(0.5, sequence / sim.half_life_cuts)
+    return min(total - 1, math.floor(total * share))
 
 
 @dataclass
@@ -478,7 +482,11 @@ def cut_stamp(cut_time: datetime) -> str:
         raise ValueError("cut_time must be timezone-aware")
     minutes = int(offset.total_seconds()) // 60
     sign, minutes = ("-" if minutes < 0 else "+"), abs(minutes)
-    zone = f"{sign}{minutes // 60}" if minutes % 60 == 0 else f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"
+    zone = (
+        f"{sign}{minutes // 60}"
+        if minutes % 60 == 0
+        else f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"
+    )
     return f"{cut_time:%d/%m/%Y %H:%M} (UTC{zone})"
 
 
@@ -638,14 +646,14 @@ def _vote_cells(acta: _Acta, muni: _Municipality) -> list[str]:
 def _out_of_catalog_row(cut: _Cut, index: int) -> list[str]:
     """An acta whose identification matches no approved casilla."""
     seen = 4 * (index + 1)
-    gathered = cut.cut_time - (cut.sequence - seen + 0.4) * timedelta(seconds=cut.sim.period_seconds)
+    gathered = cut.cut_time - (cut.sequence - seen + 0.4) * timedelta(
+        seconds=cut.sim.period_seconds
+    )
     image = hashlib.sha256(f"{cut.sim.seed}:fuera:{index}".encode()).hexdigest()
-    row = ["-", "-", STATE_ID, STATE_NAME] + ["-"] * (len(ACTA_HEADER) - 14)
-    return [*row, OUT_OF_CATALOG, "0", "-", image, _timestamp(gathered.replace(second=0)), "-", "-"] + [
-        "CATD",
-        "ESCANER",
-        "ACTA PREP",
-    ]
+    dashes = ["-"] * (len(ACTA_HEADER) - 14)
+    when = _timestamp(gathered.replace(second=0))
+    tail = [OUT_OF_CATALOG, "0", "-", image, when, "-", "-", "CATD", "ESCANER", "ACTA PREP"]
+    return ["-", "-", STATE_ID, STATE_NAME, *dashes, *tail]
 
 
 def _zip_bytes(cut_time: datetime, csv_data: bytes) -> bytes:
@@ -730,7 +738,9 @@ def _votes_table(tally: _Tally, runs: Sequence[bool]) -> str:
             f"<tr><th>{html.escape(label)}</th><td>{_number(tally.votes[i])}</td>"
             f"<td>{share:.4f} %</td></tr>"
         )
-    rows.append(f'<tr class="total"><th>Total</th><td>{_number(tally.total)}</td><td>100 %</td></tr>')
+    rows.append(
+        f'<tr class="total"><th>Total</th><td>{_number(tally.total)}</td><td>100 %</td></tr>'
+    )
     return (
         '<table class="votos">\n<thead><tr><th>Partido, coalición o candidatura</th>'
         "<th>Votos</th><th>Porcentaje</th></tr></thead>\n<tbody>\n"
@@ -760,7 +770,7 @@ def _index_page(cut: _Cut, state: _Tally, per: dict[int, _Tally]) -> str:
         _progress(state)
         + "<h2>Votos en el estado</h2>\n"
         + _votes_table(state, [True] * len(OPTIONS))
-        + "<h2>Municipios</h2>\n<table class=\"municipios\">\n<thead><tr><th>Clave</th>"
+        + '<h2>Municipios</h2>\n<table class="municipios">\n<thead><tr><th>Clave</th>'
         "<th>Municipio</th><th>Actas esperadas</th><th>Actas capturadas</th>"
         "<th>Porcentaje</th><th>Actas contabilizadas</th><th>Primer lugar</th></tr></thead>\n"
         f"<tbody>\n{rows}\n</tbody>\n</table>\n"
@@ -792,7 +802,7 @@ def _municipality_page(
     body = (
         _progress(tally)
         + _votes_table(tally, muni.options)
-        + f"<h2>Actas capturadas ({_number(len(actas))})</h2>\n<table class=\"actas\">\n"
+        + f'<h2>Actas capturadas ({_number(len(actas))})</h2>\n<table class="actas">\n'
         f"<thead><tr><th>Sección</th><th>Casilla</th>{head}<th>Total</th><th>Estado del acta</th>"
         f"</tr></thead>\n<tbody>\n{chr(10).join(rows)}\n</tbody>\n</table>\n"
         '<p><a href="../index.html">Volver a los resultados del estado</a></p>\n'
@@ -1046,18 +1056,23 @@ def run_institute(
 
     Cut folders are ``outdir/NNNNNN``; the sequence continues after the highest
     one already there. The cut time is ``clock()`` in UTC-6 truncated to the
-    minute. Stops when ``stop`` is set or after ``cuts`` cuts (0: never); with
-    ``final`` the last of them is the final cut. Raises what building, signing
+    minute (never before the previous cut's). Stops when ``stop`` is set or
+    after ``cuts`` cuts (0: never); with ``final`` the last of them is the
+    final cut. Raises what building, signing
     or ``deliver`` raise.
     """
     outdir.mkdir(parents=True, exist_ok=True)
     sequence = _last_sequence(outdir)
     made = 0
+    latest: datetime | None = None
     while not stop.is_set():
         sequence += 1
         made += 1
         last = cuts > 0 and made >= cuts
-        now = clock().astimezone(OFFSET)
+        # A clock stepped back must not make a cut older than the last (spec §4.4).
+        now = latest = max(
+            clock().astimezone(OFFSET), latest or datetime.min.replace(tzinfo=OFFSET)
+        )
         cut_time = now.replace(second=0, microsecond=0)
         folder = outdir / f"{sequence:06d}"
         build_cut(sim, sequence, cut_time, folder, final=final and last)
@@ -1116,7 +1131,13 @@ def main(args: argparse.Namespace) -> int:
     stop = threading.Event()
     try:
         run_institute(
-            sim, key, Path(args.out), _Deliverer(args), args.interval, args.cuts, stop,
+            sim,
+            key,
+            Path(args.out),
+            _Deliverer(args),
+            args.interval,
+            args.cuts,
+            stop,
             final=args.final,
         )
     except KeyboardInterrupt:

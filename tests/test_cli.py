@@ -12,7 +12,17 @@ from cutkit import ELECTION, PREP_AGENT, Institute, make_config, minute_ago, ssh
 
 from prep_agent import cli
 
-COMMANDS = ("init", "run", "verify", "status", "rollback", "reset-sequence", "sign", "demo")
+COMMANDS = (
+    "init",
+    "run",
+    "verify",
+    "status",
+    "rollback",
+    "reset-sequence",
+    "sign",
+    "simulate",
+    "demo",
+)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The README's first command: agent + simulated institute + HTTP on localhost."""
+"""The README's first command: agent + simulated institute + frame on localhost."""
 
 from __future__ import annotations
 
@@ -26,21 +26,25 @@ def test_demo_publishes_and_serves_then_stops_on_ctrl_c() -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
+    url = f"http://127.0.0.1:{port}/"
     try:
-        url = f"http://127.0.0.1:{port}/"
-        body = ""
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and "Actas capturadas: 1200" not in body:
-            with contextlib.suppress(requests.ConnectionError):
-                body = requests.get(url, timeout=2).text
+        status: dict[str, object] = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and int(status.get("sequence") or 0) < 3:
+            with contextlib.suppress(requests.RequestException, ValueError):
+                status = requests.get(url + "status.json", timeout=2).json()
             time.sleep(0.1)
-        assert "Corte de información:" in body and "(UTC-6)" in body
-        assert "Actas capturadas: 1200" in body  # the third cut replaced the first two
-        csv = requests.get(url + "datos/COAH_AYUN_2021.csv", timeout=2).text.splitlines()
-        assert csv[1].endswith("(UTC-6)")
+        assert int(status["sequence"] or 0) >= 3, status  # type: ignore[call-overload]
+        frame = requests.get(url, timeout=2).text
+        assert "Corte de información:" in frame and "(UTC-6)" in frame
+        entry = requests.get(url + str(status["entry"]), timeout=2).text
+        assert "Actas capturadas" in entry
+        stamp = frame.split("Corte de información:")[1]
+        assert str(status["cut_time"])[:10].split("-")[0] in stamp
     finally:
         demo.send_signal(signal.SIGINT)
         out, err = demo.communicate(timeout=15)
     assert demo.returncode == 0, err
-    assert f"published cut: http://127.0.0.1:{port}/" in out
+    assert f"frame: {url}" in out
+    assert "institute: delivered cut 3" in out
     assert "cut-rejected" not in err
