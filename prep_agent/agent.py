@@ -386,14 +386,18 @@ def _file_stamp(path: Path) -> tuple[int, int, int, int]:
 
 
 def _signature_id(path: Path, data: bytes | None) -> str | None:
-    """Identity of the signature file: its SHA-256, or its inode if unreadable."""
-    if data is not None:
-        return hashlib.sha256(data).hexdigest()
+    """Identity of one upload of the signature file: its SHA-256 with its inode
+    and modification time, so that the same bytes uploaded again (ed25519
+    signatures are deterministic) are looked at again; the inode alone if the
+    file is unreadable."""
     try:
         st = os.lstat(path)
     except OSError:
         return None
-    return f"unreadable:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    upload = f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}"
+    if data is None:
+        return f"unreadable:{upload}:{st.st_size}"
+    return f"{hashlib.sha256(data).hexdigest()}:{upload}"
 
 
 def _sequence_hint(manifest_bytes: bytes | None) -> int | None:

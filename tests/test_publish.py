@@ -244,3 +244,21 @@ def test_allowed_signers_reloaded_on_change(tmp_path: Path, inst: Institute) -> 
     events = [json.loads(line)["event"] for line in config.journal_file.read_text().splitlines()]
     assert events.count("trust-reloaded") == 1 and events.count("trust-error") == 1
     inst.allowed_signers.write_text(original)
+
+
+def test_same_signature_uploaded_again_is_looked_at_again(tmp_path: Path, inst: Institute) -> None:
+    """A cut rejected as incomplete is retried when its (deterministic, identical)
+    signature is uploaded again after the missing file, as a new upload event."""
+    config = make_config(tmp_path, inst, settle_timeout=0)
+    agent = Agent(config)
+    when = minute_ago(10)
+    files = inst.files(when, 1)
+    page = files.pop("index.html")
+    inst.deliver(config.inbox, files, inst.manifest({**files, "index.html": page}, 1, when))
+    assert agent.step().status == "rejected"
+    assert agent.step().status == "idle"
+    (config.inbox / "index.html").write_bytes(page)
+    sig = (config.inbox / "prep-manifest.json.sig").read_bytes()
+    time.sleep(0.01)
+    (config.inbox / "prep-manifest.json.sig").write_bytes(sig)
+    assert agent.step().status == "published"
