@@ -30,6 +30,7 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _RFC3339_RE = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
 )
+_DOT_SEGMENT_RE = re.compile(r"(?:^|/)\.{0,2}(?:/|$)")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _MAX_SEQUENCE = 2**53
 _MAX_SEGMENT_BYTES = 255
@@ -172,17 +173,19 @@ def check_path(path: object) -> str:
         raise _path_error(path, "absolute")
     if "\\" in path:
         raise _path_error(path, "backslash")
-    if not unicodedata.is_normalized("NFC", path):
+    if not path.isascii() and not unicodedata.is_normalized("NFC", path):
         raise _path_error(path, "not Unicode NFC")
-    segments = path.split("/")
-    if any(s in ("", ".", "..") for s in segments):
+    if _DOT_SEGMENT_RE.search(path):
         raise _path_error(path, "empty, '.' or '..' segment")
-    if len(segments) > _MAX_SEGMENTS:
+    if path.count("/") >= _MAX_SEGMENTS:
         raise _path_error(path, f"more than {_MAX_SEGMENTS} segments")
-    if any(len(s.encode("utf-8")) > _MAX_SEGMENT_BYTES for s in segments):
-        raise _path_error(path, f"segment over {_MAX_SEGMENT_BYTES} bytes")
-    if len(path.encode("utf-8")) > _MAX_PATH_BYTES:
+    size = len(path.encode("utf-8"))
+    if size > _MAX_PATH_BYTES:
         raise _path_error(path, f"over {_MAX_PATH_BYTES} bytes")
+    if size > _MAX_SEGMENT_BYTES and any(
+        len(s.encode("utf-8")) > _MAX_SEGMENT_BYTES for s in path.split("/")
+    ):
+        raise _path_error(path, f"segment over {_MAX_SEGMENT_BYTES} bytes")
     folded = path.casefold()
     if folded in _RESERVED or folded == WELL_KNOWN or folded.startswith(WELL_KNOWN + "/"):
         raise _path_error(path, "reserved name")
