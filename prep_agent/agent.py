@@ -34,6 +34,7 @@ from prep_agent.intake import Pending, Watcher
 from prep_agent.journal import Journal
 from prep_agent.lock import LockFile
 from prep_agent.manifest import MANIFEST_NAME, SIGNATURE_NAME
+from prep_agent.notify import sd_notify
 from prep_agent.publish import Release, Store, read_inbox_file
 from prep_agent.serve import write_nginx_snippets
 from prep_agent.state import Rejected, State, load_state, save_state
@@ -345,8 +346,12 @@ class Agent:
         self.journal.write("agent-started", watcher=watcher.mode, failure=watcher.failure)
         outcome = Outcome("idle")
         try:
+            ready = False
             while not self.stop_event.is_set():
                 outcome = self._safe_step()
+                # READY=1 after the first full scan; WATCHDOG=1 from the main loop.
+                sd_notify("WATCHDOG=1" if ready else "READY=1\nSTATUS=watching the drop folder")
+                ready = True
                 if outcome.status == "waiting":
                     # An upload is in progress: retry on its events, at most 5 times a second.
                     self.stop_event.wait(0.2)
@@ -354,6 +359,7 @@ class Agent:
                 else:
                     watcher.wait(self.config.rescan_interval)
         finally:
+            sd_notify("STOPPING=1")
             self._running = False
             watcher.stop()
             self.journal.write("agent-stopped")
