@@ -130,7 +130,7 @@ class PublicApp:
         prefix = f"/{RELEASES_URL}/"
         if path.startswith(prefix):
             rel = safe_relative(path[len(prefix) :])
-            if not rel or "/" not in rel:
+            if not rel or ("/" not in rel and not path.endswith("/")):
                 return None
             target = self.config.releases / rel
             if path.endswith("/"):
@@ -234,6 +234,10 @@ class Server:
                 connection_limit=1000,
                 channel_timeout=30,
                 clear_untrusted_proxy_headers=True,
+                # Behind the packaged nginx, the client address comes in X-Forwarded-For.
+                trusted_proxy="127.0.0.1",
+                trusted_proxy_count=1,
+                trusted_proxy_headers={"x-forwarded-for"},
             )
         except OSError as exc:
             raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror}") from None
