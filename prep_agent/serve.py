@@ -21,6 +21,7 @@ from typing import Any, Callable
 from urllib.parse import unquote
 
 import waitress
+from waitress import wasyncore
 
 from prep_agent.config import Config
 from prep_agent.errors import ConfigError
@@ -249,8 +250,13 @@ class Server:
         self._thread.start()
 
     def stop(self) -> None:
-        """Close the listening socket and the connections; join the thread."""
-        self._server.close()
+        """Close the listening socket and every open connection; join the thread.
+
+        Idle keep-alive connections (browsers, nginx upstreams) would otherwise
+        keep waitress's loop running.
+        """
+        self._server.task_dispatcher.shutdown(cancel_pending=True, timeout=2)
+        wasyncore.close_all(self._server._map)
         self._thread.join(timeout=5)
 
 

@@ -8,6 +8,7 @@
   var shown = initial;       // the status whose cut is on screen
   var latest = initial;      // the newest status received
   var skewMs = 0;            // server clock minus this browser's clock
+  var skewKnown = false;     // until the server's clock is known, trust the server's page
   var poll = Math.max(5, Number(document.body.getAttribute("data-poll")) || 15) * 1000;
 
   function el(id) { return document.getElementById(id); }
@@ -29,28 +30,37 @@
 
   function isStale(s) {
     if (!s || s.sequence === null || s.final) { return false; }
+    if (!skewKnown) { return s.state === "stale"; }  // never the reader's own clock (§6)
     var cut = Date.parse(s.cut_time);
     return serverNow() > cut + s.stale_periods * s.period_seconds * 1000;
+  }
+
+  // Change the DOM only when a value changes: the notices sit in an aria-live
+  // region, and rewriting them every second would make screen readers repeat them.
+  function setText(node, text) { if (node.textContent !== text) { node.textContent = text; } }
+  function setHidden(node, hidden) { if (node.hidden !== hidden) { node.hidden = hidden; } }
+  function setAttr(node, name, value) {
+    if (node.getAttribute(name) !== value) { node.setAttribute(name, value); }
   }
 
   function render(s) {
     var hasCut = s.sequence !== null;
     var state = !hasCut ? "no-cut" : s.final ? "final" : isStale(s) ? "stale" : "current";
-    document.body.setAttribute("data-state", state);
-    document.body.setAttribute("data-sequence", hasCut ? String(s.sequence) : "");
-    el("cut").hidden = !hasCut;
+    setAttr(document.body, "data-state", state);
+    setAttr(document.body, "data-sequence", hasCut ? String(s.sequence) : "");
+    setHidden(el("cut"), !hasCut);
     if (hasCut) {
       var t = el("cut-time");
-      t.textContent = formatCut(s.cut_time);
-      t.setAttribute("datetime", s.cut_time);
+      setText(t, formatCut(s.cut_time));
+      setAttr(t, "datetime", s.cut_time);
     }
-    el("opening").hidden = hasCut;
-    el("stale-notice").hidden = state !== "stale";
-    el("final-notice").hidden = state !== "final";
+    setHidden(el("opening"), hasCut);
+    setHidden(el("stale-notice"), state !== "stale");
+    setHidden(el("final-notice"), state !== "final");
     var notice = el("institute-notice");
-    notice.hidden = !(s.notice && s.notice.text);
-    notice.className = "notice " + (s.notice && s.notice.level === "interrupted" ? "interrupted" : "info");
-    notice.textContent = s.notice ? s.notice.text : "";
+    setHidden(notice, !(s.notice && s.notice.text));
+    setAttr(notice, "class", "notice " + (s.notice && s.notice.level === "interrupted" ? "interrupted" : "info"));
+    setText(notice, s.notice ? s.notice.text : "");
   }
 
   // Load the new cut in a hidden iframe; show it and its time together.
@@ -80,7 +90,7 @@
     req.onload = function () {
       var date = Date.parse(req.getResponseHeader("Date") || "");
       var age = Number(req.getResponseHeader("Age")) || 0;
-      if (!isNaN(date)) { skewMs = date + age * 1000 - Date.now(); }
+      if (!isNaN(date)) { skewMs = date + age * 1000 - Date.now(); skewKnown = true; }
       var s = null;
       if (req.status === 200) {
         try { s = JSON.parse(req.responseText); } catch (e) { s = null; }
