@@ -29,13 +29,14 @@ from prep_agent.errors import (
     SignatureFormatError,
 )
 from prep_agent.frame import install_static, stale_deadline, write_public
-from prep_agent.health import Metrics, Snapshot
+from prep_agent.health import Metrics, Snapshot, health_document
 from prep_agent.intake import Pending, Watcher
 from prep_agent.journal import Journal
 from prep_agent.lock import LockFile
 from prep_agent.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from prep_agent.notify import sd_notify
 from prep_agent.publish import Release, Store, read_inbox_file
+from prep_agent.push import Pusher, load_push_key
 from prep_agent.serve import write_nginx_snippets
 from prep_agent.state import Rejected, State, load_state, save_state
 from prep_agent.verify import MAX_SIGNATURE_BYTES, Policy, Published, decide
@@ -99,6 +100,7 @@ class Agent:
         self._watcher: Watcher | None = None
         self._stale_written: str | None = None
         self.metrics = Metrics()
+        self.pusher: Pusher | None = None
         self._running = False
         self.store.ensure_layout()
         self.state = self._reconcile(load_state(config.state_file))
@@ -236,6 +238,7 @@ class Agent:
         self._journal_published(
             release, decision.signers, copied, started, verified, built, swapped
         )
+        self._notify_push()
         self.pending = None
         pruned = self.store.prune(self.config.keep_releases)
         if pruned:
@@ -259,6 +262,28 @@ class Agent:
             agent_alive=alive,
             storage=self.config.root,
             storage_writable=os.access(self.config.releases, os.W_OK),
+            last_report_age=self.pusher.last_accepted_age() if self.pusher else None,
+            push_configured=bool(self.config.push_urls),
+        )
+
+    def _notify_push(self) -> None:
+        """Ask for a health report now (health-v1 §3); returns at once."""
+        if self.pusher is not None:
+            self.pusher.notify()
+
+    def _make_pusher(self) -> Pusher | None:
+        """The health report pusher if ``[push] urls`` is set. Raises ``ConfigError``."""
+        c = self.config
+        if not c.push_urls or c.push_key is None:
+            return None
+        return Pusher(
+            c.push_urls,
+            load_push_key(c.push_key),
+            lambda: health_document(self.snapshot(), full=True),
+            self.journal,
+            period=c.push_period,
+            connect_timeout=c.push_connect_timeout,
+            read_timeout=c.push_read_timeout,
         )
 
     def _warn_stamp(self, text: str) -> None:
@@ -327,6 +352,7 @@ class Agent:
             sequence=sequence,
             quarantine=str(folder),
         )
+        self._notify_push()
         self.pending = None
         return Outcome("rejected", sequence, rejection)
 
@@ -339,10 +365,14 @@ class Agent:
         """Process the drop folder until ``stop()`` (or once, without settling)."""
         if once:
             return self.step(settle=False)
+        pusher = self._make_pusher()
         watcher = Watcher(self.config.inbox)
         self._watcher = watcher
         watcher.start()
         self._running = True
+        if pusher is not None:
+            self.pusher = pusher
+            pusher.start()
         self.journal.write("agent-started", watcher=watcher.mode, failure=watcher.failure)
         outcome = Outcome("idle")
         try:
@@ -361,6 +391,8 @@ class Agent:
         finally:
             sd_notify("STOPPING=1")
             self._running = False
+            if self.pusher is not None:
+                self.pusher.stop()
             watcher.stop()
             self.journal.write("agent-stopped")
         return outcome

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, replace
@@ -280,6 +281,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Create the difusor's report key and print the institute's allowed_signers line."""
+    from prep_agent import keygen
+
+    if args.config:
+        config = _config(args)
+        if config.push_key is None:
+            raise ConfigError("[push] key is not set in the config: give its path there first")
+        key, service_id = config.push_key, config.service_id
+    elif args.key and args.service_id:
+        key, service_id = Path(args.key).resolve(), args.service_id
+    else:
+        raise ConfigError("give --config FILE, or --key FILE and --service-id ID")
+    line = keygen.create_key(key, service_id, force=args.force)
+    print(f"# wrote {key} (private, 0600) and {key}.pub", file=sys.stderr)
+    print("# send this line to the institute for its collector's allowed_signers:", file=sys.stderr)
+    print(line)
+    return EXIT_OK
+
+
+def cmd_collector(args: argparse.Namespace) -> int:
+    """The institute's collector of every difusor's health (or record one signed cut)."""
+    from prep_agent import collector, collector_config
+
+    if args.example:
+        print(collector_config.render_collector_template("127.0.0.1:8090", Path("difusores")))
+        return EXIT_OK
+    if not args.config:
+        raise ConfigError("--config FILE is required")
+    config = collector_config.load_collector(Path(args.config))
+    if args.record_cut:
+        sequence = collector.Collector(config).record_cut_file(Path(args.record_cut))
+        print(f"recorded signed cut {sequence}")
+        return EXIT_OK
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    collector.serve(config, stop)
+    return EXIT_OK
+
+
 def _user() -> str:
     return os.environ.get("SUDO_USER") or os.environ.get("USER") or str(os.getuid())
 
@@ -424,6 +470,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed", type=int, default=2021, metavar="N", help="simulation seed (default 2021)"
     )
+
+    p = add("keygen", cmd_keygen, "create the difusor's health report key (ed25519)")
+    p.add_argument("--config", metavar="FILE", help="agent config: uses [push] key and service_id")
+    p.add_argument("--key", metavar="FILE", help="private key file to create (without --config)")
+    p.add_argument("--service-id", metavar="ID", help="the difusor's serviceId (without --config)")
+    p.add_argument("--force", action="store_true", help="replace an existing key")
+
+    p = add("collector", cmd_collector, "the institute's collector and dashboard of difusores")
+    p.add_argument("--config", metavar="FILE", help="collector config file")
+    p.add_argument(
+        "--record-cut",
+        metavar="MANIFEST",
+        help="record a signed prep-manifest.json (or its folder) as the latest cut, and exit",
+    )
+    p.add_argument("--example", action="store_true", help="print a commented config and exit")
 
     p = add("demo", cmd_demo, "run agent + simulated institute on localhost")
     p.add_argument("--dir", metavar="DIR", help="working folder (default: a new temp folder)")

@@ -49,6 +49,11 @@ class Config:
     poll_seconds: int = 15
     health_token: str | None = None
     health_allow: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    push_urls: tuple[str, ...] = ()
+    push_key: Path | None = None
+    push_period: float = 60.0
+    push_connect_timeout: float = 5.0
+    push_read_timeout: float = 10.0
 
     @property
     def public(self) -> Path:
@@ -139,6 +144,20 @@ poll_seconds = 15
 token_file =
 # Client networks that see the full /health document and /metrics without a token.
 allow = 127.0.0.1/32 ::1/128
+
+[push]
+# Institute collector URLs that receive the signed health report (health-v1 §3),
+# space separated, e.g. https://prep.instituto.mx/salud/reportes. Empty: no push.
+urls =
+# The difusor's ed25519 private key (OpenSSH format) that signs the reports;
+# create it with `prep-agent keygen --config FILE` and send the printed line to
+# the institute.
+key =
+# Seconds between reports (one is also sent right after each publication or rejection).
+period_seconds = 60
+# Seconds to wait for the connection, and for the institute's answer.
+connect_timeout = 5
+read_timeout = 10
 
 [limits]
 max_manifest_bytes = 33554432
@@ -233,6 +252,7 @@ def load(path: Path) -> Config:
         limits=_limits(parser),
         **_frame(parser, base),
         **_health(parser, base),
+        **_push(parser, base),
     )
 
 
@@ -282,6 +302,33 @@ def _health(parser: configparser.ConfigParser, base: Path) -> dict[str, Any]:
         except ValueError:
             raise ConfigError(f"[health] allow: {network!r} is not an address or network") from None
     return {"health_token": token, "health_allow": allow}
+
+
+def _push_seconds(parser: configparser.ConfigParser, key: str, default: float) -> float:
+    try:
+        value = parser.getfloat("push", key, fallback=default)
+    except ValueError:
+        raise ConfigError(f"[push] {key} must be a number of seconds") from None
+    if value <= 0:
+        raise ConfigError(f"[push] {key} must be positive")
+    return value
+
+
+def _push(parser: configparser.ConfigParser, base: Path) -> dict[str, Any]:
+    urls = tuple(parser.get("push", "urls", fallback="").split())
+    for url in urls:
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+            raise ConfigError(f"[push] urls: {url!r} is not an http(s) URL")
+    key = _optional_path(parser, "push", "key", base)
+    if urls and key is None:
+        raise ConfigError("[push] key is required when urls are set")
+    return {
+        "push_urls": urls,
+        "push_key": key,
+        "push_period": _push_seconds(parser, "period_seconds", 60.0),
+        "push_connect_timeout": _push_seconds(parser, "connect_timeout", 5.0),
+        "push_read_timeout": _push_seconds(parser, "read_timeout", 10.0),
+    }
 
 
 def _missing(key: str) -> str:
