@@ -306,6 +306,8 @@ class Agent:
             "cut-published",
             sequence=m.sequence,
             cut_time=m.cut_time_text,
+            period_seconds=m.period_seconds,
+            final=m.final,
             manifest_sha256=release.manifest_sha256,
             release=release.name,
             files=len(m.files),

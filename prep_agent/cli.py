@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Callable
 
-from prep_agent import __version__, sign
+from prep_agent import __version__, report, sign
 from prep_agent.agent import Agent, load_policy, utc_now
 from prep_agent.config import Config, load, render_template
 from prep_agent.errors import (
@@ -281,6 +281,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """The post-election technical report (memoria técnica) for the institute."""
+    return report.cmd_report(args)
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     """Create the difusor's report key and print the institute's allowed_signers line."""
     from prep_agent import keygen
@@ -470,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed", type=int, default=2021, metavar="N", help="simulation seed (default 2021)"
     )
+
+    p = add("report", cmd_report, "write the memoria técnica (access logs + journal)")
+    report.add_arguments(p)
 
     p = add("keygen", cmd_keygen, "create the difusor's health report key (ed25519)")
     p.add_argument("--config", metavar="FILE", help="agent config: uses [push] key and service_id")
