@@ -22,6 +22,9 @@ COMMANDS = (
     "sign",
     "simulate",
     "demo",
+    "report",
+    "keygen",
+    "collector",
 )
 
 
