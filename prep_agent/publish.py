@@ -222,6 +222,11 @@ def check_stamps(
             _check_one_stamp(fh, entry, manifest, mode, warn)
 
 
+def _index_release(index: dict[tuple[str, int], tuple[str, str]], release: Release) -> None:
+    for entry in release.manifest.files:
+        index[(entry.sha256, entry.size)] = (release.name, entry.path)
+
+
 class Store:
     """The agent-owned storage of one root: releases, ``current``, quarantine."""
 
@@ -241,6 +246,8 @@ class Store:
             folder.mkdir(parents=True, exist_ok=True)
         for leftover in self.staging.iterdir():
             remove_tree(leftover)
+        for trash in self.releases.glob(".trash-*"):
+            remove_tree(trash)
         for tmp in self.root.glob(".current.*"):
             tmp.unlink()
 
@@ -289,15 +296,15 @@ class Store:
         entries nothing newer holds.
         """
         if self._index is None:
-            self._index = {}
+            index: dict[tuple[str, int], tuple[str, str]] = {}
             for name in self.release_names():
-                self._add_to_index(self.load_release(name))
+                _index_release(index, self.load_release(name))
+            self._index = index  # kept only once complete
         return self._index
 
     def _add_to_index(self, release: Release) -> None:
-        assert self._index is not None
-        for entry in release.manifest.files:
-            self._index[(entry.sha256, entry.size)] = (release.name, entry.path)
+        if self._index is not None:
+            _index_release(self._index, release)
 
     def _source(
         self, index: dict[tuple[str, int], tuple[str, str]], entry: FileEntry
@@ -339,6 +346,7 @@ class Store:
         except BaseException:
             remove_tree(work)
             raise
+        os.chmod(final, 0o555)
         fsync_dir(self.releases)
         release = Release(name, final, manifest, digest)
         self._cache[name] = release
@@ -396,8 +404,12 @@ class Store:
             target = well_known / fname
             target.write_bytes(data)
             target.chmod(0o444)
+        # The release folder itself becomes read-only after its rename (``build``):
+        # moving a folder to another parent rewrites its ".." entry, which needs
+        # write permission on it without CAP_DAC_OVERRIDE (the packaged service).
         for dirpath, _dirs, _files in os.walk(work, topdown=False):
-            os.chmod(dirpath, 0o555)
+            if dirpath != str(work):
+                os.chmod(dirpath, 0o555)
         sync_filesystem(work)
 
     def swap(self, name: str) -> None:
@@ -416,8 +428,12 @@ class Store:
         current = self.current_name()
         doomed = [n for n in names[: max(0, len(names) - keep)] if n != current]
         for name in doomed:
-            remove_tree(self.releases / name)
+            # Rename first: a crash mid-delete must never leave a partial release
+            # under its own name (release_names skips dot names).
+            trash = self.releases / f".trash-{name}"
+            os.rename(self.releases / name, trash)
             self._cache.pop(name, None)
+            remove_tree(trash)
         if doomed and self._index is not None:
             gone = set(doomed)
             self._index = {k: v for k, v in self._index.items() if v[0] not in gone}
