@@ -1,4 +1,4 @@
-.PHONY: deps check test lint demo bench
+.PHONY: deps check test lint demo bench deb rpm
 
 VENV := .venv/bin
 
@@ -22,3 +22,10 @@ demo: deps
 
 bench: deps
 	$(VENV)/python benchmarks/publish.py
+
+# Packages into dist/ (Debian 12 .deb; EL9 .rpm and .src.rpm): packaging/README.md.
+deb:
+	packaging/build-deb
+
+rpm:
+	packaging/build-rpm
