@@ -416,12 +416,15 @@ def _burst(url: str, source: str, count: int) -> list[requests.Response]:
 def test_rate_limits_spare_the_institute(stack: Stack) -> None:
     """burst=200 nodelay at 20 r/s for files, burst=20 at 2 r/s for health; then 429."""
     start = time.monotonic()
-    public = [r.status_code for r in _burst(stack.url + "/status.json", "127.0.0.3", 400)]
+    responses = _burst(stack.url + "/status.json", "127.0.0.3", 400)
+    public = [r.status_code for r in responses]
     allowed = 200 + 1 + 20 * (time.monotonic() - start)
     assert public[:150] == [200] * 150
     assert set(public) == {200, 429} and public.count(200) <= allowed, public.count(200)
-    busy = _burst(stack.url + "/status.json", "127.0.0.3", 1)[0]
-    assert busy.status_code == 429 and busy.content == b"Demasiadas solicitudes\n"
+    # The bucket refills at 20 r/s, so a request made after the burst may pass on a
+    # slow machine: look at a refusal from inside the burst.
+    busy = next(r for r in reversed(responses) if r.status_code == 429)
+    assert busy.content == b"Demasiadas solicitudes\n"
     assert busy.headers["Retry-After"] == "1" and busy.headers["Cache-Control"] == "no-store"
 
     start = time.monotonic()
