@@ -21,7 +21,9 @@ demo: deps
 	$(VENV)/prep-agent demo
 
 bench: deps
-	$(VENV)/python benchmarks/publish.py
+	$(VENV)/python benchmarks/publish.py --loop-ext4 4
+	$(VENV)/python benchmarks/serve.py
+	$(VENV)/python benchmarks/report.py
 
 # Packages into dist/ (Debian 12 .deb; EL9 .rpm and .src.rpm): packaging/README.md.
 deb:
