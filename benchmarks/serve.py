@@ -61,8 +61,14 @@ import psutil
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT / "tests"))
 
-from cutkit import OFFSET, Institute, csv_bytes, make_config  # noqa: E402
-from nginxkit import AgentDaemon, Nginx, free_port, instantiate, main_conf  # noqa: E402
+from cutkit import (  # noqa: E402
+    OFFSET,
+    Institute,
+    csv_bytes,
+    free_port,
+    make_config,
+)
+from nginxkit import AgentDaemon, Nginx, instantiate, main_conf  # noqa: E402
 
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"

@@ -14,7 +14,9 @@ import mimetypes
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +41,10 @@ and keeps serving the last copy if the origin fails (the page still turns stale
 by the server clock)."""
 ASSETS = "public, max-age=300, stale-while-revalidate=60, stale-if-error=86400"
 """Cache-Control of the frame's own script, style and logo."""
+
+SMALL_FILE = 256 * 1024
+"""Files up to this size are answered from one read: waitress's file wrapper costs
+about ten times more per response for small files (measured with wrk)."""
 
 _TEXT_TYPES = ("text/", "application/json", "application/javascript", "image/svg+xml")
 
@@ -112,6 +118,7 @@ class PublicApp:
             ("X-Content-Type-Options", "nosniff"),
             ("Referrer-Policy", "strict-origin-when-cross-origin"),
         ]
+        self.cache = FileCache()
         self.content_headers = [
             ("Content-Security-Policy", content_csp(config)),
             ("X-Content-Type-Options", "nosniff"),
@@ -154,7 +161,8 @@ class PublicApp:
                 "405 Method Not Allowed", [("Allow", "GET, HEAD"), ("Content-Length", "0")]
             )
             return [b""]
-        return _send_file(environ, start_response, *routed)
+        file, cache, security = routed
+        return self.cache.send(environ, start_response, file, cache, security)
 
 
 def _not_found(start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -171,44 +179,126 @@ def _not_found(start_response: Callable[..., Any]) -> Iterable[bytes]:
     return [body]
 
 
-def _send_file(
+@dataclass
+class _Cached:
+    """A small file held in memory with what identifies its version on disk."""
+
+    version: tuple[int, int, int]
+    body: bytes
+    headers: list[tuple[str, str]]
+    checked: float
+
+
+class FileCache:
+    """Serves files from disk, keeping small ones in memory.
+
+    Opening and reading a file in a waitress worker thread on every request cut
+    the throughput about five times under load (measured with wrk: 650 vs 3,400
+    req/s). Release files never change under their URL, so they are kept as
+    read; the frame, status.json and assets are re-checked (one ``lstat``) at
+    most every ``recheck`` seconds, so a new cut shows within that time.
+    """
+
+    def __init__(self, max_bytes: int = 64 * 1024**2, recheck: float = 0.5) -> None:
+        self.max_bytes = max_bytes
+        self.recheck = recheck
+        self.size = 0
+        self._files: dict[str, _Cached] = {}
+        self._lock = threading.Lock()
+
+    def send(
+        self,
+        environ: dict[str, Any],
+        start_response: Callable[..., Any],
+        path: Path,
+        cache: str,
+        security: list[tuple[str, str]],
+    ) -> Iterable[bytes]:
+        """Answer GET/HEAD for ``path`` (404 if absent or not a regular file)."""
+        key = str(path)
+        entry = self._files.get(key)
+        now = time.monotonic()
+        if entry is not None and cache != IMMUTABLE and now - entry.checked > self.recheck:
+            entry = self._revalidate(key, entry, now)
+        if entry is None:
+            return self._from_disk(environ, start_response, path, cache, security)
+        return _answer(environ, start_response, entry.headers, entry.body)
+
+    def _revalidate(self, key: str, entry: _Cached, now: float) -> _Cached | None:
+        try:
+            st = os.lstat(key)
+        except OSError:
+            return None
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != entry.version:
+            return None
+        entry.checked = now
+        return entry
+
+    def _from_disk(
+        self,
+        environ: dict[str, Any],
+        start_response: Callable[..., Any],
+        path: Path,
+        cache: str,
+        security: list[tuple[str, str]],
+    ) -> Iterable[bytes]:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return _not_found(start_response)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return _not_found(start_response)
+        headers = [
+            ("Content-Type", content_type(path.name)),
+            ("Cache-Control", cache),
+            ("ETag", f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'),
+            ("Last-Modified", formatdate(st.st_mtime, usegmt=True)),
+            ("Content-Length", str(st.st_size)),
+            *security,
+        ]
+        fh = os.fdopen(fd, "rb")
+        wrapper = environ.get("wsgi.file_wrapper")
+        if st.st_size > SMALL_FILE and wrapper is not None:
+            if environ.get("HTTP_IF_NONE_MATCH") == headers[2][1] or _is_head(environ):
+                fh.close()
+                return _answer(environ, start_response, headers, b"")
+            start_response("200 OK", headers)
+            return wrapper(fh, 256 * 1024)  # type: ignore[no-any-return]
+        with fh:
+            body = fh.read(st.st_size)
+        version = (st.st_ino, st.st_size, st.st_mtime_ns)
+        self._keep(str(path), _Cached(version, body, headers, time.monotonic()))
+        return _answer(environ, start_response, headers, body)
+
+    def _keep(self, key: str, entry: _Cached) -> None:
+        with self._lock:
+            old = self._files.pop(key, None)
+            self.size -= len(old.body) if old else 0
+            while self._files and self.size + len(entry.body) > self.max_bytes:
+                evicted = self._files.pop(next(iter(self._files)))
+                self.size -= len(evicted.body)
+            self._files[key] = entry
+            self.size += len(entry.body)
+
+
+def _is_head(environ: dict[str, Any]) -> bool:
+    return environ.get("REQUEST_METHOD") == "HEAD"
+
+
+def _answer(
     environ: dict[str, Any],
     start_response: Callable[..., Any],
-    path: Path,
-    cache: str,
-    security: list[tuple[str, str]],
+    headers: list[tuple[str, str]],
+    body: bytes,
 ) -> Iterable[bytes]:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return _not_found(start_response)
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        return _not_found(start_response)
-    etag = f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
-    headers = [
-        ("Content-Type", content_type(path.name)),
-        ("Cache-Control", cache),
-        ("ETag", etag),
-        ("Last-Modified", formatdate(st.st_mtime, usegmt=True)),
-        *security,
-    ]
-    if environ.get("HTTP_IF_NONE_MATCH") == etag:
-        os.close(fd)
-        start_response("304 Not Modified", headers)
+    """200 with ``body``, or 304 when the client holds this version, or a HEAD answer."""
+    if environ.get("HTTP_IF_NONE_MATCH") == headers[2][1]:
+        start_response("304 Not Modified", [h for h in headers if h[0] != "Content-Length"])
         return [b""]
-    headers.append(("Content-Length", str(st.st_size)))
     start_response("200 OK", headers)
-    fh = os.fdopen(fd, "rb")
-    if environ.get("REQUEST_METHOD") == "HEAD":
-        fh.close()
-        return [b""]
-    wrapper = environ.get("wsgi.file_wrapper")
-    if wrapper is not None:
-        return wrapper(fh, 256 * 1024)  # type: ignore[no-any-return]
-    with fh:
-        return [fh.read()]
+    return [b""] if _is_head(environ) else [body]
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

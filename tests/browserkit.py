@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import requests
-from cutkit import PREP_AGENT, Institute, make_config
+from cutkit import PREP_AGENT, Institute, free_port, make_config
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -41,13 +40,6 @@ BROWSER_FLAGS = (
 )
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.1) -> T:

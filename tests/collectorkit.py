@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -20,17 +19,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import requests
-from cutkit import PREP_AGENT, Institute, make_config, minute_ago
+from cutkit import PREP_AGENT, Institute, free_port, make_config, minute_ago
 
 from prep_agent import sshsig
 from prep_agent.config import Config
 from prep_agent.journal import read_journal
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:

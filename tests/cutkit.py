@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prep_agent.config import Config, load, render_template
 
@@ -54,6 +56,23 @@ def ssh_sign(key: Path, data: bytes, namespace: str = "prep-cut", hashalg: str =
         check=True,
     )
     return proc.stdout
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
+    """Poll ``predicate`` until it holds; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met in {timeout} s {what}".rstrip())
 
 
 def minute_ago(minutes: int = 1) -> datetime:

@@ -30,13 +30,6 @@ PACKAGING = Path(__file__).resolve().parents[1] / "packaging" / "nginx"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
     """Wait until something accepts connections on host:port."""
     deadline = time.monotonic() + timeout

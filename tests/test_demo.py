@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import socket
 import subprocess
 import time
 
 import requests
-from cutkit import PREP_AGENT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from cutkit import PREP_AGENT, free_port
 
 
 def test_demo_publishes_and_serves_then_stops_on_ctrl_c() -> None:

@@ -11,20 +11,10 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from cutkit import PREP_AGENT, Institute, make_config, minute_ago
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+from cutkit import PREP_AGENT, Institute, make_config, minute_ago, wait_for
 
 
 def test_disk_full_keeps_current_and_recovers(tmp_path: Path) -> None:
@@ -52,14 +42,14 @@ def test_disk_full_keeps_current_and_recovers(tmp_path: Path) -> None:
 
     try:
         inst.cut(config.inbox, 1, cut_time=minute_ago(9))
-        assert wait_for(lambda: published() == [1])
+        wait_for(lambda: published() == [1])
         served = (view / "current" / "index.html").read_bytes()
 
         when = minute_ago(8)
         files = inst.files(when, 2)
         files["grande.bin"] = b"\0" * (3 * 1024 * 1024)
         inst.deliver(config.inbox, files, inst.manifest(files, 2, when))
-        assert wait_for(lambda: any(e["event"] == "agent-error" for e in events()))
+        wait_for(lambda: any(e["event"] == "agent-error" for e in events()))
         error = next(e for e in events() if e["event"] == "agent-error")
         assert "No space left on device" in error["detail"]
         assert (view / "current" / "index.html").read_bytes() == served
@@ -67,7 +57,7 @@ def test_disk_full_keeps_current_and_recovers(tmp_path: Path) -> None:
         assert not any(e["event"] == "cut-rejected" for e in events())
 
         inst.cut(config.inbox, 3, cut_time=minute_ago(7))
-        assert wait_for(lambda: published() == [1, 3])
+        wait_for(lambda: published() == [1, 3])
     finally:
         agent.send_signal(signal.SIGTERM)
         _, err = agent.communicate(timeout=10)

@@ -10,21 +10,10 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
-from cutkit import PREP_AGENT, Institute, make_config, minute_ago
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+from cutkit import PREP_AGENT, Institute, make_config, minute_ago, wait_for
 
 
 def events(journal: Path) -> list[dict[str, object]]:
@@ -58,17 +47,13 @@ def test_watcher_mode_and_fallback(
     config = make_config(tmp_path, inst, rescan_interval=0.5)
     agent = start_agent(tmp_path / "prep-agent.conf", limit)
     try:
-        assert wait_for(
-            lambda: any(e["event"] == "agent-started" for e in events(config.journal_file))
-        )
+        wait_for(lambda: any(e["event"] == "agent-started" for e in events(config.journal_file)))
         started = next(e for e in events(config.journal_file) if e["event"] == "agent-started")
         assert started["watcher"] == mode
         if errno_text:
             assert errno_text in str(started["failure"])
         inst.cut(config.inbox, 1, cut_time=minute_ago(5))
-        assert wait_for(
-            lambda: any(e["event"] == "cut-published" for e in events(config.journal_file))
-        )
+        wait_for(lambda: any(e["event"] == "cut-published" for e in events(config.journal_file)))
     finally:
         agent.send_signal(signal.SIGTERM)
         _, err = agent.communicate(timeout=10)

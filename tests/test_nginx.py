@@ -24,12 +24,11 @@ from typing import Any
 
 import pytest
 import requests
-from cutkit import Institute, make_config, minute_ago
+from cutkit import Institute, free_port, make_config, minute_ago
 from nginxkit import (
     NGINX,
     AgentDaemon,
     Nginx,
-    free_port,
     instantiate,
     instantiate_tls,
     nginx_test,

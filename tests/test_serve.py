@@ -4,38 +4,22 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import requests
-from cutkit import PREP_AGENT, Institute, make_config, minute_ago
+from cutkit import PREP_AGENT, Institute, free_port, make_config, minute_ago, wait_for
 
 from prep_agent.config import Config
 from prep_agent.frame import format_cut_time
 from prep_agent.health import Snapshot, health_document
 from prep_agent.manifest import Limits, parse_manifest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 @dataclass
@@ -264,3 +248,30 @@ def test_cut_time_in_its_own_offset(text: str, expected: str) -> None:
     from prep_agent.manifest import parse_rfc3339
 
     assert format_cut_time(text, parse_rfc3339(text, "t")) == expected
+
+
+def test_file_cache_follows_replacement_and_stays_bounded(tmp_path: Path) -> None:
+    """Small files are served from memory; a file replaced by rename is seen after
+    ``recheck``; the cache never holds more than ``max_bytes``."""
+    from prep_agent.serve import SHORT, FileCache
+
+    cache = FileCache(max_bytes=10_000, recheck=0.2)
+    target = tmp_path / "status.json"
+    target.write_text('{"sequence": 1}')
+
+    def get(path: Path) -> bytes:
+        seen: list[str] = []
+        body = cache.send({"REQUEST_METHOD": "GET"}, lambda s, h: seen.append(s), path, SHORT, [])
+        assert seen == ["200 OK"]
+        return b"".join(body)
+
+    assert get(target) == b'{"sequence": 1}'
+    new = tmp_path / "new.json"
+    new.write_text('{"sequence": 2}')
+    new.replace(target)
+    time.sleep(0.3)
+    assert get(target) == b'{"sequence": 2}'
+    for i in range(5):
+        (tmp_path / f"f{i}").write_bytes(b"x" * 4000)
+        get(tmp_path / f"f{i}")
+        assert cache.size <= 10_000
