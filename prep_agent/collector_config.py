@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from prep_agent.config import read_ini
 from prep_agent.errors import ConfigError
 
 SECTION = "collector"
@@ -154,16 +155,7 @@ def load_collector(path: Path) -> CollectorConfig:
 
     Raises ``ConfigError`` with a one-line reason.
     """
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            parser.read_file(fh)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-    except configparser.Error as exc:
-        raise ConfigError(f"config {path}: {exc.message.splitlines()[0]}") from None
-    if not parser.has_section(SECTION):
-        raise ConfigError(f"config {path}: no [{SECTION}] section")
+    parser = read_ini(path, SECTION)
     base = path.resolve().parent
     trust = _path(parser, SECTION, "trust", base)
     if trust is None:

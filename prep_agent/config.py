@@ -216,11 +216,8 @@ def _path(parser: configparser.ConfigParser, key: str, base: Path) -> Path:
     return (base / value).resolve() if not Path(value).is_absolute() else Path(value)
 
 
-def load(path: Path) -> Config:
-    """Read a config file; relative paths are taken from the file's folder.
-
-    Raises ``ConfigError`` with a one-line reason.
-    """
+def read_ini(path: Path, section: str) -> configparser.ConfigParser:
+    """Parse an INI config file that must have ``[section]``. Raises ``ConfigError``."""
     parser = configparser.ConfigParser(interpolation=None)
     try:
         with open(path, encoding="utf-8") as fh:
@@ -229,8 +226,17 @@ def load(path: Path) -> Config:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     except configparser.Error as exc:
         raise ConfigError(f"config {path}: {exc.message.splitlines()[0]}") from None
-    if not parser.has_section("agent"):
-        raise ConfigError(f"config {path}: no [agent] section")
+    if not parser.has_section(section):
+        raise ConfigError(f"config {path}: no [{section}] section")
+    return parser
+
+
+def load(path: Path) -> Config:
+    """Read a config file; relative paths are taken from the file's folder.
+
+    Raises ``ConfigError`` with a one-line reason.
+    """
+    parser = read_ini(path, "agent")
     base = path.resolve().parent
     stamp = parser.get("agent", "stamp_check", fallback="reject").strip()
     if stamp not in STAMP_MODES:

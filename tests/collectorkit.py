@@ -59,11 +59,13 @@ class Difusor:
     proc: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [PREP_AGENT, "run", "--config", str(self.home / "prep-agent.conf")],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        # Logs to a file: an undrained pipe fills after some 80 cuts and blocks the agent.
+        with open(self.home / "agent.log", "a") as log:
+            self.proc = subprocess.Popen(
+                [PREP_AGENT, "run", "--config", str(self.home / "prep-agent.conf")],
+                stderr=log,
+                text=True,
+            )
         wait_for(self.answers, what=f"{self.service_id} answers")
 
     def answers(self) -> bool:
@@ -75,13 +77,14 @@ class Difusor:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            _, err = self.proc.communicate(timeout=15)
-            assert self.proc.returncode == 0, err
+            self.proc.wait(timeout=15)
+            log = (self.home / "agent.log").read_text()
+            assert self.proc.returncode == 0, log[-2000:]
 
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.kill()
-        self.proc.communicate(timeout=10)
+        self.proc.wait(timeout=10)
 
     def journal(self, event: str) -> list[dict[str, Any]]:
         return [e for e in read_journal(self.config.journal_file) if e["event"] == event]
@@ -166,12 +169,13 @@ class CollectorProc:
 
     def start(self) -> None:
         config = self.write_config()
-        self.proc = subprocess.Popen(
-            [PREP_AGENT, "collector", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        with open(self.home / "collector.log", "a") as log:
+            self.proc = subprocess.Popen(
+                [PREP_AGENT, "collector", "--config", str(config)],
+                stdout=log,
+                stderr=log,
+                text=True,
+            )
         wait_for(self.answers, what="collector answers")
 
     def answers(self) -> bool:
@@ -183,13 +187,14 @@ class CollectorProc:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            _, err = self.proc.communicate(timeout=15)
-            assert self.proc.returncode == 0, err
+            self.proc.wait(timeout=15)
+            log = (self.home / "collector.log").read_text()
+            assert self.proc.returncode == 0, log[-2000:]
 
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.kill()
-        self.proc.communicate(timeout=10)
+        self.proc.wait(timeout=10)
 
     def api(self) -> dict[str, Any]:
         doc: dict[str, Any] = requests.get(self.url + "/api/difusores", timeout=5).json()
@@ -208,7 +213,7 @@ class CollectorProc:
 def deliver_cut(inst: Institute, inboxes: list[Path], manifests: Path, sequence: int) -> float:
     """Sign one cut (signed_at now) into each inbox and the institute's outgoing folder;
     return the wall time of delivery."""
-    when = minute_ago(60 - sequence)
+    when = minute_ago(max(1, 60 - sequence))  # never in the future, never decreasing
     files = inst.files(when, sequence)
     now = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
     doc = inst.manifest(files, sequence, when, signed_at=now)

@@ -75,6 +75,28 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "
     raise AssertionError(f"condition not met in {timeout} s {what}".rstrip())
 
 
+def ssh_verify(allowed_signers: Path, sig: Path, data: bytes, principal: str = "iec") -> None:
+    """Check ``sig`` over ``data`` with the real ``ssh-keygen -Y verify`` (raises if refused)."""
+    subprocess.run(
+        [
+            "ssh-keygen",
+            "-Y",
+            "verify",
+            "-f",
+            str(allowed_signers),
+            "-I",
+            principal,
+            "-n",
+            "prep-cut",
+            "-s",
+            str(sig),
+        ],
+        input=data,
+        check=True,
+        capture_output=True,
+    )
+
+
 def minute_ago(minutes: int = 1) -> datetime:
     """A cut time safely in the past, at a whole minute, in UTC-6."""
     return (datetime.now(OFFSET) - timedelta(minutes=minutes)).replace(second=0, microsecond=0)

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cutkit import ELECTION, PREP_AGENT, Institute, make_config, minute_ago, ssh_sign
+from cutkit import ELECTION, PREP_AGENT, Institute, make_config, minute_ago, ssh_sign, ssh_verify
 
 from prep_agent import cli
 
@@ -165,24 +165,7 @@ def test_sign_output_verifies_with_ssh_keygen(tmp_path: Path, inst: Institute) -
     assert doc["sequence"] == 7 and doc["final"] is True and doc["entry"] == "index.html"
     assert doc["notice"] == {"level": "info", "text": "Cierre del PREP"}
     assert [f["path"] for f in doc["files"]] == ["datos/a.txt", "index.html"]
-    subprocess.run(
-        [
-            "ssh-keygen",
-            "-Y",
-            "verify",
-            "-f",
-            str(inst.allowed_signers),
-            "-I",
-            "iec",
-            "-n",
-            "prep-cut",
-            "-s",
-            str(pub / "prep-manifest.json.sig"),
-        ],
-        input=data,
-        check=True,
-        capture_output=True,
-    )
+    ssh_verify(inst.allowed_signers, pub / "prep-manifest.json.sig", data)
 
 
 def test_threshold_counts_distinct_keys(tmp_path: Path, inst: Institute) -> None:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cutkit import Institute, make_config, minute_ago, tree_digest
+from cutkit import Institute, make_config, minute_ago, ssh_verify, tree_digest
 
 from prep_agent import cli
 from prep_agent.agent import Agent
@@ -41,24 +41,7 @@ def test_publishes_exact_bytes_and_signed_manifest(tmp_path: Path, inst: Institu
     sig = (well_known / "manifest.json.sig").read_bytes()
     assert sig == (config.inbox / "prep-manifest.json.sig").read_bytes()
     # Anyone can check the publication with the real ssh-keygen.
-    subprocess.run(
-        [
-            "ssh-keygen",
-            "-Y",
-            "verify",
-            "-f",
-            str(inst.allowed_signers),
-            "-I",
-            "iec",
-            "-n",
-            "prep-cut",
-            "-s",
-            str(well_known / "manifest.json.sig"),
-        ],
-        input=data,
-        check=True,
-        capture_output=True,
-    )
+    ssh_verify(inst.allowed_signers, well_known / "manifest.json.sig", data)
     for path in Path(os.path.realpath(served)).rglob("*"):
         mode = path.stat().st_mode
         assert not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH), path
