@@ -61,6 +61,19 @@ class Outcome:
     rejection: Rejection | None = None
 
 
+def published_view(store: Store, state: State) -> Published:
+    """What is published (from ``current``) and the rollback floor (from the state,
+    raised to ``current`` if a crash lost the state write after a swap)."""
+    current = store.current()
+    sequence = current.manifest.sequence if current else None
+    return Published(
+        sequence=sequence,
+        cut_time=current.manifest.cut_time if current else None,
+        highest_sequence=max(state.highest_sequence, sequence or 0),
+        highest_manifest_sha256=state.highest_manifest_sha256,
+    )
+
+
 def load_policy(config: Config) -> Policy:
     """Build the verification policy from the config and its allowed_signers file.
 
@@ -123,13 +136,7 @@ class Agent:
 
     def published(self) -> Published:
         """The verification core's view of what is published."""
-        current = self.store.current()
-        return Published(
-            sequence=current.manifest.sequence if current else None,
-            cut_time=current.manifest.cut_time if current else None,
-            highest_sequence=self.state.highest_sequence,
-            highest_manifest_sha256=self.state.highest_manifest_sha256,
-        )
+        return published_view(self.store, self.state)
 
     def step(self, settle: bool = True) -> Outcome:
         """Look at the drop folder once and act on a new cut, if any.

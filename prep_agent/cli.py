@@ -23,7 +23,7 @@ from types import FrameType
 from typing import Any, Callable
 
 from prep_agent import __version__, report, sign
-from prep_agent.agent import Agent, load_policy, utc_now
+from prep_agent.agent import Agent, load_policy, published_view, utc_now
 from prep_agent.config import Config, load, render_template
 from prep_agent.errors import (
     EXIT_ERROR,
@@ -42,7 +42,7 @@ from prep_agent.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from prep_agent.publish import Store, read_inbox_file
 from prep_agent.serve import Server, build_app
 from prep_agent.state import load_state, save_state
-from prep_agent.verify import MAX_SIGNATURE_BYTES, Published, decide
+from prep_agent.verify import MAX_SIGNATURE_BYTES, decide
 
 log = logging.getLogger("prep_agent")
 
@@ -120,21 +120,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     folder = Path(args.dir).resolve() if args.dir else config.inbox
     policy = load_policy(config)
     store = Store(config.root, config.limits)
-    state = load_state(config.state_file)
     try:
         sig = read_inbox_file(folder, SIGNATURE_NAME, MAX_SIGNATURE_BYTES)
         data = read_inbox_file(folder, MANIFEST_NAME, config.limits.max_manifest_bytes)
         if sig is None or data is None:
             raise Rejection("incomplete", f"no {SIGNATURE_NAME} and {MANIFEST_NAME} in {folder}")
-        current = store.current()
-        published = Published(
-            sequence=current.manifest.sequence if current else None,
-            cut_time=current.manifest.cut_time if current else None,
-            highest_sequence=max(
-                state.highest_sequence, current.manifest.sequence if current else 0
-            ),
-            highest_manifest_sha256=state.highest_manifest_sha256,
-        )
+        published = published_view(store, load_state(config.state_file))
         decision = decide(data, sig, policy, published, utc_now())
         if not decision.already_published:
             store.check(

@@ -46,27 +46,20 @@ def keygen(key: Path, service_id: str) -> str:
     return proc.stdout.strip()
 
 
-@dataclass
-class Difusor:
-    """One ``prep-agent run`` process that pushes its health reports."""
+class _Process:
+    """Start, probe and stop one ``prep-agent`` process that logs to HOME/LOG."""
 
-    service_id: str
+    # Set by the subclasses: home, proc, url, log_name.
     home: Path
-    config: Config
-    key: Path
+    proc: subprocess.Popen[str] | None
     url: str
-    token: str
-    proc: subprocess.Popen[str] | None = None
+    log_name = "process.log"
 
-    def start(self) -> None:
+    def _spawn(self, args: list[str]) -> None:
         # Logs to a file: an undrained pipe fills after some 80 cuts and blocks the agent.
-        with open(self.home / "agent.log", "a") as log:
-            self.proc = subprocess.Popen(
-                [PREP_AGENT, "run", "--config", str(self.home / "prep-agent.conf")],
-                stderr=log,
-                text=True,
-            )
-        wait_for(self.answers, what=f"{self.service_id} answers")
+        with open(self.home / self.log_name, "a") as log:
+            self.proc = subprocess.Popen([PREP_AGENT, *args], stdout=log, stderr=log, text=True)
+        wait_for(self.answers, what=f"{args[0]} answers")
 
     def answers(self) -> bool:
         try:
@@ -78,13 +71,31 @@ class Difusor:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=15)
-            log = (self.home / "agent.log").read_text()
+            log = (self.home / self.log_name).read_text()
             assert self.proc.returncode == 0, log[-2000:]
 
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(timeout=10)
+
+
+@dataclass
+class Difusor(_Process):
+    """One ``prep-agent run`` process that pushes its health reports."""
+
+    service_id: str
+    home: Path
+    config: Config
+    key: Path
+    url: str
+    token: str
+    proc: subprocess.Popen[str] | None = None
+
+    log_name = "agent.log"
+
+    def start(self) -> None:
+        self._spawn(["run", "--config", str(self.home / "prep-agent.conf")])
 
     def journal(self, event: str) -> list[dict[str, Any]]:
         return [e for e in read_journal(self.config.journal_file) if e["event"] == event]
@@ -126,7 +137,7 @@ def make_difusor(
 
 
 @dataclass
-class CollectorProc:
+class CollectorProc(_Process):
     """One ``prep-agent collector`` process."""
 
     home: Path
@@ -137,6 +148,7 @@ class CollectorProc:
     difusores: list[Difusor] = field(default_factory=list)
     poll: bool = True
     proc: subprocess.Popen[str] | None = None
+    log_name = "collector.log"
 
     @property
     def url(self) -> str:
@@ -168,33 +180,7 @@ class CollectorProc:
         return path
 
     def start(self) -> None:
-        config = self.write_config()
-        with open(self.home / "collector.log", "a") as log:
-            self.proc = subprocess.Popen(
-                [PREP_AGENT, "collector", "--config", str(config)],
-                stdout=log,
-                stderr=log,
-                text=True,
-            )
-        wait_for(self.answers, what="collector answers")
-
-    def answers(self) -> bool:
-        try:
-            return requests.get(self.url + "/livez", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=15)
-            log = (self.home / "collector.log").read_text()
-            assert self.proc.returncode == 0, log[-2000:]
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(timeout=10)
+        self._spawn(["collector", "--config", str(self.write_config())])
 
     def api(self) -> dict[str, Any]:
         doc: dict[str, Any] = requests.get(self.url + "/api/difusores", timeout=5).json()
