@@ -382,7 +382,8 @@ def test_health_sees_the_client_not_the_proxy(stack: Stack) -> None:
 
 
 def test_status_follows_a_new_cut_within_a_second(stack: Stack, institute: Institute) -> None:
-    """status.json and index.html are replaced by rename: never served stale from a cache."""
+    """status.json and index.html are replaced by rename; nginx caches their descriptors
+    for open_file_cache_valid 1s, so the new ones are served at most ~1 s later."""
     with session_from("127.0.0.1") as session:
         for _ in range(30):  # warm every cache nginx has
             assert json.loads(session.get(stack.url + "/status.json").content)["sequence"] == 1
@@ -397,7 +398,8 @@ def test_status_follows_a_new_cut_within_a_second(stack: Stack, institute: Insti
             page = session.get(stack.url + "/", timeout=5).text
             if status["sequence"] == 2 and 'data-sequence="2"' in page:
                 break
-            assert time.monotonic() - on_disk < 1.0, "nginx served a stale frame or status"
+            # 1 s of cache validity, plus scheduling slack on a loaded test machine.
+            assert time.monotonic() - on_disk < 1.5, "nginx served a stale frame or status"
             time.sleep(0.02)
         entry = session.get(f"{stack.url}/{status['entry']}", timeout=5)
     assert status["release"] == new
