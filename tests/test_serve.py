@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -10,16 +11,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import requests
 from cutkit import PREP_AGENT, Institute, free_port, make_config, minute_ago, wait_for
+from waitress import wasyncore
 
 from prep_agent.config import Config
 from prep_agent.frame import format_cut_time
 from prep_agent.health import Snapshot, health_document
 from prep_agent.manifest import Limits, parse_manifest
+from prep_agent.serve import PublicApp, Server
 
 
 @dataclass
@@ -275,3 +278,49 @@ def test_file_cache_follows_replacement_and_stays_bounded(tmp_path: Path) -> Non
         (tmp_path / f"f{i}").write_bytes(b"x" * 4000)
         get(tmp_path / f"f{i}")
         assert cache.size <= 10_000
+
+
+def _fallback(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    start_response("404 Not Found", [("Content-Length", "0")])
+    return [b""]
+
+
+@pytest.mark.parametrize("threads", [2, 8])
+def test_server_loop_does_not_spin_under_load(
+    tmp_path: Path, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """waitress's loop must not busy-wait on connections whose worker is answering.
+
+    64 keep-alive connections (wrk) on status.json for 2 s, counting the turns of
+    waitress's loop (its select() calls, passed through). With waitress's own
+    connection class the loop spun while workers held the output lock: 36 turns per
+    response with 8 threads, ~600 with 2, and a few hundred responses per second;
+    with ``serve._Channel`` it turns about once per response or less.
+    """
+    turns = [0]
+    real_poll = wasyncore.poll
+
+    def counted(timeout: float = 0.0, map: Any = None) -> None:
+        turns[0] += 1
+        real_poll(timeout, map)
+
+    monkeypatch.setattr(wasyncore, "poll", counted)
+    config = make_config(tmp_path, Institute(tmp_path / "inst"), listen="127.0.0.1:0")
+    config.public.mkdir(parents=True, exist_ok=True)
+    (config.public / "status.json").write_bytes(b'{"sequence": 1}' + b" " * 400)
+    server = Server(config, PublicApp(config, _fallback), threads=threads)
+    server.start()
+    try:
+        out = subprocess.run(
+            ["wrk", "-t1", "-c64", "-d2s", f"http://{server.address}/status.json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    finally:
+        server.stop()
+    responses = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    assert "Non-2xx" not in out and "Socket errors" not in out, out
+    assert responses > 1000, out
+    assert turns[0] / responses < 5, f"{turns[0]} loop turns for {responses} responses\n{out}"
