@@ -7,11 +7,14 @@ One run, one agent daemon (``prep-agent run``, waitress) on a fresh root:
    ``tests/nginxkit.py`` for a temporary root and port, 127.0.0.1 listed in the
    institute include so ``limit_req``/``limit_conn`` exempt the benchmark client)
    against raw nginx serving the same files with a minimal config (root + alias,
-   sendfile, a types block, no access log). Both use the same main nginx.conf
-   (nginxkit's: ``worker_processes 1``) and run side by side; wrk measures the frame
-   ``/``, ``/status.json``, the release's ``index.html`` (~8 KB) and a ~100 KB CSV,
-   alternating raw and shipped, several rounds; the median per path is compared
-   (target: shipped >= 0.9x raw). Rows with ``Accept-Encoding: gzip`` (browsers
+   sendfile, a types block, no access log). A third server, raw nginx plus the
+   descriptor cache the shipped site uses (``open_file_cache``), shows what the
+   shipped site's own work (access log, limits, headers, gzip, method check) costs
+   apart from that cache (no target). All use the same main nginx.conf (nginxkit's:
+   ``worker_processes 1``) and run side by side; wrk measures the frame ``/``,
+   ``/status.json``, the release's ``index.html`` (~8 KB) and a ~100 KB CSV, the
+   servers in turn, several rounds; the median per path is compared (target:
+   shipped >= 0.9x raw). Rows with ``Accept-Encoding: gzip`` (browsers
    send it; wrk does not by default) show the shipped site's on-the-fly gzip cost.
 2. The embedded server: the same paths against the agent's own listen address
    (req/s and p99; target >= 2,500 req/s for ``status.json``).
@@ -22,7 +25,8 @@ One run, one agent daemon (``prep-agent run``, waitress) on a fresh root:
    body in Lua, and a separate checker process follows the chain a browser follows:
    ``status.json``, then the ``entry`` it names (must be that sequence's page), the
    frame now and then, and each entry URL again after holding it for a while (must
-   be the same bytes: releases are immutable and retained, keep_releases 10).
+   be the same bytes: releases are immutable and retained, keep_releases 10 and
+   keep_replaced_seconds 60).
    Once through the packaged nginx, once through the embedded server.
 
 Every throughput figure is also checked: a Python client fetches each URL once
@@ -84,7 +88,7 @@ class Scale:
     """Durations and counts of one run."""
 
     seconds: int  # per measured wrk run
-    rounds: int  # raw/shipped alternations per path
+    rounds: int  # turns of the three nginx servers per path
     embedded_seconds: int
     gzip_seconds: int
     publications: int  # per swap run
@@ -517,12 +521,23 @@ server {{
 """
 
 
-def raw_nginx(folder: Path, root: Path) -> Nginx:
+# Raw nginx plus the shipped site's descriptor cache (the shipped site: 1 s on the
+# frame and status.json, 60 s on releases; here 1 s on all, the stricter).
+RAW_CACHE = """\
+    open_file_cache max=20000 inactive=60s;
+    open_file_cache_valid 1s;
+"""
+
+
+def raw_nginx(folder: Path, root: Path, cache: bool = False) -> Nginx:
     """nginx with a minimal config serving the same public/ and releases/."""
     port = free_port()
     folder.mkdir(parents=True, exist_ok=True)
     site = folder / "raw.conf"
-    site.write_text(RAW_SITE.format(port=port, root=root))
+    text = RAW_SITE.format(port=port, root=root)
+    if cache:
+        text = text.replace("    sendfile on;\n", "    sendfile on;\n" + RAW_CACHE)
+    site.write_text(text)
     return Nginx(main_conf(folder, site), port)
 
 
@@ -596,7 +611,7 @@ def run(scale: Scale, work: Path) -> dict[str, Any]:
     summary_lua = work / "summary.lua"
     summary_lua.write_text(SUMMARY_LUA)
     res: dict[str, Any] = {"versions": versions(), "load_start": os.getloadavg()}
-    shipped = raw = None
+    shipped = raw = cached = None
     try:
         agent.start()
         status = publisher.publish(1)
@@ -606,13 +621,15 @@ def run(scale: Scale, work: Path) -> dict[str, Any]:
         shipped.start()
         raw = raw_nginx(work / "raw", config.root)
         raw.start()
+        cached = raw_nginx(work / "raw-cache", config.root, cache=True)
+        cached.start()
         paths = {
             "frame /": "/",
             "/status.json": "/status.json",
             "release index.html (8 KB)": f"/cortes/{release}/index.html",
             "release CSV (100 KB)": f"/cortes/{release}/{CSV_PATH}",
         }
-        servers = {"raw": raw, "shipped": shipped}
+        servers = {"raw": raw, "shipped": shipped, "raw+cache": cached}
         sizes = {k: expected_sizes(s.port, paths, config.root) for k, s in servers.items()}
         sizes["embedded"] = expected_sizes(agent_port, paths, config.root)
         res["paths"] = paths
@@ -629,17 +646,18 @@ def run(scale: Scale, work: Path) -> dict[str, Any]:
             for name, path in paths.items()
         }
 
-        # 1. nginx: shipped vs raw, alternating, median of the rounds.
+        # 1. nginx: shipped vs raw (and raw+cache), in turns, median of the rounds.
         print("1. nginx: shipped site vs raw nginx")
         nginx_runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-            name: {"raw": [], "shipped": []} for name in paths
+            name: {kind: [] for kind in servers} for name in paths
         }
         for name, path in paths.items():
             for server in servers.values():
                 run_wrk(server.url + path, 1, summary_lua)  # warm-up
             pids = {kind: server.proc.pid for kind, server in servers.items() if server.proc}
+            kinds = list(servers)
             for r in range(scale.rounds):
-                order = ("raw", "shipped") if r % 2 == 0 else ("shipped", "raw")
+                order = kinds[r % len(kinds) :] + kinds[: r % len(kinds)]
                 for kind in order:
                     out = run_wrk(
                         servers[kind].url + path, scale.seconds, summary_lua, pid=pids[kind]
@@ -647,7 +665,7 @@ def run(scale: Scale, work: Path) -> dict[str, Any]:
                     out["size_ok"] = size_ok(out, sizes[kind][name])
                     nginx_runs[name][kind].append(out)
                     print(
-                        f"   {name:28} {kind:8} {out['rps']:9.0f} req/s, "
+                        f"   {name:28} {kind:9} {out['rps']:9.0f} req/s, "
                         f"{out['cpu_us']:5.1f} us CPU/response"
                     )
         res["nginx"] = nginx_runs
@@ -714,8 +732,9 @@ def run(scale: Scale, work: Path) -> dict[str, Any]:
         res["load_end"] = os.getloadavg()
         res["releases_kept"] = len(list(config.releases.iterdir()))
         res["keep_releases"] = config.keep_releases
+        res["keep_replaced_seconds"] = config.keep_replaced_seconds
     finally:
-        for server in (shipped, raw):
+        for server in (shipped, raw, cached):
             if server is not None:
                 server.stop()
         res["agent_exit"] = agent.stop()
@@ -748,13 +767,17 @@ def report(res: dict[str, Any], scale: Scale, command: str, took: float) -> str:
         "`tests/nginxkit.instantiate` with **127.0.0.1 listed in the institute include** "
         "(exempt from `limit_req`/`limit_conn`; the limits themselves unchanged) and its "
         "buffered access log on; raw = `root`/`alias`, `sendfile on`, `tcp_nopush on`, a "
-        "`types` block, no access log, nothing else.",
+        "`types` block, no access log, nothing else; raw+cache = raw plus "
+        "`open_file_cache max=20000 inactive=60s; open_file_cache_valid 1s;` (the shipped "
+        "site caches descriptors too: 1 s for the frame and status.json, 60 s for "
+        "releases), so shipped/raw+cache is the cost of the shipped site's own work "
+        "(access log, limits, method check, headers, charset) alone.",
         "- Embedded: `prep-agent run` (waitress, 8 threads) on its own listen address.",
         f"- Files: frame {sizes['frame /']} B, status.json {sizes['/status.json']} B, "
         f"release index.html {sizes['release index.html (8 KB)']} B, "
         f"CSV {sizes['release CSV (100 KB)']} B.",
         f"- nginx figures: median of {scale.rounds} runs of {scale.seconds} s per path and "
-        f"server, raw and shipped alternating (after a 1 s warm-up each); embedded: one "
+        f"server, the three nginx servers in turns (after a 1 s warm-up each); embedded: one "
         f"{scale.embedded_seconds} s run per path after a 1 s warm-up. `bytes ok` = wrk's "
         "bytes per response equal (±1 %) a response checked once for status 200 and the "
         "body on disk. `CPU/resp` = the server's user+system CPU time (nginx: master and "
@@ -767,14 +790,17 @@ def report(res: dict[str, Any], scale: Scale, command: str, took: float) -> str:
         "## 1. Shipped nginx site vs raw nginx (req/s)",
         "",
         "| path | raw | shipped | shipped/raw | runs raw / shipped | CPU/resp raw / shipped "
-        "(µs) | raw/shipped CPU | p99 raw / shipped (ms) | errors, non-2xx | bytes ok |",
-        "|---|---:|---:|---:|---|---|---:|---|---|---|",
+        "(µs) | raw/shipped CPU | p99 raw / shipped (ms) | errors, non-2xx | bytes ok "
+        "| raw+cache | shipped/raw+cache | CPU/resp raw+cache (µs) |",
+        "|---|---:|---:|---:|---|---|---:|---|---|---|---:|---:|---:|",
     ]
     verdicts: list[tuple[str, bool, str]] = []
     for name, runs in res["nginx"].items():
         raw = median([r["rps"] for r in runs["raw"]])
         ship = median([r["rps"] for r in runs["shipped"]])
-        every = runs["raw"] + runs["shipped"]
+        rawc = median([r["rps"] for r in runs["raw+cache"]])
+        cpu_c = median([r["cpu_us"] for r in runs["raw+cache"]])
+        every = runs["raw"] + runs["shipped"] + runs["raw+cache"]
         errs = sum(r["errors"] for r in every)
         non2xx = sum(r["status"] for r in every)
         ok = all(r["size_ok"] for r in every)
@@ -787,7 +813,8 @@ def report(res: dict[str, Any], scale: Scale, command: str, took: float) -> str:
         lines.append(
             f"| {name} | {raw:,.0f} | {ship:,.0f} | {ship / raw:.2f} | "
             f"{each_raw} / {each_ship} | {cpu_r:.1f} / {cpu_s:.1f} | {cpu_r / cpu_s:.2f} | "
-            f"{p99r:.1f} / {p99s:.1f} | {errs}, {non2xx} | {'yes' if ok else 'NO'} |"
+            f"{p99r:.1f} / {p99s:.1f} | {errs}, {non2xx} | {'yes' if ok else 'NO'} | "
+            f"{rawc:,.0f} | {ship / rawc:.2f} | {cpu_c:.1f} |"
         )
         verdicts.append(
             (
@@ -799,7 +826,7 @@ def report(res: dict[str, Any], scale: Scale, command: str, took: float) -> str:
     lines += [
         "",
         f"With `Accept-Encoding: gzip` (one {scale.gzip_seconds} s run each; raw has no gzip "
-        "and sends identity, the shipped site compresses text on the fly, `gzip_comp_level 5`; "
+        "and sends identity, the shipped site compresses text on the fly, `gzip_comp_level 1`; "
         "no target):",
         "",
         "| path | raw (identity) | shipped (gzip) | shipped/raw | CPU/resp raw / shipped (µs) "
@@ -851,7 +878,9 @@ def report(res: dict[str, Any], scale: Scale, command: str, took: float) -> str:
         "must be the same bytes). Cuts: "
         "8 KB index.html 'Corte N', 100 KB stamped CSV, an SVG; each delivered (signed with "
         "ssh-keygen) once the previous one shows in status.json on disk; keep_releases "
-        f"{res['keep_releases']} (releases on disk at the end: {res['releases_kept']}).",
+        f"{res['keep_releases']} and keep_replaced_seconds {res['keep_replaced_seconds']:g} "
+        f"(a replaced release stays while its successor is younger than that; releases "
+        f"on disk at the end: {res['releases_kept']}).",
         "",
         "| through | publications | seconds | publish p50 / max (ms) | wrk req/s | wrk "
         "responses (status / frame / entry) | wrk non-2xx, socket errors | wrk mixed | checker "

@@ -247,7 +247,7 @@ class Agent:
         )
         self._notify_push()
         self.pending = None
-        pruned = self.store.prune(self.config.keep_releases)
+        pruned = self.store.prune(self.config.keep_releases, self.config.keep_replaced_seconds)
         if pruned:
             self.journal.write("releases-pruned", releases=pruned)
         return Outcome("published", manifest.sequence)

@@ -37,6 +37,7 @@ class Config:
     settle_timeout: float = 120.0
     max_clock_skew: timedelta = timedelta(seconds=300)
     keep_releases: int = 10
+    keep_replaced_seconds: float = 60.0
     keep_quarantine: int = 50
     stale_periods: int = 3
     stamp_check: str = "reject"
@@ -120,6 +121,9 @@ max_clock_skew = 300
 # Releases kept for rollback, and rejected cuts kept in quarantine.
 keep_releases = 10
 keep_quarantine = 50
+# Seconds a replaced release is kept even beyond keep_releases: pages, caches and
+# nginx (1 s) may still be loading the cut a status.json named a moment ago.
+keep_replaced_seconds = 60
 # Periods without a new cut before the public page shows the interruption notice.
 stale_periods = 3
 # Stamps inside CSV/zip files that disagree with cut_time: reject, warn or off.
@@ -252,6 +256,7 @@ def load(path: Path) -> Config:
         settle_timeout=_seconds(parser, "settle_timeout", 120.0),
         max_clock_skew=timedelta(seconds=_seconds(parser, "max_clock_skew", 300.0)),
         keep_releases=_positive(parser, "agent", "keep_releases", 10),
+        keep_replaced_seconds=_seconds(parser, "keep_replaced_seconds", 60.0),
         keep_quarantine=_positive(parser, "agent", "keep_quarantine", 50),
         stale_periods=_positive(parser, "agent", "stale_periods", 3),
         stamp_check=stamp,

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import stat
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -422,11 +423,24 @@ class Store:
         os.replace(tmp, self.current_link)
         fsync_dir(self.root)
 
-    def prune(self, keep: int) -> list[str]:
-        """Delete releases beyond the newest ``keep``, never the current one."""
+    def prune(self, keep: int, replaced_seconds: float = 0.0) -> list[str]:
+        """Delete releases beyond the newest ``keep``, never the current one.
+
+        A release is also kept while the next newer one is younger than
+        ``replaced_seconds`` (by its folder's mtime, written when it was built,
+        just before its swap): a status.json naming it may still be in a browser,
+        a CDN or nginx's descriptor cache, and its page may still be loading.
+        """
         names = self.release_names()
         current = self.current_name()
-        doomed = [n for n in names[: max(0, len(names) - keep)] if n != current]
+        recent = time.time() - replaced_seconds
+        doomed = []
+        for i, name in enumerate(names[: max(0, len(names) - keep)]):
+            if name == current:
+                continue
+            if replaced_seconds > 0 and (self.releases / names[i + 1]).lstat().st_mtime > recent:
+                continue
+            doomed.append(name)
         for name in doomed:
             # Rename first: a crash mid-delete must never leave a partial release
             # under its own name (release_names skips dot names).

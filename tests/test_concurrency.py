@@ -208,7 +208,9 @@ def publish(agent: Agent, inst: Institute, inbox: Path, seqs: range, errors: lis
 def test_readers_never_see_a_partial_or_mixed_cut(
     tmp_path: Path, institute: Institute, fast_switching: None
 ) -> None:
-    config = make_config(tmp_path, institute)  # keep_releases = 10 (default)
+    # keep_releases = 10 (default); pruning by count alone, so releases are deleted
+    # while the readers walk them (the 60 s window would keep all of them).
+    config = make_config(tmp_path, institute, keep_replaced_seconds=0)
     agent = Agent(config)
     errors: list[str] = []
     publish(agent, institute, config.inbox, range(1, 2), errors)  # readers need a current
@@ -267,10 +269,11 @@ def test_readers_never_see_a_partial_or_mixed_cut(
 def test_pinned_release_survives_until_pruned(tmp_path: Path, institute: Institute) -> None:
     """A reader pinned to a release keeps a complete tree for keep_releases - 1 more cuts.
 
-    That is the bound on a slow reader of (a): its release is deleted by the
-    ``keep_releases``-th publication after it (no deletion waits for readers).
+    That is the bound on a slow reader of (a) by count (keep_replaced_seconds = 0):
+    its release is deleted by the ``keep_releases``-th publication after it (no
+    deletion waits for readers).
     """
-    config = make_config(tmp_path, institute, keep_releases=4)
+    config = make_config(tmp_path, institute, keep_releases=4, keep_replaced_seconds=0)
     agent = Agent(config)
     errors: list[str] = []
     publish(agent, institute, config.inbox, range(1, 2), errors)
@@ -284,3 +287,32 @@ def test_pinned_release_survives_until_pruned(tmp_path: Path, institute: Institu
     publish(agent, institute, config.inbox, range(last, last + 1), errors)
     assert not errors, errors
     assert not pinned.exists(), "the release is kept longer than keep_releases"
+
+
+def test_replaced_release_kept_for_keep_replaced_seconds(
+    tmp_path: Path, institute: Institute
+) -> None:
+    """Cuts faster than keep_replaced_seconds: a replaced release outlives keep_releases.
+
+    A status.json naming it may still be cached (nginx 1 s, a CDN, a browser), so it
+    stays until the release that replaced it is older than the window; then the next
+    publication prunes it, and everything else beyond keep_releases that is not
+    recent.
+    """
+    config = make_config(tmp_path, institute, keep_releases=2, keep_replaced_seconds=60)
+    agent = Agent(config)
+    errors: list[str] = []
+    publish(agent, institute, config.inbox, range(1, 7), errors)
+    assert not errors, errors
+    names = sorted(os.listdir(config.releases))
+    assert len(names) == 6, names  # all replaced within the last 60 s
+    # Age releases 1..3 (as if built 2 minutes ago): release 1 and 2 were replaced
+    # long ago (their successors 2 and 3 are old); release 3 was replaced by 4 now.
+    old = time.time() - 120
+    for name in names[:3]:
+        os.utime(config.releases / name, (old, old))
+    publish(agent, institute, config.inbox, range(7, 8), errors)
+    assert not errors, errors
+    kept = sorted(os.listdir(config.releases))
+    assert kept == names[2:] + [n for n in kept if n not in names], (names, kept)
+    assert len(kept) == 5

@@ -509,14 +509,15 @@ def test_kill9_during_publication(tmp_path: Path, institute: Institute) -> None:
 
 
 def test_kill9_during_prune(tmp_path: Path, institute: Institute) -> None:
-    """12 kills of ``run --once`` while it deletes old releases (keep_releases = 2).
+    """12 kills of ``run --once`` while it deletes old releases (keep_releases = 2,
+    keep_replaced_seconds = 0: pruning on every publication).
 
     No incomplete release may be left in ``releases/``, and the restarted agent
     must go on publishing.
     """
     seed = _seed() + 1
     began = time.monotonic()
-    rig = CrashRig(tmp_path, institute, seed, keep_releases=2)
+    rig = CrashRig(tmp_path, institute, seed, keep_releases=2, keep_replaced_seconds=0)
     try:
         window = rig.calibrate(4)
         for kind in rig.plan(prune=12):

@@ -70,7 +70,7 @@ def test_unchanged_files_are_reused_not_copied(tmp_path: Path, inst: Institute) 
 
 
 def test_retention_keeps_last_releases_and_state(tmp_path: Path, inst: Institute) -> None:
-    config = make_config(tmp_path, inst, keep_releases=3)
+    config = make_config(tmp_path, inst, keep_releases=3, keep_replaced_seconds=0)
     agent = Agent(config)
     for seq in range(1, 7):
         inst.cut(config.inbox, seq)
