@@ -20,7 +20,9 @@ One run, one agent daemon (``prep-agent run``, waitress) on a fresh root:
    (req/s and p99; target >= 2,500 req/s for ``status.json``).
 3. Swap under load: >= 100 publications (the fake institute of tests/cutkit.py signs
    each cut with ssh-keygen and delivers it into the drop folder; the next one is
-   delivered once ``status.json`` on disk shows it) while wrk requests
+   delivered once the server under test serves it in ``status.json``: nginx caches
+   that file's descriptor for 1 s, the embedded server re-checks it every 0.5 s, so
+   every cut is on show for a while) while wrk requests
    ``/status.json``, ``/`` and the entry of the latest status it saw, checking every
    body in Lua, and a separate checker process follows the chain a browser follows:
    ``status.json``, then the ``entry`` it names (must be that sequence's page), the
@@ -325,6 +327,22 @@ class Publisher:
             if time.monotonic() > deadline:
                 raise SystemExit(f"cut {sequence} was not published in {timeout} s")
             time.sleep(0.002)
+
+
+def wait_served(port: int, sequence: int, timeout: float = 10.0) -> float:
+    """Seconds until the server on ``port`` answers ``status.json`` with ``sequence``."""
+    t0 = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        while True:
+            status, body = http_get(conn, "/status.json")
+            if status == 200 and json.loads(body).get("sequence") == sequence:
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise SystemExit(f"cut {sequence} not served on port {port} in {timeout} s")
+            time.sleep(0.005)
+    finally:
+        conn.close()
 
 
 # --------------------------------------------------------------------------- checking
@@ -713,13 +731,17 @@ def run(scale: Scale, work: Path) -> dict[str, Any]:
             print(f"3. swap under load through {label}: {scale.publications} publications")
             errors_before = nginx_errors(shipped)
             publisher.latencies = []
+            lags: list[float] = []
             with swap_load(url, target_port, work, scale.hold) as found:
                 for _ in range(scale.publications):
                     seq += 1
                     publisher.publish(seq)
+                    lags.append(wait_served(target_port, seq))
             found["publications"] = len(publisher.latencies)
             found["publish_p50_ms"] = median(publisher.latencies) * 1000
             found["publish_max_ms"] = max(publisher.latencies) * 1000
+            found["served_p50_ms"] = median(lags) * 1000
+            found["served_max_ms"] = max(lags) * 1000
             found["last_sequence"] = seq
             found["nginx_error_lines"] = nginx_errors(shipped)[len(errors_before) :]
             w, c = found["wrk"], found["checker"]
@@ -877,16 +899,17 @@ def report(res: dict[str, Any], scale: Scale, command: str, took: float) -> str:
         f"fetched again once the checker has seen a status.json {scale.hold} cuts newer, "
         "must be the same bytes). Cuts: "
         "8 KB index.html 'Corte N', 100 KB stamped CSV, an SVG; each delivered (signed with "
-        "ssh-keygen) once the previous one shows in status.json on disk; keep_releases "
+        "ssh-keygen) once the server under test serves the previous one in status.json; "
+        "`served after` = from status.json on disk to the server answering it; keep_releases "
         f"{res['keep_releases']} and keep_replaced_seconds {res['keep_replaced_seconds']:g} "
         f"(a replaced release stays while its successor is younger than that; releases "
         f"on disk at the end: {res['releases_kept']}).",
         "",
-        "| through | publications | seconds | publish p50 / max (ms) | wrk req/s | wrk "
-        "responses (status / frame / entry) | wrk non-2xx, socket errors | wrk mixed | checker "
-        "chains / frames / refetches | checker non-2xx, errors | checker mixed | cuts seen by "
-        "checker | nginx [error] lines |",
-        "|---|---:|---:|---|---:|---|---|---:|---|---|---:|---:|---:|",
+        "| through | publications | seconds | publish p50 / max (ms) | served after p50 / max "
+        "(ms) | wrk req/s | wrk responses (status / frame / entry) | wrk non-2xx, socket errors "
+        "| wrk mixed | checker chains / frames / refetches | checker non-2xx, errors | checker "
+        "mixed | cuts seen by checker | nginx [error] lines |",
+        "|---|---:|---:|---|---|---:|---|---|---:|---|---|---:|---:|---:|",
     ]
     for label, f in res["swap"].items():
         w, c = f["wrk"], f["checker"]
@@ -894,7 +917,8 @@ def report(res: dict[str, Any], scale: Scale, command: str, took: float) -> str:
         nginx_lines = len(f["nginx_error_lines"]) if label.startswith("nginx") else "-"
         lines.append(
             f"| {label} | {f['publications']} | {f['seconds']:.0f} | "
-            f"{f['publish_p50_ms']:.0f} / {f['publish_max_ms']:.0f} | {w['rps']:,.0f} | "
+            f"{f['publish_p50_ms']:.0f} / {f['publish_max_ms']:.0f} | "
+            f"{f['served_p50_ms']:.0f} / {f['served_max_ms']:.0f} | {w['rps']:,.0f} | "
             f"{w['statuses']:,} / {w['frames']:,} / {w['contents']:,} | "
             f"{w['non2xx']}, {w['errors']} | {w['mixed']} | "
             f"{c['chains']:,} / {c['frames']:,} / {c['refetches']:,} | {c_non2xx}, "
