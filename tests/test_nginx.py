@@ -248,7 +248,6 @@ def test_only_the_publication_is_reachable(stack: Stack, release: str) -> None:
         "/quarantine/",
         "/static/",
         "/cortes/",
-        f"/cortes/{release}",
         "/cortes/current/index.html",
         f"/cortes/{release}/datos/",
         f"/cortes/{release}/no-such-file.html",
@@ -259,6 +258,17 @@ def test_only_the_publication_is_reachable(stack: Stack, release: str) -> None:
         "/metrics.txt",
     ):
         _assert_not_found(get(stack.url + path), path)
+
+
+def test_folders_without_slash_redirect_relative(stack: Stack, release: str) -> None:
+    """nginx's own answer for a folder named without its slash: 301 to it, relative."""
+    for path in (f"/cortes/{release}", f"/cortes/{release}/datos"):
+        r = requests.get(stack.url + path, allow_redirects=False, timeout=5)
+        assert r.status_code == 301, path
+        assert r.headers["Location"] == path + "/", path
+    r = requests.get(f"{stack.url}/cortes/{release}", timeout=5)  # then its index.html
+    assert r.status_code == 200 and r.url.endswith(f"/cortes/{release}/")
+    assert r.content == (stack.config.releases / release / "index.html").read_bytes()
 
 
 def test_traversal_never_escapes(stack: Stack, release: str) -> None:
