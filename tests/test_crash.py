@@ -39,8 +39,9 @@ FILES = 250
 FILE_BYTES = 48 * 1024
 """A cut of ~12 MB in 250 files: its build takes ~100 ms on a local disk."""
 
-SWAP_WINDOW = 0.012
-"""Seconds after the rename into releases/ covering the swap, state and journal writes."""
+MIN_SWAP_WINDOW = 0.001
+"""Floor of the measured time from the rename into releases/ to cut-published (the
+journal has millisecond resolution)."""
 
 BEFORE = "before build (detect/verify)"
 BUILD = "build (staging)"
@@ -254,10 +255,12 @@ class CrashRig:
 
         Through the running daemon, else through ``run --once``. ``verify``:
         cut-seen to the build folder appearing in ``staging/``; ``build``: from
-        there to cut-published (copy, seal, rename, swap, state); ``prune``:
+        there to cut-published (copy, seal, rename, swap, state); ``swap``: from the
+        release appearing in ``releases/`` to cut-published (swap, state, journal:
+        a few ms on a fast disk, so it is measured, not assumed); ``prune``:
         cut-published to releases-pruned.
         """
-        verify, build, prune = [], [], []
+        verify, build, swap, prune = [], [], [], []
         for _ in range(cuts):
             sig = self.upload_next()
             start = len(self.tail.events)
@@ -266,6 +269,8 @@ class CrashRig:
             alive = self.daemon_alive if once is None else _alive(once)
             building = self.wait_staging(alive)
             assert building is not None, "agent died"
+            assert self.wait_renamed(alive), "agent died"
+            renamed = time.time()
             if once is None:
                 self.wait_decided(f"publishing sequence {self.sequence}")
             else:
@@ -274,10 +279,15 @@ class CrashRig:
             events = {e["event"]: e for e in self.tail.events[start:]}
             verify.append(building - _time(events["cut-seen"]))
             build.append(_time(events["cut-published"]) - building)
+            swap.append(max(MIN_SWAP_WINDOW, _time(events["cut-published"]) - renamed))
             self.builds.append(build[-1])
             if "releases-pruned" in events:
                 prune.append(_time(events["releases-pruned"]) - _time(events["cut-published"]))
-        window = {"verify": statistics.median(verify), "build": statistics.median(build)}
+        window = {
+            "verify": statistics.median(verify),
+            "build": statistics.median(build),
+            "swap": statistics.median(swap),
+        }
         if prune:
             window["prune"] = statistics.median(prune)
         print("calibration (ms): " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in window.items()))
@@ -287,13 +297,14 @@ class CrashRig:
         """One kill of the daemon or of ``run --once``, at an instant drawn for ``kind``.
 
         ``build``: uniform over the build (staging appears -> cut-published, recent
-        median + 10%); ``swap``: uniform over ``SWAP_WINDOW`` after the rename into
-        ``releases/``; ``verify``: uniform over [cut-seen, build start]; ``prune``:
-        uniform over [cut-published, releases-pruned] (+20%).
+        median + 10%); ``swap``: uniform over the calibrated time from the rename
+        into ``releases/`` to cut-published (+10%); ``verify``: uniform over
+        [cut-seen, build start]; ``prune``: uniform over [cut-published,
+        releases-pruned] (+20%).
         """
         trigger, delay = {
             "build": ("staging", lambda: self.rng.uniform(0, self.build_window() * 1.1)),
-            "swap": ("renamed", lambda: self.rng.uniform(0, SWAP_WINDOW)),
+            "swap": ("renamed", lambda: self.rng.uniform(0, window["swap"] * 1.1)),
             "verify": ("cut-seen", lambda: self.rng.uniform(0, window["verify"])),
             "prune": ("cut-published", lambda: self.rng.uniform(0, window["prune"] * 1.2)),
         }[kind]

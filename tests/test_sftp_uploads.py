@@ -339,8 +339,9 @@ def test_two_cuts_back_to_back(rig: Callable[..., Rig]) -> None:
 
 
 def test_run_of_cuts_one_after_another(rig: Callable[..., Rig]) -> None:
-    """Five cuts, each uploaded as soon as the previous one is published."""
-    r = rig(keep_releases=2)
+    """Five cuts, each uploaded as soon as the previous one is published (pruned by
+    count: keep_replaced_seconds = 0)."""
+    r = rig(keep_releases=2, keep_replaced_seconds=0)
     cuts = [r.cut(seq) for seq in range(1, 6)]
     previous: Cut | None = None
     for cut in cuts:
