@@ -360,7 +360,10 @@ class Server:
             )
         except OSError as exc:
             raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror}") from None
-        self._server.channel_class = _Channel
+        # _Channel reads waitress's output-buffer bookkeeping (waitress >= 1.4; tested
+        # with 2.1.2). A waitress without it keeps its own, slower, channel.
+        if hasattr(HTTPChannel, "total_outbufs_len"):
+            self._server.channel_class = _Channel
         self.address = f"{host}:{self._server.effective_port}"
         self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
 
