@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import requests
-from cutkit import PREP_AGENT, Institute, free_port, make_config
+from cutkit import PREP_AGENT, Institute, free_port, make_config, stop_process
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -147,16 +147,7 @@ class Agent:
 
     def stop(self) -> int | None:
         """SIGTERM and wait; return the exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        return self.proc.returncode
+        return stop_process(self.proc)
 
 
 PORTAL_PAGE = """<!doctype html>

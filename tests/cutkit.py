@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -56,6 +57,20 @@ def ssh_sign(key: Path, data: bytes, namespace: str = "prep-cut", hashalg: str =
         check=True,
     )
     return proc.stdout
+
+
+def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 15) -> int | None:
+    """SIGTERM and wait (SIGKILL after ``timeout``); return the exit status."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    return proc.returncode
 
 
 def free_port() -> int:

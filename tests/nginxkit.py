@@ -14,7 +14,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from cutkit import PREP_AGENT
+from cutkit import PREP_AGENT, stop_process
 from requests.adapters import HTTPAdapter
 
 PACKAGING = Path(__file__).resolve().parents[1] / "packaging" / "nginx"
@@ -197,14 +196,7 @@ class Nginx:
 
     def stop(self) -> None:
         """Fast shutdown (SIGTERM); kill after 10 s."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+        stop_process(self.proc, timeout=10)
 
 
 class AgentDaemon:
@@ -241,16 +233,7 @@ class AgentDaemon:
 
     def stop(self) -> int | None:
         """SIGTERM and wait; return the exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        return self.proc.returncode
+        return stop_process(self.proc)
 
 
 def wait_published(public: Path, sequence: int, timeout: float = 15.0) -> dict[str, Any]:

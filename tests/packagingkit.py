@@ -17,7 +17,6 @@ import pwd
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cutkit import free_port
+from cutkit import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 DIST = ROOT / "dist"
@@ -192,20 +191,6 @@ def wait_port(port: int, proc: subprocess.Popen[Any], what: str, timeout: float 
             time.sleep(0.05)
 
 
-def stop(proc: subprocess.Popen[Any] | None, timeout: float = 15) -> int | None:
-    """SIGTERM and wait (SIGKILL after ``timeout``); return the exit status."""
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-    return proc.returncode
-
-
 def shared_dir(prefix: str) -> Path:
     """A fresh folder that the service users may enter (pytest's tmp is root-only)."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
@@ -362,7 +347,7 @@ class Sshd:
         return path
 
     def stop(self) -> None:
-        stop(self.proc)
+        stop_process(self.proc)
         if self.made_run_dir:
             shutil.rmtree("/run/sshd", ignore_errors=True)
 

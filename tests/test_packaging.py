@@ -45,7 +45,7 @@ from packagingkit import (
     service_command,
     shared_dir,
     start_nginx,
-    stop,
+    stop_process,
     unit_settings,
     version,
 )
@@ -251,7 +251,7 @@ def stack(
         )
     finally:
         for proc in reversed(procs):
-            stop(proc)
+            stop_process(proc)
         if sshd is not None:
             sshd.stop()
         if notify is not None:
@@ -428,7 +428,7 @@ def test_fail2ban_jails_ignore_the_institute(stack: Stack) -> None:
 
 
 def test_agent_stops_cleanly(stack: Stack) -> None:
-    assert stop(stack.agent) == 0
+    assert stop_process(stack.agent) == 0
     assert "STOPPING=1" in stack.notify.receive()
 
 
