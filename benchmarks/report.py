@@ -42,7 +42,7 @@ import reportkit  # noqa: E402
 
 OURS = """
 import argparse, sys
-from prep_agent import report
+from prep_agent.report import generate as report
 p = argparse.ArgumentParser()
 report.add_arguments(p)
 sys.exit(report.cmd_report(p.parse_args(sys.argv[1:])))

@@ -21,9 +21,9 @@ from typing import Any, Callable
 import requests
 from cutkit import PREP_AGENT, Institute, free_port, make_config, minute_ago
 
-from prep_agent import sshsig
-from prep_agent.config import Config
-from prep_agent.journal import read_journal
+from prep_agent.agent.config import Config
+from prep_agent.agent.journal import read_journal
+from prep_agent.core import sshsig
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:

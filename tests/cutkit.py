@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from prep_agent.config import Config, load, render_template
+from prep_agent.agent.config import Config, load, render_template
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 """The read-only shared folder beside the project."""

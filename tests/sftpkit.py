@@ -25,9 +25,9 @@ from typing import Any, Callable, TypeVar
 
 from cutkit import Institute, ssh_sign, tree_digest
 
-from prep_agent.config import Config
-from prep_agent.journal import read_journal
-from prep_agent.manifest import MANIFEST_NAME, SIGNATURE_NAME, WELL_KNOWN
+from prep_agent.agent.config import Config
+from prep_agent.agent.journal import read_journal
+from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, WELL_KNOWN
 
 SFTP_SERVER = Path("/usr/lib/openssh/sftp-server")
 """Debian package openssh-sftp-server."""

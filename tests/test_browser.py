@@ -37,7 +37,7 @@ from cutkit import OFFSET, Institute
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from prep_agent.frame import FINAL_TEXT, STALE_TEXT
+from prep_agent.web.frame import FINAL_TEXT, STALE_TEXT
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -12,11 +12,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cutkit import PREP_AGENT
 
-from prep_agent import sshsig
-from prep_agent.collector_board import make_board
-from prep_agent.collector_store import DifusorRecord, SignedCut, Store
-from prep_agent.collector_verify import ReportRejected, check_report
-from prep_agent.keygen import allowed_signers_line
+from prep_agent.agent.keygen import allowed_signers_line
+from prep_agent.core import sshsig
+from prep_agent.institute.collector.board import make_board
+from prep_agent.institute.collector.store import DifusorRecord, SignedCut, Store
+from prep_agent.institute.collector.verify import ReportRejected, check_report
 
 NOW = datetime(2021, 6, 7, 2, 0, tzinfo=timezone.utc)
 KEY = ed25519.Ed25519PrivateKey.generate()

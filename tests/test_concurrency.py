@@ -37,7 +37,7 @@ import pytest
 from crashkit import MANIFEST, SIGNATURE, walk_files
 from cutkit import Institute, make_config, minute_ago
 
-from prep_agent.agent import Agent
+from prep_agent.daemon import Agent
 
 CUTS = 120
 LOGO = b"<svg xmlns='http://www.w3.org/2000/svg'><title>logo</title></svg>\n"

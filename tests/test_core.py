@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from prep_agent import sshsig
-from prep_agent.errors import Rejection
-from prep_agent.freshness import CURRENT, FINAL, NO_CUT, STALE, freshness
-from prep_agent.manifest import Limits, parse_manifest, parse_rfc3339
-from prep_agent.verify import Policy, Published, decide
+from prep_agent.core import sshsig
+from prep_agent.core.errors import Rejection
+from prep_agent.core.freshness import CURRENT, FINAL, NO_CUT, STALE, freshness
+from prep_agent.core.manifest import Limits, parse_manifest, parse_rfc3339
+from prep_agent.core.verify import Policy, Published, decide
 
 KEY = Ed25519PrivateKey.generate()
 CUT = datetime(2021, 6, 6, 20, 30, tzinfo=timezone(timedelta(hours=-5)))

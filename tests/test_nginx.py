@@ -38,9 +38,9 @@ from nginxkit import (
     wait_published,
 )
 
-from prep_agent.agent import Agent
-from prep_agent.config import Config
-from prep_agent.serve import ASSETS, IMMUTABLE, SHORT, content_csp, frame_csp
+from prep_agent.agent.config import Config
+from prep_agent.daemon import Agent
+from prep_agent.web.server import ASSETS, IMMUTABLE, SHORT, content_csp, frame_csp
 
 pytestmark = pytest.mark.timeout(60)
 

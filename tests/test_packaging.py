@@ -51,7 +51,7 @@ from packagingkit import (
 )
 from sftpkit import Batch, Cut, make_cut
 
-from prep_agent.config import render_template
+from prep_agent.agent.config import render_template
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -471,7 +471,7 @@ def test_rpm_files(rpms: dict[str, Path]) -> None:
         "/var/lib/prep-upload/inbox",
     ):
         assert path in files, path
-    assert any(f.endswith("/site-packages/prep_agent/cli.py") for f in files)
+    assert any(f.endswith("/site-packages/prep_agent/cli/main.py") for f in files)
     assert any(f.endswith("/site-packages/prep_agent/static/frame.js") for f in files)
     unit = check(
         [

@@ -26,8 +26,8 @@ import requests
 from collectorkit import deliver_cut, journal_time, keygen, make_difusor, wait_for
 from cutkit import PREP_AGENT, Institute
 
-from prep_agent import sshsig
-from prep_agent.push import backoff_delay, signed_report
+from prep_agent.core import sshsig
+from prep_agent.web.push import backoff_delay, signed_report
 
 
 class Receiver:

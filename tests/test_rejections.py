@@ -31,7 +31,7 @@ from cutkit import (
     tree_digest,
 )
 
-from prep_agent.agent import Agent
+from prep_agent.daemon import Agent
 
 Case = Callable[[Institute, Path, Path], None]
 """Delivers a bad cut: (institute, inbox, scratch folder)."""

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import reportkit as rk
 
-from prep_agent import report
-from prep_agent.errors import ConfigError
-from prep_agent.report_incidents import read_incidents
+from prep_agent.core.errors import ConfigError
+from prep_agent.report import generate as report
+from prep_agent.report.incidents import read_incidents
 
 UTC = timezone.utc
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import reportkit as rk
 
-from prep_agent.accesslog import parse_line_slow, parse_time
-from prep_agent.report_summary import Options, daily
-from prep_agent.report_traffic import (
+from prep_agent.report.accesslog import parse_line_slow, parse_time
+from prep_agent.report.summary import Options, daily
+from prep_agent.report.traffic import (
     BASELINE,
     OPERATION,
     VISITS,

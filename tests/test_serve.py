@@ -18,11 +18,11 @@ import requests
 from cutkit import PREP_AGENT, Institute, free_port, make_config, minute_ago, wait_for
 from waitress import wasyncore
 
-from prep_agent.config import Config
-from prep_agent.frame import format_cut_time
-from prep_agent.health import Snapshot, health_document
-from prep_agent.manifest import Limits, parse_manifest
-from prep_agent.serve import PublicApp, Server
+from prep_agent.agent.config import Config
+from prep_agent.core.manifest import Limits, parse_manifest
+from prep_agent.web.frame import format_cut_time
+from prep_agent.web.health import Snapshot, health_document
+from prep_agent.web.server import PublicApp, Server
 
 
 @dataclass
@@ -248,7 +248,7 @@ def test_health_states() -> None:
     ],
 )
 def test_cut_time_in_its_own_offset(text: str, expected: str) -> None:
-    from prep_agent.manifest import parse_rfc3339
+    from prep_agent.core.manifest import parse_rfc3339
 
     assert format_cut_time(text, parse_rfc3339(text, "t")) == expected
 
@@ -256,7 +256,7 @@ def test_cut_time_in_its_own_offset(text: str, expected: str) -> None:
 def test_file_cache_follows_replacement_and_stays_bounded(tmp_path: Path) -> None:
     """Small files are served from memory; a file replaced by rename is seen after
     ``recheck``; the cache never holds more than ``max_bytes``."""
-    from prep_agent.serve import SHORT, FileCache
+    from prep_agent.web.server import SHORT, FileCache
 
     cache = FileCache(max_bytes=10_000, recheck=0.2)
     target = tmp_path / "status.json"

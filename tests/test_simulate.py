@@ -21,14 +21,15 @@ from typing import Any
 import pytest
 from cutkit import OFFSET, SHARED, Institute, make_config, minute_ago, tree_digest
 
-from prep_agent import simulate, sshsig, stamps
-from prep_agent.agent import Agent, Outcome
-from prep_agent.config import Config
-from prep_agent.errors import Error
-from prep_agent.journal import read_journal
-from prep_agent.manifest import MANIFEST_NAME, SIGNATURE_NAME, WELL_KNOWN
-from prep_agent.sign import CutInfo, sign_folder
-from prep_agent.simulate import CSS_PATH, CSV_PATH, LOGO_PATH, Simulation, build_cut
+from prep_agent.agent.config import Config
+from prep_agent.agent.journal import read_journal
+from prep_agent.core import sshsig, stamps
+from prep_agent.core.errors import Error
+from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, WELL_KNOWN
+from prep_agent.daemon import Agent, Outcome
+from prep_agent.institute import simulate
+from prep_agent.institute.sign import CutInfo, sign_folder
+from prep_agent.institute.simulate import CSS_PATH, CSV_PATH, LOGO_PATH, Simulation, build_cut
 
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 REAL_AYUN = SHARED / "fixtures/prep-real/campeche-2021-cuts/20210607_2000_PREP_AYUN_CAMP"

@@ -30,8 +30,8 @@ from sshsig_openssh import (
     ssh_verify,
 )
 
-from prep_agent import sshsig
-from prep_agent.errors import SignatureFormatError
+from prep_agent.core import sshsig
+from prep_agent.core.errors import SignatureFormatError
 
 ACCEPTED_KEYS = ["ed25519", "ecdsa256", "ecdsa384", "ecdsa521", "rsa3072", "rsa4096"]
 HASHES = ["sha256", "sha512"]

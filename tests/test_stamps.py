@@ -12,8 +12,8 @@ from typing import Callable
 
 import pytest
 
-from prep_agent.errors import STAMP_MISMATCH, ZIP_INVALID, Rejection
-from prep_agent.stamps import (
+from prep_agent.core.errors import STAMP_MISMATCH, ZIP_INVALID, Rejection
+from prep_agent.core.stamps import (
     DEFAULT_ZIP_LIMITS,
     HEAD_BYTES,
     InvalidStampError,

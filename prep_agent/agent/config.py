@@ -1,0 +1,346 @@
+"""The agent's configuration: one INI file, loaded into a frozen dataclass."""
+
+from __future__ import annotations
+
+import configparser
+import functools
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from prep_agent.core.errors import ConfigError
+from prep_agent.core.manifest import Limits
+
+STAMP_MODES = ("reject", "warn", "off")
+"""Values of ``stamp_check`` (prep-cut-v1 §4.7)."""
+OPENING_TEXT = (
+    "La publicación de los Resultados Electorales Preliminares iniciará en cuanto el "
+    "Instituto envíe el primer corte de información."
+)
+"""Text the frame shows before the first cut."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of one agent; paths are absolute."""
+
+    root: Path
+    inbox: Path
+    election: str
+    trust: Path
+    threshold: int = 1
+    listen: str = "127.0.0.1:8080"
+    rescan_interval: float = 5.0
+    settle_timeout: float = 120.0
+    max_clock_skew: timedelta = timedelta(seconds=300)
+    keep_releases: int = 10
+    keep_replaced_seconds: float = 60.0
+    keep_quarantine: int = 50
+    stale_periods: int = 3
+    stamp_check: str = "reject"
+    limits: Limits = field(default_factory=Limits)
+    service_id: str = "difusor"
+    difusor_name: str = "Difusor oficial del PREP"
+    logo: Path | None = None
+    opening_text: str = OPENING_TEXT
+    frame_ancestors: tuple[str, ...] = ("'self'",)
+    poll_seconds: int = 15
+    health_token: str | None = None
+    health_allow: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    push_urls: tuple[str, ...] = ()
+    push_key: Path | None = None
+    push_period: float = 60.0
+    push_connect_timeout: float = 5.0
+    push_read_timeout: float = 10.0
+
+    @property
+    def public(self) -> Path:
+        """Folder of the frame, its assets and ``status.json`` (served as is)."""
+        return self.root / "public"
+
+    @property
+    def releases(self) -> Path:
+        """Folder of the immutable releases."""
+        return self.root / "releases"
+
+    @property
+    def current(self) -> Path:
+        """The symlink whose target is the published release."""
+        return self.root / "current"
+
+    @property
+    def staging(self) -> Path:
+        """Agent-owned folder where a release is built before it is renamed."""
+        return self.root / "staging"
+
+    @property
+    def quarantine(self) -> Path:
+        """Folder of rejected cuts (manifest, signature, reason)."""
+        return self.root / "quarantine"
+
+    @property
+    def state_file(self) -> Path:
+        """The durable state (highest sequence, last rejection)."""
+        return self.root / "state.json"
+
+    @property
+    def journal_file(self) -> Path:
+        """Append-only JSON-lines journal of every event."""
+        return self.root / "journal.jsonl"
+
+    @property
+    def lock_file(self) -> Path:
+        """Lock held by the one agent of this root."""
+        return self.root / "lock"
+
+
+TEMPLATE = """\
+# prep-agent configuration (prep-cut/1). Lines starting with # are comments.
+[agent]
+# Identifier of the election this difusor publishes; cuts for another are rejected.
+election = {election}
+# Agent-owned storage: releases/, current -> releases/..., state.json, journal.jsonl.
+root = {root}
+# Drop folder written by the institute over SFTP (read-only for the agent).
+inbox = {inbox}
+# OpenSSH allowed_signers file with the institute's keys (namespace prep-cut).
+trust = {trust}
+# Distinct trusted keys that must sign each cut.
+threshold = {threshold}
+# Address of the embedded web server (frame, health).
+listen = {listen}
+# Seconds between full rescans of the drop folder (file events are only hints).
+rescan_interval = 5
+# Seconds a cut may keep failing while its upload is still arriving.
+settle_timeout = 120
+# Seconds the institute's clock may be ahead of ours.
+max_clock_skew = 300
+# Releases kept for rollback, and rejected cuts kept in quarantine.
+keep_releases = 10
+keep_quarantine = 50
+# Seconds a replaced release is kept even beyond keep_releases: pages, caches and
+# nginx (1 s) may still be loading the cut a status.json named a moment ago.
+keep_replaced_seconds = 60
+# Periods without a new cut before the public page shows the interruption notice.
+stale_periods = 3
+# Stamps inside CSV/zip files that disagree with cut_time: reject, warn or off.
+stamp_check = reject
+
+[frame]
+# Identifier of this difusor in health reports (serviceId).
+service_id = {service_id}
+# Name and logo (PNG/SVG/JPEG file) shown in the frame.
+difusor_name = {difusor_name}
+logo =
+# Text shown before the first cut.
+opening_text = {opening_text}
+# Origins allowed to embed the frame (CSP frame-ancestors), space separated,
+# e.g. https://www.mi-portal.mx. 'self' alone allows no other site.
+frame_ancestors = 'self'
+# Seconds between the page's checks for a new cut.
+poll_seconds = 15
+
+[health]
+# File holding the bearer token that unlocks the full /health document.
+token_file =
+# Client networks that see the full /health document and /metrics without a token.
+allow = 127.0.0.1/32 ::1/128
+
+[push]
+# Institute collector URLs that receive the signed health report (health-v1 §3),
+# space separated, e.g. https://prep.instituto.mx/salud/reportes. Empty: no push.
+urls =
+# The difusor's ed25519 private key (OpenSSH format) that signs the reports;
+# create it with `prep-agent keygen --config FILE` and send the printed line to
+# the institute.
+key =
+# Seconds between reports (one is also sent right after each publication or rejection).
+period_seconds = 60
+# Seconds to wait for the connection, and for the institute's answer.
+connect_timeout = 5
+read_timeout = 10
+
+[limits]
+max_manifest_bytes = 33554432
+max_files = 200000
+max_file_bytes = 2147483648
+max_cut_bytes = 21474836480
+"""
+
+
+def render_template(**values: object) -> str:
+    """Return a commented config file with the given values filled in."""
+    defaults: dict[str, object] = {
+        "service_id": "difusor",
+        "difusor_name": "Difusor oficial del PREP",
+        "opening_text": OPENING_TEXT,
+    }
+    return TEMPLATE.format(**{**defaults, **values})
+
+
+def _positive(parser: configparser.ConfigParser, section: str, key: str, default: int) -> int:
+    try:
+        value = parser.getint(section, key, fallback=default)
+    except ValueError:
+        raise ConfigError(f"[{section}] {key} must be an integer") from None
+    if value < 1:
+        raise ConfigError(f"[{section}] {key} must be at least 1")
+    return value
+
+
+def _seconds(parser: configparser.ConfigParser, key: str, default: float) -> float:
+    try:
+        value = parser.getfloat("agent", key, fallback=default)
+    except ValueError:
+        raise ConfigError(f"[agent] {key} must be a number of seconds") from None
+    if value < 0:
+        raise ConfigError(f"[agent] {key} must not be negative")
+    return value
+
+
+def _limits(parser: configparser.ConfigParser) -> Limits:
+    base = Limits()
+    return Limits(
+        max_manifest_bytes=_positive(
+            parser, "limits", "max_manifest_bytes", base.max_manifest_bytes
+        ),
+        max_files=_positive(parser, "limits", "max_files", base.max_files),
+        max_file_bytes=_positive(parser, "limits", "max_file_bytes", base.max_file_bytes),
+        max_cut_bytes=_positive(parser, "limits", "max_cut_bytes", base.max_cut_bytes),
+    )
+
+
+def _path(parser: configparser.ConfigParser, key: str, base: Path) -> Path:
+    value = parser.get("agent", key, fallback="").strip()
+    if not value:
+        raise ConfigError(f"[agent] {key} is required")
+    return (base / value).resolve() if not Path(value).is_absolute() else Path(value)
+
+
+def read_ini(path: Path, section: str) -> configparser.ConfigParser:
+    """Parse an INI config file that must have ``[section]``. Raises ``ConfigError``."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            parser.read_file(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except configparser.Error as exc:
+        raise ConfigError(f"config {path}: {exc.message.splitlines()[0]}") from None
+    if not parser.has_section(section):
+        raise ConfigError(f"config {path}: no [{section}] section")
+    return parser
+
+
+def load(path: Path) -> Config:
+    """Read a config file; relative paths are taken from the file's folder.
+
+    Raises ``ConfigError`` with a one-line reason.
+    """
+    parser = read_ini(path, "agent")
+    base = path.resolve().parent
+    stamp = parser.get("agent", "stamp_check", fallback="reject").strip()
+    if stamp not in STAMP_MODES:
+        raise ConfigError(f"[agent] stamp_check must be one of {', '.join(STAMP_MODES)}")
+    return Config(
+        root=_path(parser, "root", base),
+        inbox=_path(parser, "inbox", base),
+        election=parser.get("agent", "election", fallback="").strip() or _missing("election"),
+        trust=_path(parser, "trust", base),
+        threshold=_positive(parser, "agent", "threshold", 1),
+        listen=parser.get("agent", "listen", fallback="127.0.0.1:8080").strip(),
+        rescan_interval=_seconds(parser, "rescan_interval", 5.0) or 5.0,
+        settle_timeout=_seconds(parser, "settle_timeout", 120.0),
+        max_clock_skew=timedelta(seconds=_seconds(parser, "max_clock_skew", 300.0)),
+        keep_releases=_positive(parser, "agent", "keep_releases", 10),
+        keep_replaced_seconds=_seconds(parser, "keep_replaced_seconds", 60.0),
+        keep_quarantine=_positive(parser, "agent", "keep_quarantine", 50),
+        stale_periods=_positive(parser, "agent", "stale_periods", 3),
+        stamp_check=stamp,
+        limits=_limits(parser),
+        **_frame(parser, base),
+        **_health(parser, base),
+        **_push(parser, base),
+    )
+
+
+def _optional_path(
+    parser: configparser.ConfigParser, section: str, key: str, base: Path
+) -> Path | None:
+    value = parser.get(section, key, fallback="").strip()
+    return None if not value else (base / value).resolve()
+
+
+def _frame(parser: configparser.ConfigParser, base: Path) -> dict[str, Any]:
+    get = functools.partial(parser.get, "frame")
+    ancestors = tuple(get("frame_ancestors", fallback="'self'").split()) or ("'self'",)
+    for origin in ancestors:
+        if origin != "'self'" and not re.fullmatch(r"https?://[A-Za-z0-9.*-]+(:[0-9]+)?", origin):
+            raise ConfigError(
+                f"[frame] frame_ancestors: {origin!r} is not an origin like https://example.mx"
+            )
+    logo = _optional_path(parser, "frame", "logo", base)
+    if logo is not None and logo.suffix.lower() not in (".png", ".svg", ".jpg", ".jpeg", ".webp"):
+        raise ConfigError("[frame] logo must be a .png, .svg, .jpg or .webp file")
+    poll = _positive(parser, "frame", "poll_seconds", 15) if parser.has_section("frame") else 15
+    return {
+        "service_id": get("service_id", fallback="difusor").strip() or "difusor",
+        "difusor_name": get("difusor_name", fallback="Difusor oficial del PREP").strip(),
+        "logo": logo,
+        "opening_text": get("opening_text", fallback=OPENING_TEXT).strip() or OPENING_TEXT,
+        "frame_ancestors": ancestors,
+        "poll_seconds": poll,
+    }
+
+
+def _health(parser: configparser.ConfigParser, base: Path) -> dict[str, Any]:
+    token_file = _optional_path(parser, "health", "token_file", base)
+    token = None
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip() or None
+        except OSError as exc:
+            raise ConfigError(
+                f"[health] cannot read token_file {token_file}: {exc.strerror}"
+            ) from None
+    allow = tuple(parser.get("health", "allow", fallback="127.0.0.1/32 ::1/128").split())
+    for network in allow:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"[health] allow: {network!r} is not an address or network") from None
+    return {"health_token": token, "health_allow": allow}
+
+
+def _push_seconds(parser: configparser.ConfigParser, key: str, default: float) -> float:
+    try:
+        value = parser.getfloat("push", key, fallback=default)
+    except ValueError:
+        raise ConfigError(f"[push] {key} must be a number of seconds") from None
+    if value <= 0:
+        raise ConfigError(f"[push] {key} must be positive")
+    return value
+
+
+def _push(parser: configparser.ConfigParser, base: Path) -> dict[str, Any]:
+    urls = tuple(parser.get("push", "urls", fallback="").split())
+    for url in urls:
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+            raise ConfigError(f"[push] urls: {url!r} is not an http(s) URL")
+    key = _optional_path(parser, "push", "key", base)
+    if urls and key is None:
+        raise ConfigError("[push] key is required when urls are set")
+    return {
+        "push_urls": urls,
+        "push_key": key,
+        "push_period": _push_seconds(parser, "period_seconds", 60.0),
+        "push_connect_timeout": _push_seconds(parser, "connect_timeout", 5.0),
+        "push_read_timeout": _push_seconds(parser, "read_timeout", 10.0),
+    }
+
+
+def _missing(key: str) -> str:
+    raise ConfigError(f"[agent] {key} is required")

@@ -1,0 +1,65 @@
+"""The durable agent state: highest accepted sequence and last rejection.
+
+What is *published* is never stored here: it is derived from the release
+``current`` points to (prep-cut-v1 §5). This file only keeps what a release
+cannot tell: the rollback floor and the latest rejection.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from prep_agent.core.errors import Error
+from prep_agent.shared.fsutil import atomic_write
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """The latest rejected cut."""
+
+    time: str
+    reason: str
+    detail: str
+    sequence: int | None = None
+
+
+@dataclass(frozen=True)
+class State:
+    """Contents of ``state.json``."""
+
+    highest_sequence: int = 0
+    highest_manifest_sha256: str | None = None
+    last_rejection: Rejected | None = None
+    last_decided_signature: str | None = None
+
+
+def load_state(path: Path) -> State:
+    """Read the state file; a missing file is the empty state.
+
+    Raises ``Error`` if the file exists but is unreadable or corrupt.
+    """
+    try:
+        raw: Any = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return State()
+    except (OSError, ValueError) as exc:
+        raise Error(f"state file {path} is unreadable: {exc}") from None
+    try:
+        rejection = raw.get("last_rejection")
+        return State(
+            highest_sequence=int(raw.get("highest_sequence", 0)),
+            highest_manifest_sha256=raw.get("highest_manifest_sha256"),
+            last_rejection=Rejected(**rejection) if rejection else None,
+            last_decided_signature=raw.get("last_decided_signature"),
+        )
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise Error(f"state file {path} is corrupt: {exc}") from None
+
+
+def save_state(path: Path, state: State) -> None:
+    """Write the state file durably (fsync + rename + directory fsync)."""
+    data = json.dumps(asdict(state), indent=2, sort_keys=True).encode() + b"\n"
+    atomic_write(path, data)

@@ -1,0 +1,477 @@
+"""Publication (prep-cut-v1 §4.5–§4.7, §5): releases, the ``current`` swap, quarantine.
+
+Layout under the agent's root::
+
+    releases/<sequence>-<manifest sha256 prefix>/   immutable, read-only releases
+    current -> releases/...                          the published cut (relative symlink)
+    staging/                                         releases being built
+    quarantine/<time>-<sequence>/                    rejected cuts: manifest, signature, reason
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import os
+import shutil
+import stat
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from prep_agent.core import stamps
+from prep_agent.core.errors import (
+    FILE_MISMATCH,
+    FILE_TYPE,
+    INCOMPLETE,
+    STAMP_MISMATCH,
+    ZIP_INVALID,
+    Error,
+    Rejection,
+)
+from prep_agent.core.manifest import WELL_KNOWN, FileEntry, Limits, Manifest, parse_manifest
+from prep_agent.shared.fsutil import fsync_dir
+
+CHUNK = 1024 * 1024
+"""Copy buffer: memory per copied file stays at this, whatever its size."""
+STAMP_HEAD_BYTES = 4096
+"""Bytes of a CSV read to find its cut stamp (line 2)."""
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+@dataclass(frozen=True)
+class Release:
+    """A release on disk and the manifest it was published from."""
+
+    name: str
+    path: Path
+    manifest: Manifest
+    manifest_sha256: str
+
+
+def release_name(manifest: Manifest, manifest_sha256: str) -> str:
+    """Folder name of a release: sortable by sequence, unique per manifest."""
+    return f"{manifest.sequence:016d}-{manifest_sha256[:16]}"
+
+
+def sync_filesystem(path: Path) -> None:
+    """Flush every dirty page of the file system holding ``path`` (``syncfs``).
+
+    One call instead of an fsync per file: the release becomes durable before
+    it is renamed into place.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a (possibly read-only) tree owned by the agent."""
+    if not path.exists() and not path.is_symlink():
+        return
+    for dirpath, _dirs, _files in os.walk(path):
+        os.chmod(dirpath, 0o755)
+    shutil.rmtree(path)
+
+
+def open_in_inbox(inbox: Path, relpath: str) -> int:
+    """Open a regular file under ``inbox`` without following any symlink.
+
+    Every path segment is opened relative to its parent with ``O_NOFOLLOW``;
+    ``O_NONBLOCK`` keeps a FIFO from hanging the agent. Raises ``Rejection``
+    (INCOMPLETE if absent, FILE_TYPE if not a regular file).
+    """
+    segments = relpath.split("/")
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    dir_fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for segment in segments[:-1]:
+            fd = _open_segment(segment, flags | os.O_DIRECTORY, dir_fd, relpath)
+            os.close(dir_fd)
+            dir_fd = fd
+        fd = _open_segment(segments[-1], flags, dir_fd, relpath)
+    finally:
+        os.close(dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Rejection(FILE_TYPE, f"{relpath!r} is not a regular file", transient=True)
+    return fd
+
+
+def _open_segment(segment: str, flags: int, dir_fd: int, relpath: str) -> int:
+    try:
+        return os.open(segment, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise Rejection(INCOMPLETE, f"{relpath!r} is missing", transient=True) from None
+    except (NotADirectoryError, OSError) as exc:
+        raise Rejection(
+            FILE_TYPE, f"{relpath!r} cannot be opened safely ({exc.strerror})", transient=True
+        ) from None
+
+
+def read_inbox_file(inbox: Path, name: str, limit: int) -> bytes | None:
+    """Read a small regular file of the drop folder (manifest, signature).
+
+    Returns None if absent. Raises ``Rejection`` if it is not a regular file or
+    is larger than ``limit``.
+    """
+    try:
+        fd = open_in_inbox(inbox, name)
+    except Rejection as exc:
+        if exc.reason == INCOMPLETE:
+            return None
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise Rejection("limit-exceeded", f"{name} is larger than {limit} bytes")
+    return data
+
+
+def copy_verified(src_fd: int, dst: Path | None, entry: FileEntry) -> None:
+    """Copy ``src_fd`` to a new read-only ``dst``, hashing the bytes written.
+
+    With ``dst`` None the bytes are only hashed (``prep-agent verify``). Reads
+    at most ``entry.size + 1`` bytes. Raises ``Rejection(FILE_MISMATCH)``
+    (transient) on another size or hash.
+    """
+    digest = hashlib.sha256()
+    written = 0
+    out = -1
+    if dst is not None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        out = os.open(dst, flags, 0o444)
+    try:
+        with os.fdopen(src_fd, "rb", buffering=0) as src:
+            while written <= entry.size:
+                chunk = src.read(min(CHUNK, entry.size + 1 - written))
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while out >= 0 and view:
+                    view = view[os.write(out, view) :]
+                digest.update(chunk)
+                written += len(chunk)
+    finally:
+        if out >= 0:
+            os.close(out)
+    if written != entry.size:
+        more = "more than " if written > entry.size else ""
+        raise Rejection(
+            FILE_MISMATCH,
+            f"{entry.path!r}: {more}{written} bytes, listed {entry.size}",
+            transient=True,
+        )
+    if digest.hexdigest() != entry.sha256:
+        raise Rejection(FILE_MISMATCH, f"{entry.path!r}: SHA-256 differs", transient=True)
+
+
+def precheck_inbox(inbox: Path, files: list[FileEntry]) -> None:
+    """Cheap pass before copying: every file to read is there with its size.
+
+    Raises a transient ``Rejection`` so a cut still uploading costs stats, not hashing.
+    """
+    for entry in files:
+        try:
+            st = os.lstat(inbox / entry.path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise Rejection(INCOMPLETE, f"{entry.path!r} is missing", transient=True) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise Rejection(FILE_TYPE, f"{entry.path!r} is not a regular file", transient=True)
+        if st.st_size != entry.size:
+            raise Rejection(
+                FILE_MISMATCH,
+                f"{entry.path!r}: {st.st_size} bytes, listed {entry.size}",
+                transient=True,
+            )
+
+
+def _is_stamped(entry: FileEntry) -> bool:
+    return entry.path.lower().endswith((".csv", ".zip"))
+
+
+def _check_one_stamp(
+    fh: BinaryIO, entry: FileEntry, manifest: Manifest, mode: str, warn: Callable[[str], None]
+) -> None:
+    try:
+        stamps.check_file(entry.path, fh, manifest.cut_time)
+    except Rejection as exc:
+        if exc.reason not in (STAMP_MISMATCH, ZIP_INVALID) or mode == "reject":
+            raise
+        warn(str(exc))
+
+
+def check_stamps(
+    release_dir: Path, manifest: Manifest, mode: str, warn: Callable[[str], None]
+) -> None:
+    """§4.7 on the staged (verified) copies, reused files included.
+
+    Raises ``Rejection`` (STAMP_MISMATCH or ZIP_INVALID) in ``reject`` mode.
+    """
+    if mode == "off":
+        return
+    for entry in filter(_is_stamped, manifest.files):
+        with open(release_dir / entry.path, "rb") as fh:
+            _check_one_stamp(fh, entry, manifest, mode, warn)
+
+
+def _index_release(index: dict[tuple[str, int], tuple[str, str]], release: Release) -> None:
+    for entry in release.manifest.files:
+        index[(entry.sha256, entry.size)] = (release.name, entry.path)
+
+
+class Store:
+    """The agent-owned storage of one root: releases, ``current``, quarantine."""
+
+    def __init__(self, root: Path, limits: Limits) -> None:
+        self.root = root
+        self.limits = limits
+        self.releases = root / "releases"
+        self.staging = root / "staging"
+        self.quarantine_dir = root / "quarantine"
+        self.current_link = root / "current"
+        self._cache: dict[str, Release] = {}
+        self._index: dict[tuple[str, int], tuple[str, str]] | None = None
+
+    def ensure_layout(self) -> None:
+        """Create the folders and drop leftovers of an interrupted build."""
+        for folder in (self.root, self.releases, self.staging, self.quarantine_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        for leftover in self.staging.iterdir():
+            remove_tree(leftover)
+        for trash in self.releases.glob(".trash-*"):
+            remove_tree(trash)
+        for tmp in self.root.glob(".current.*"):
+            tmp.unlink()
+
+    def current_name(self) -> str | None:
+        """Name of the release ``current`` points to, or None."""
+        try:
+            target = os.readlink(self.current_link)
+        except FileNotFoundError:
+            return None
+        return Path(target).name
+
+    def release_names(self) -> list[str]:
+        """Names of the complete releases, oldest first (none before ``init``)."""
+        if not self.releases.is_dir():
+            return []
+        return sorted(p.name for p in self.releases.iterdir() if not p.name.startswith("."))
+
+    def load_release(self, name: str) -> Release:
+        """Read a release's manifest from its ``.well-known`` copy (cached).
+
+        Raises ``Error`` if the release is damaged.
+        """
+        cached = self._cache.get(name)
+        if cached is not None:
+            return cached
+        path = self.releases / name
+        try:
+            data = (path / WELL_KNOWN / "manifest.json").read_bytes()
+            manifest = parse_manifest(data, self.limits)
+        except (OSError, Rejection) as exc:
+            raise Error(f"release {name} is damaged: {exc}") from None
+        release = Release(name, path, manifest, hashlib.sha256(data).hexdigest())
+        self._cache[name] = release
+        return release
+
+    def current(self) -> Release | None:
+        """The published release, or None before the first cut."""
+        name = self.current_name()
+        return None if name is None else self.load_release(name)
+
+    def reuse_index(self) -> dict[tuple[str, int], tuple[str, str]]:
+        """Verified files of the retained releases: (SHA-256, size) -> (release, path).
+
+        Built once, then kept up to date by ``build`` and ``prune``; the newest
+        release holding a file wins, so pruning the oldest only drops the
+        entries nothing newer holds.
+        """
+        if self._index is None:
+            index: dict[tuple[str, int], tuple[str, str]] = {}
+            for name in self.release_names():
+                _index_release(index, self.load_release(name))
+            self._index = index  # kept only once complete
+        return self._index
+
+    def _add_to_index(self, release: Release) -> None:
+        if self._index is not None:
+            _index_release(self._index, release)
+
+    def _source(
+        self, index: dict[tuple[str, int], tuple[str, str]], entry: FileEntry
+    ) -> str | None:
+        hit = index.get((entry.sha256, entry.size))
+        return None if hit is None else f"{self.releases}/{hit[0]}/{hit[1]}"
+
+    def build(
+        self,
+        manifest: Manifest,
+        manifest_bytes: bytes,
+        sig_bytes: bytes,
+        inbox: Path,
+        stamp_mode: str,
+        warn: Callable[[str], None],
+    ) -> tuple[Release, int]:
+        """Build a verified release; return it and the number of bytes copied.
+
+        Files already held by a retained release are hard-linked from it (never
+        from the drop folder); others are copied from the inbox while hashed.
+        Raises ``Rejection``; nothing is left in ``releases/`` on failure.
+        """
+        digest = hashlib.sha256(manifest_bytes).hexdigest()
+        name = release_name(manifest, digest)
+        final = self.releases / name
+        if final.exists():
+            return self.load_release(name), 0
+        index = self.reuse_index()
+        fresh = [f for f in manifest.files if (f.sha256, f.size) not in index]
+        precheck_inbox(inbox, fresh)
+        work = self.staging / name
+        remove_tree(work)
+        work.mkdir()
+        try:
+            copied = self._fill(work, manifest, index, inbox)
+            check_stamps(work, manifest, stamp_mode, warn)
+            self._seal(work, manifest_bytes, sig_bytes)
+            os.rename(work, final)
+        except BaseException:
+            remove_tree(work)
+            raise
+        os.chmod(final, 0o555)
+        fsync_dir(self.releases)
+        release = Release(name, final, manifest, digest)
+        self._cache[name] = release
+        self._add_to_index(release)
+        return release, copied
+
+    def _fill(
+        self,
+        work: Path,
+        manifest: Manifest,
+        index: dict[tuple[str, int], tuple[str, str]],
+        inbox: Path,
+    ) -> int:
+        copied = 0
+        made: set[str] = set()
+        base = str(work)
+        for entry in manifest.files:
+            dst = f"{base}/{entry.path}"
+            parent = os.path.dirname(dst)
+            if parent not in made:
+                os.makedirs(parent, exist_ok=True)
+                made.add(parent)
+            source = self._source(index, entry)
+            if source is not None:
+                os.link(source, dst)
+                continue
+            copy_verified(open_in_inbox(inbox, entry.path), Path(dst), entry)
+            copied += entry.size
+        return copied
+
+    def check(
+        self, manifest: Manifest, inbox: Path, stamp_mode: str, warn: Callable[[str], None]
+    ) -> None:
+        """Every §4.5 and §4.7 check of ``build``, without writing anything.
+
+        Raises ``Rejection``.
+        """
+        index = self.reuse_index()
+        fresh = [f for f in manifest.files if (f.sha256, f.size) not in index]
+        precheck_inbox(inbox, fresh)
+        for entry in fresh:
+            copy_verified(open_in_inbox(inbox, entry.path), None, entry)
+        if stamp_mode == "off":
+            return
+        for entry in filter(_is_stamped, manifest.files):
+            source = self._source(index, entry)
+            fd = os.open(source, os.O_RDONLY) if source else open_in_inbox(inbox, entry.path)
+            with os.fdopen(fd, "rb") as fh:
+                _check_one_stamp(fh, entry, manifest, stamp_mode, warn)
+
+    def _seal(self, work: Path, manifest_bytes: bytes, sig_bytes: bytes) -> None:
+        well_known = work / WELL_KNOWN
+        well_known.mkdir(parents=True, exist_ok=True)
+        for fname, data in (("manifest.json", manifest_bytes), ("manifest.json.sig", sig_bytes)):
+            target = well_known / fname
+            target.write_bytes(data)
+            target.chmod(0o444)
+        # The release folder itself becomes read-only after its rename (``build``):
+        # moving a folder to another parent rewrites its ".." entry, which needs
+        # write permission on it without CAP_DAC_OVERRIDE (the packaged service).
+        for dirpath, _dirs, _files in os.walk(work, topdown=False):
+            if dirpath != str(work):
+                os.chmod(dirpath, 0o555)
+        sync_filesystem(work)
+
+    def swap(self, name: str) -> None:
+        """Make ``releases/name`` current: one ``os.replace`` of a symlink + dir fsync."""
+        if not (self.releases / name).is_dir():
+            raise Error(f"no release {name}")
+        tmp = self.root / f".current.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        os.symlink(f"releases/{name}", tmp)
+        os.replace(tmp, self.current_link)
+        fsync_dir(self.root)
+
+    def prune(self, keep: int, replaced_seconds: float = 0.0) -> list[str]:
+        """Delete releases beyond the newest ``keep``, never the current one.
+
+        A release is also kept while the next newer one is younger than
+        ``replaced_seconds`` (by its folder's mtime, written when it was built,
+        just before its swap): a status.json naming it may still be in a browser,
+        a CDN or nginx's descriptor cache, and its page may still be loading.
+        """
+        names = self.release_names()
+        current = self.current_name()
+        recent = time.time() - replaced_seconds
+        doomed = []
+        for i, name in enumerate(names[: max(0, len(names) - keep)]):
+            if name == current:
+                continue
+            if replaced_seconds > 0 and (self.releases / names[i + 1]).lstat().st_mtime > recent:
+                continue
+            doomed.append(name)
+        for name in doomed:
+            # Rename first: a crash mid-delete must never leave a partial release
+            # under its own name (release_names skips dot names).
+            trash = self.releases / f".trash-{name}"
+            os.rename(self.releases / name, trash)
+            self._cache.pop(name, None)
+            remove_tree(trash)
+        if doomed and self._index is not None:
+            gone = set(doomed)
+            self._index = {k: v for k, v in self._index.items() if v[0] not in gone}
+        return doomed
+
+    def quarantine(
+        self,
+        rejection: Rejection,
+        manifest_bytes: bytes | None,
+        sig_bytes: bytes | None,
+        sequence: int | None,
+        keep: int,
+    ) -> Path:
+        """Keep a rejected cut's manifest, signature and reason (bounded count)."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        folder = self.quarantine_dir / f"{stamp}-{sequence if sequence is not None else 'unknown'}"
+        folder.mkdir(parents=True)
+        reason = {"reason": rejection.reason, "detail": rejection.detail, "sequence": sequence}
+        (folder / "reason.json").write_text(json.dumps(reason, ensure_ascii=False, indent=2))
+        if manifest_bytes is not None:
+            (folder / "prep-manifest.json").write_bytes(manifest_bytes)
+        if sig_bytes is not None:
+            (folder / "prep-manifest.json.sig").write_bytes(sig_bytes)
+        entries = sorted(self.quarantine_dir.iterdir())
+        for old in entries[: max(0, len(entries) - keep)]:
+            remove_tree(old)
+        return folder

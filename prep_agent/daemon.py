@@ -1,0 +1,458 @@
+"""The agent: the I/O shell around the verification core.
+
+One ``step()`` looks at the drop folder once: reads the signature and the
+manifest, decides with ``verify.decide``, builds and swaps the release, and
+records the outcome (journal, state, quarantine). ``run()`` repeats it on file
+events and periodic rescans until stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from prep_agent.agent.config import Config
+from prep_agent.agent.intake import Pending, Watcher
+from prep_agent.agent.journal import Journal
+from prep_agent.agent.lock import LockFile
+from prep_agent.agent.state import Rejected, State, load_state, save_state
+from prep_agent.agent.store import Release, Store, read_inbox_file
+from prep_agent.core import sshsig
+from prep_agent.core.errors import (
+    SIGNATURE_MALFORMED,
+    ConfigError,
+    Error,
+    Rejection,
+    SignatureFormatError,
+)
+from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME
+from prep_agent.core.verify import MAX_SIGNATURE_BYTES, Policy, Published, decide
+from prep_agent.shared.notify import sd_notify
+from prep_agent.web.frame import install_static, stale_deadline, write_public
+from prep_agent.web.health import Metrics, Snapshot, health_document
+from prep_agent.web.push import Pusher, load_push_key
+from prep_agent.web.server import write_nginx_snippets
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    """The agent's clock (UTC, aware)."""
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one step did: ``idle``, ``waiting``, ``published``, ``replay``, ``rejected``
+    or (daemon only) ``error``."""
+
+    status: str
+    sequence: int | None = None
+    rejection: Rejection | None = None
+
+
+def published_view(store: Store, state: State) -> Published:
+    """What is published (from ``current``) and the rollback floor (from the state,
+    raised to ``current`` if a crash lost the state write after a swap)."""
+    current = store.current()
+    sequence = current.manifest.sequence if current else None
+    return Published(
+        sequence=sequence,
+        cut_time=current.manifest.cut_time if current else None,
+        highest_sequence=max(state.highest_sequence, sequence or 0),
+        highest_manifest_sha256=state.highest_manifest_sha256,
+    )
+
+
+def load_policy(config: Config) -> Policy:
+    """Build the verification policy from the config and its allowed_signers file.
+
+    Raises ``ConfigError``.
+    """
+    try:
+        text = config.trust.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read allowed_signers {config.trust}: {exc.strerror}") from None
+    try:
+        signers = tuple(sshsig.parse_allowed_signers(text))
+    except SignatureFormatError as exc:
+        raise ConfigError(f"allowed_signers {config.trust}: {exc}") from None
+    if not signers:
+        raise ConfigError(f"allowed_signers {config.trust} lists no key")
+    return Policy(
+        election=config.election,
+        signers=signers,
+        threshold=config.threshold,
+        max_clock_skew=config.max_clock_skew,
+        limits=config.limits,
+    )
+
+
+class Agent:
+    """Accepts cuts from the drop folder and publishes them (one per root)."""
+
+    def __init__(self, config: Config, clock: Clock = utc_now) -> None:
+        self.config = config
+        self.clock = clock
+        self.policy = load_policy(config)
+        self._trust_stamp = _file_stamp(config.trust)
+        self.store = Store(config.root, config.limits)
+        self.journal = Journal(config.journal_file)
+        self.pending: Pending | None = None
+        self.stop_event = threading.Event()
+        self._watcher: Watcher | None = None
+        self._stale_written: str | None = None
+        self.metrics = Metrics()
+        self.pusher: Pusher | None = None
+        self._running = False
+        self.store.ensure_layout()
+        self.state = self._reconcile(load_state(config.state_file))
+        install_static(config)
+        write_nginx_snippets(config)
+        self.shown = self.store.current_name()
+        write_public(config, self.store.current())
+
+    def _reconcile(self, state: State) -> State:
+        """After a crash between swap and state write, the release wins (§5)."""
+        current = self.store.current()
+        if current is not None and current.manifest.sequence > state.highest_sequence:
+            state = replace(
+                state,
+                highest_sequence=current.manifest.sequence,
+                highest_manifest_sha256=current.manifest_sha256,
+            )
+            save_state(self.config.state_file, state)
+        return state
+
+    def published(self) -> Published:
+        """The verification core's view of what is published."""
+        return published_view(self.store, self.state)
+
+    def step(self, settle: bool = True) -> Outcome:
+        """Look at the drop folder once and act on a new cut, if any.
+
+        Holds the publication lock, so operator actions (rollback,
+        reset-sequence) never interleave with a publication.
+        """
+        with LockFile(self.config.root / "publish.lock", blocking=True):
+            self.state = self._reconcile(load_state(self.config.state_file))
+            self._refresh_policy()
+            self._refresh_public()
+            return self._step(settle)
+
+    def _show(self, release: Release | None) -> None:
+        """Rewrite the frame and status.json for what is now current."""
+        write_public(self.config, release)
+        self.shown = release.name if release else None
+
+    def _refresh_public(self) -> None:
+        """Keep the public files true to ``current``: after an operator rollback,
+        and once the cut turns stale (for readers without JavaScript)."""
+        current = self.store.current()
+        name = current.name if current else None
+        deadline = stale_deadline(current, self.config.stale_periods)
+        due = deadline is not None and self.clock() >= deadline and self._stale_written != name
+        if name != self.shown or due:
+            self._show(current)
+            self._stale_written = name if due else self._stale_written
+
+    def _refresh_policy(self) -> None:
+        """Reload allowed_signers when the file changed (key rotation without restart).
+
+        An invalid new file is journaled and the previous trust is kept.
+        """
+        stamp = _file_stamp(self.config.trust)
+        if stamp == self._trust_stamp:
+            return
+        self._trust_stamp = stamp
+        try:
+            self.policy = load_policy(self.config)
+        except ConfigError as exc:
+            self.journal.write("trust-error", detail=str(exc))
+            return
+        self.journal.write("trust-reloaded", keys=len(self.policy.signers))
+
+    def _step(self, settle: bool) -> Outcome:
+        inbox = self.config.inbox
+        manifest_bytes: bytes | None = None
+        sig_bytes: bytes | None = None
+        problem: Rejection | None = None
+        try:
+            sig_bytes = read_inbox_file(inbox, SIGNATURE_NAME, MAX_SIGNATURE_BYTES)
+        except Rejection as exc:
+            problem = exc
+        sig_id = _signature_id(inbox / SIGNATURE_NAME, sig_bytes)
+        if sig_id is None or sig_id == self.state.last_decided_signature:
+            return Outcome("idle")
+        if self.pending is None or self.pending.signature_sha256 != sig_id:
+            self._supersede(sig_id)
+        try:
+            if problem is not None or sig_bytes is None:
+                raise problem or Rejection(SIGNATURE_MALFORMED, "signature unreadable", True)
+            manifest_bytes = read_inbox_file(
+                inbox, MANIFEST_NAME, self.config.limits.max_manifest_bytes
+            )
+            if manifest_bytes is None:
+                raise Rejection(SIGNATURE_MALFORMED, f"{MANIFEST_NAME} is missing", True)
+            return self._accept(manifest_bytes, sig_bytes, sig_id)
+        except Rejection as rejection:
+            return self._refuse(rejection, manifest_bytes, sig_bytes, settle)
+
+    def _supersede(self, sig_id: str) -> None:
+        if self.pending is not None:
+            self.journal.write("cut-superseded", signature_sha256=self.pending.signature_sha256)
+        self.pending = Pending(sig_id, time.monotonic())
+        self.journal.write("cut-seen", signature_sha256=sig_id)
+
+    def _accept(self, manifest_bytes: bytes, sig_bytes: bytes, sig_id: str) -> Outcome:
+        started = time.monotonic()
+        decision = decide(manifest_bytes, sig_bytes, self.policy, self.published(), self.clock())
+        manifest = decision.manifest
+        if decision.already_published:
+            self.journal.write("cut-replay", sequence=manifest.sequence)
+            self._decided(sig_id)
+            return Outcome("replay", manifest.sequence)
+        verified = time.monotonic()
+        release, copied = self.store.build(
+            manifest,
+            manifest_bytes,
+            sig_bytes,
+            self.config.inbox,
+            self.config.stamp_check,
+            self._warn_stamp,
+        )
+        built = time.monotonic()
+        self.store.swap(release.name)
+        swapped = time.monotonic()
+        self._show(release)
+        self.state = replace(
+            self.state,
+            highest_sequence=manifest.sequence,
+            highest_manifest_sha256=decision.manifest_sha256,
+            last_decided_signature=sig_id,
+        )
+        save_state(self.config.state_file, self.state)
+        self._journal_published(
+            release, decision.signers, copied, started, verified, built, swapped
+        )
+        self._notify_push()
+        self.pending = None
+        pruned = self.store.prune(self.config.keep_releases, self.config.keep_replaced_seconds)
+        if pruned:
+            self.journal.write("releases-pruned", releases=pruned)
+        return Outcome("published", manifest.sequence)
+
+    def snapshot(self) -> Snapshot:
+        """What health and metrics report, read from ``current`` and the state."""
+        current = self.store.current()
+        watcher = self._watcher
+        alive = self._running and (watcher is None or watcher.alive())
+        return Snapshot(
+            now=self.clock(),
+            service_id=self.config.service_id,
+            manifest=current.manifest if current else None,
+            manifest_sha256=current.manifest_sha256 if current else None,
+            stale_periods=self.config.stale_periods,
+            last_rejection=self.state.last_rejection,
+            watcher_mode=watcher.mode if watcher else "polling",
+            watcher_fallback=bool(watcher and watcher.failure),
+            agent_alive=alive,
+            storage=self.config.root,
+            storage_writable=os.access(self.config.releases, os.W_OK),
+            last_report_age=self.pusher.last_accepted_age() if self.pusher else None,
+            push_configured=bool(self.config.push_urls),
+        )
+
+    def _notify_push(self) -> None:
+        """Ask for a health report now (health-v1 §3); returns at once."""
+        if self.pusher is not None:
+            self.pusher.notify()
+
+    def _make_pusher(self) -> Pusher | None:
+        """The health report pusher if ``[push] urls`` is set. Raises ``ConfigError``."""
+        c = self.config
+        if not c.push_urls or c.push_key is None:
+            return None
+        return Pusher(
+            c.push_urls,
+            load_push_key(c.push_key),
+            lambda: health_document(self.snapshot(), full=True),
+            self.journal,
+            period=c.push_period,
+            connect_timeout=c.push_connect_timeout,
+            read_timeout=c.push_read_timeout,
+        )
+
+    def _warn_stamp(self, text: str) -> None:
+        self.journal.write("stamp-warning", detail=text)
+
+    def _journal_published(
+        self,
+        release: Release,
+        signers: tuple[str, ...],
+        copied: int,
+        started: float,
+        verified: float,
+        built: float,
+        swapped: float,
+    ) -> None:
+        m = release.manifest
+        self.metrics.observe_publish(swapped - started)
+        waited = time.monotonic() - self.pending.first_seen if self.pending else 0.0
+        self.journal.write(
+            "cut-published",
+            sequence=m.sequence,
+            cut_time=m.cut_time_text,
+            period_seconds=m.period_seconds,
+            final=m.final,
+            manifest_sha256=release.manifest_sha256,
+            release=release.name,
+            files=len(m.files),
+            bytes=m.total_bytes,
+            bytes_copied=copied,
+            signers=list(signers),
+            verify_ms=round((verified - started) * 1000, 3),
+            build_ms=round((built - verified) * 1000, 3),
+            swap_ms=round((swapped - built) * 1000, 3),
+            total_ms=round((swapped - started) * 1000, 3),
+            since_seen_ms=round(waited * 1000, 3),
+        )
+
+    def _refuse(
+        self,
+        rejection: Rejection,
+        manifest_bytes: bytes | None,
+        sig_bytes: bytes | None,
+        settle: bool,
+    ) -> Outcome:
+        pending = self.pending
+        retry = rejection.transient and settle and pending is not None
+        if retry and pending and not pending.settled(time.monotonic(), self.config.settle_timeout):
+            if pending.last_reason != rejection.reason:
+                pending.last_reason = rejection.reason
+                self.journal.write("cut-waiting", reason=rejection.reason, detail=rejection.detail)
+            return Outcome("waiting", rejection=rejection)
+        sequence = _sequence_hint(manifest_bytes)
+        folder = self.store.quarantine(
+            rejection, manifest_bytes, sig_bytes, sequence, self.config.keep_quarantine
+        )
+        now = self.clock().isoformat(timespec="seconds")
+        self.state = replace(
+            self.state,
+            last_rejection=Rejected(now, rejection.reason, rejection.detail, sequence),
+            last_decided_signature=pending.signature_sha256 if pending else None,
+        )
+        save_state(self.config.state_file, self.state)
+        self.metrics.count_rejection(rejection.reason)
+        self.journal.write(
+            "cut-rejected",
+            reason=rejection.reason,
+            detail=rejection.detail,
+            sequence=sequence,
+            quarantine=str(folder),
+        )
+        self._notify_push()
+        self.pending = None
+        return Outcome("rejected", sequence, rejection)
+
+    def _decided(self, sig_id: str) -> None:
+        self.state = replace(self.state, last_decided_signature=sig_id)
+        save_state(self.config.state_file, self.state)
+        self.pending = None
+
+    def run(self, once: bool = False) -> Outcome:
+        """Process the drop folder until ``stop()`` (or once, without settling)."""
+        if once:
+            return self.step(settle=False)
+        pusher = self._make_pusher()
+        watcher = Watcher(self.config.inbox)
+        self._watcher = watcher
+        watcher.start()
+        self._running = True
+        if pusher is not None:
+            self.pusher = pusher
+            pusher.start()
+        self.journal.write("agent-started", watcher=watcher.mode, failure=watcher.failure)
+        outcome = Outcome("idle")
+        try:
+            ready = False
+            while not self.stop_event.is_set():
+                outcome = self._safe_step()
+                # READY=1 after the first full scan; WATCHDOG=1 from the main loop.
+                sd_notify("WATCHDOG=1" if ready else "READY=1\nSTATUS=watching the drop folder")
+                ready = True
+                if outcome.status == "waiting":
+                    # An upload is in progress: retry on its events, at most 5 times a second.
+                    self.stop_event.wait(0.2)
+                    watcher.wait(0.5)
+                else:
+                    watcher.wait(self.config.rescan_interval)
+        finally:
+            sd_notify("STOPPING=1")
+            self._running = False
+            if self.pusher is not None:
+                self.pusher.stop()
+            watcher.stop()
+            self.journal.write("agent-stopped")
+        return outcome
+
+    def _safe_step(self) -> Outcome:
+        """``step()`` for the daemon: a failure of ours (disk full, I/O error) is
+        journaled and retried on the next rescan; the published cut stays."""
+        try:
+            return self.step()
+        except (OSError, Error) as exc:
+            log.error("publication failed: %s", exc, exc_info=True)
+            self.journal.write("agent-error", detail=str(exc))
+            return Outcome("error")
+
+    def stop(self) -> None:
+        """Ask ``run`` to return (thread- and signal-safe)."""
+        self.stop_event.set()
+        if self._watcher is not None:
+            self._watcher.wake.set()
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int, int]:
+    """What changes when a file is rewritten or replaced."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0, 0)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _signature_id(path: Path, data: bytes | None) -> str | None:
+    """Identity of one upload of the signature file: its SHA-256 with its inode
+    and modification time, so that the same bytes uploaded again (ed25519
+    signatures are deterministic) are looked at again; the inode alone if the
+    file is unreadable."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    upload = f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}"
+    if data is None:
+        return f"unreadable:{upload}:{st.st_size}"
+    return f"{hashlib.sha256(data).hexdigest()}:{upload}"
+
+
+def _sequence_hint(manifest_bytes: bytes | None) -> int | None:
+    """Best-effort sequence of a rejected manifest, for the record only."""
+    if not manifest_bytes:
+        return None
+    try:
+        value = json.loads(manifest_bytes).get("sequence")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

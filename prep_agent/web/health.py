@@ -1,0 +1,234 @@
+"""Health (health-v1 §1–§2): the health+json document, /livez, /readyz, /metrics.
+
+``Snapshot`` is what the agent knows at one instant; ``health_document`` turns it
+into the document (pure), ``Metrics`` keeps the counters, and ``create_app``
+serves them with Flask.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+from flask import Flask, Response, request
+
+from prep_agent import __version__
+from prep_agent.agent.state import Rejected
+from prep_agent.core.freshness import STALE, freshness
+from prep_agent.core.manifest import Manifest
+
+HEALTH_TYPE = "application/health+json"
+PUBLISH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""Histogram buckets (seconds) of prep_publish_duration_seconds."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the agent knows at one instant."""
+
+    now: datetime
+    service_id: str
+    manifest: Manifest | None
+    manifest_sha256: str | None
+    stale_periods: int
+    last_rejection: Rejected | None
+    watcher_mode: str
+    watcher_fallback: bool
+    agent_alive: bool
+    storage: Path
+    storage_writable: bool
+    last_report_age: float | None = None
+    push_configured: bool = False
+
+
+def _check(
+    status: str, now: str, value: Any = None, unit: str | None = None
+) -> list[dict[str, Any]]:
+    item: dict[str, Any] = {"status": status, "time": now, "observedValue": value}
+    if unit:
+        item["observedUnit"] = unit
+    return [item]
+
+
+def cut_checks(s: Snapshot) -> dict[str, list[dict[str, Any]]]:
+    """The ``cut:*`` checks: public even without credentials."""
+    now = s.now.isoformat(timespec="seconds")
+    m = s.manifest
+    fresh = freshness(m, s.now, s.stale_periods)
+    age = round((s.now - m.cut_time).total_seconds(), 3) if m else None
+    rejection = (
+        f"{s.last_rejection.reason}: {s.last_rejection.detail}" if s.last_rejection else None
+    )
+    return {
+        "cut:sequence": _check("pass" if m else "warn", now, m.sequence if m else None),
+        "cut:time": _check("pass" if m else "warn", now, m.cut_time_text if m else None),
+        "cut:age": _check("warn" if fresh == STALE or not m else "pass", now, age, "s"),
+        "cut:manifest": _check("pass" if m else "warn", now, s.manifest_sha256),
+        "cut:last-rejection": _check("pass", now, rejection),
+    }
+
+
+def system_checks(s: Snapshot) -> dict[str, list[dict[str, Any]]]:
+    """Watcher, disk, memory, CPU and report delivery checks (psutil)."""
+    now = s.now.isoformat(timespec="seconds")
+    disk = psutil.disk_usage(str(s.storage)).percent
+    disk_status = "fail" if disk >= 97 else "warn" if disk >= 85 else "pass"
+    watcher = "fail" if not s.agent_alive else "warn" if s.watcher_fallback else "pass"
+    # Without push configured (health-v1 §3) there is nothing to deliver: not a warning.
+    report_status = "warn" if s.push_configured and s.last_report_age is None else "pass"
+    return {
+        "inbox:watcher": _check(watcher, now, s.watcher_mode),
+        "disk:utilization": _check(disk_status, now, disk, "percent"),
+        "memory:utilization": _check("pass", now, psutil.virtual_memory().percent, "percent"),
+        "cpu:utilization": _check("pass", now, psutil.cpu_percent(interval=None), "percent"),
+        "report:delivery": _check(report_status, now, s.last_report_age, "s"),
+    }
+
+
+def _overall(checks: dict[str, list[dict[str, Any]]], s: Snapshot) -> tuple[str, str | None]:
+    if s.manifest is None and not s.agent_alive:
+        return "fail", "agent is not running"
+    if not s.agent_alive:
+        return "fail", "publisher is not running"
+    if not s.storage_writable:
+        return "fail", "release storage is not writable"
+    failing = [k for k, v in checks.items() if v[0]["status"] == "fail"]
+    if failing:
+        return "fail", ", ".join(failing)
+    warning = [k for k, v in checks.items() if v[0]["status"] == "warn"]
+    return ("warn", ", ".join(warning)) if warning else ("pass", None)
+
+
+def health_document(s: Snapshot, full: bool) -> dict[str, Any]:
+    """The health+json document; ``full`` adds everything beyond the cut checks."""
+    checks = {**cut_checks(s), **system_checks(s)}
+    status, output = _overall(checks, s)
+    doc: dict[str, Any] = {
+        "status": status,
+        "serviceId": s.service_id,
+        "time": s.now.isoformat(timespec="seconds"),
+    }
+    if not full:
+        doc["checks"] = {k: v for k, v in checks.items() if k.startswith("cut:")}
+        return doc
+    doc.update(
+        version=__version__,
+        releaseId=__version__,
+        description="prep-agent: difusor oficial del PREP",
+        checks=checks,
+    )
+    if output:
+        doc["output"] = output
+    return doc
+
+
+@dataclass
+class Metrics:
+    """Counters since the process started (thread-safe)."""
+
+    publish_buckets: list[int] = field(default_factory=lambda: [0] * len(PUBLISH_BUCKETS))
+    publish_count: int = 0
+    publish_sum: float = 0.0
+    rejected: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def observe_publish(self, seconds: float) -> None:
+        """Record one publication's duration (signature seen to swap)."""
+        with self.lock:
+            for i, bound in enumerate(PUBLISH_BUCKETS):
+                if seconds <= bound:
+                    self.publish_buckets[i] += 1
+            self.publish_count += 1
+            self.publish_sum += seconds
+
+    def count_rejection(self, reason: str) -> None:
+        """Record one rejected cut by reason class."""
+        with self.lock:
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def render(self, s: Snapshot) -> str:
+        """Prometheus text format 0.0.4."""
+        m = s.manifest
+        lines = [
+            "# HELP prep_cut_sequence Sequence of the published cut (0 before the first).",
+            "# TYPE prep_cut_sequence gauge",
+            f"prep_cut_sequence {m.sequence if m else 0}",
+            "# HELP prep_cut_timestamp_seconds cut_time of the published cut (Unix time).",
+            "# TYPE prep_cut_timestamp_seconds gauge",
+            f"prep_cut_timestamp_seconds {m.cut_time.timestamp() if m else 0}",
+            "# HELP prep_cut_age_seconds Seconds since the published cut_time.",
+            "# TYPE prep_cut_age_seconds gauge",
+            f"prep_cut_age_seconds {(s.now - m.cut_time).total_seconds() if m else 0}",
+            "# HELP prep_publish_duration_seconds Agent time from decision to current swapped.",
+            "# TYPE prep_publish_duration_seconds histogram",
+        ]
+        with self.lock:
+            for bound, count in zip(PUBLISH_BUCKETS, self.publish_buckets):
+                lines.append(f'prep_publish_duration_seconds_bucket{{le="{bound}"}} {count}')
+            lines.append(f'prep_publish_duration_seconds_bucket{{le="+Inf"}} {self.publish_count}')
+            lines.append(f"prep_publish_duration_seconds_sum {self.publish_sum}")
+            lines.append(f"prep_publish_duration_seconds_count {self.publish_count}")
+            lines.append("# HELP prep_cuts_rejected_total Rejected cuts by reason class.")
+            lines.append("# TYPE prep_cuts_rejected_total counter")
+            for reason, count in sorted(self.rejected.items()):
+                lines.append(f'prep_cuts_rejected_total{{reason="{reason}"}} {count}')
+        return "\n".join(lines) + "\n"
+
+
+def create_app(
+    snapshot: Callable[[], Snapshot],
+    metrics: Metrics,
+    token: str | None,
+    allow: Sequence[str],
+) -> Flask:
+    """The Flask application of /health, /livez, /readyz and /metrics."""
+    app = Flask("prep_agent.web.health")
+    networks = [ipaddress.ip_network(n, strict=False) for n in allow]
+
+    def privileged() -> bool:
+        auth = request.headers.get("Authorization", "")
+        if token and hmac.compare_digest(auth.encode(), f"Bearer {token}".encode()):
+            return True
+        try:
+            client = ipaddress.ip_address(request.remote_addr or "")
+        except ValueError:
+            return False
+        return any(client in net for net in networks)
+
+    def no_store(body: str, status: int, mimetype: str) -> Response:
+        response = Response(body, status=status, mimetype=mimetype)
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    @app.get("/health")
+    def health() -> Response:
+        doc = health_document(snapshot(), full=privileged())
+        code = 503 if doc["status"] == "fail" else 200
+        return no_store(json.dumps(doc, ensure_ascii=False), code, HEALTH_TYPE)
+
+    @app.get("/livez")
+    def livez() -> Response:
+        return no_store("ok\n", 200, "text/plain")
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        s = snapshot()
+        ready = s.manifest is not None and s.agent_alive
+        return no_store("ok\n" if ready else "not ready\n", 200 if ready else 503, "text/plain")
+
+    @app.get("/metrics")
+    def metrics_text() -> Response:
+        if not privileged():
+            return no_store("forbidden\n", 403, "text/plain")
+        return no_store(metrics.render(snapshot()), 200, "text/plain; version=0.0.4")
+
+    return app
