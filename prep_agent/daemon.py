@@ -14,6 +14,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,7 +41,7 @@ from prep_agent.shared.notify import sd_notify
 from prep_agent.web.frame import install_static, stale_deadline, write_public
 from prep_agent.web.health import Metrics, Snapshot, health_document
 from prep_agent.web.push import Pusher, load_push_key
-from prep_agent.web.server import write_nginx_snippets
+from prep_agent.web.server import Server, build_app, write_nginx_snippets
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +146,7 @@ class Agent:
         Holds the publication lock, so operator actions (rollback,
         reset-sequence) never interleave with a publication.
         """
-        with LockFile(self.config.root / "publish.lock", blocking=True):
+        with LockFile(self.config.publish_lock_file, blocking=True):
             self.state = self._reconcile(load_state(self.config.state_file))
             self._refresh_policy()
             self._refresh_public()
@@ -456,3 +458,22 @@ def _sequence_hint(manifest_bytes: bytes | None) -> int | None:
     except (ValueError, AttributeError, RecursionError):
         return None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+@contextmanager
+def serving(config: Config, clock: Clock = utc_now) -> Iterator[tuple[Agent, Server]]:
+    """The daemon's setting, shared by ``run`` and ``demo``: holds the root's lock,
+    builds the agent and serves its web face until the block ends.
+
+    Raises ``LockError`` if another agent holds the root, ``ConfigError``.
+    """
+    config.root.mkdir(parents=True, exist_ok=True)
+    with LockFile(config.lock_file):
+        agent = Agent(config, clock)
+        server = Server(config, build_app(config, agent.snapshot, agent.metrics))
+        server.start()
+        agent.journal.write("server-listening", address=server.address)
+        try:
+            yield agent, server
+        finally:
+            server.stop()

@@ -96,6 +96,12 @@ class Config:
         """Lock held by the one agent of this root."""
         return self.root / "lock"
 
+    @property
+    def publish_lock_file(self) -> Path:
+        """Lock held while ``current`` may change: a publication step, or an
+        operator's rollback or reset-sequence."""
+        return self.root / "publish.lock"
+
 
 TEMPLATE = """\
 # prep-agent configuration (prep-cut/1). Lines starting with # are comments.

@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from prep_agent.agent.config import load, render_template
+from prep_agent.cli.options import AddCommand
 from prep_agent.core import sshsig
-from prep_agent.daemon import Agent
+from prep_agent.daemon import serving
 from prep_agent.institute.simulate import Simulation, deliver_local, run_institute
-from prep_agent.web.server import Server, build_app
 
 ELECTION = "coah-ayun-2021"
 """Election id of the demo (the simulated institute's)."""
@@ -54,13 +54,11 @@ def setup(workdir: Path, port: int) -> Path:
     return config_path
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run the demo until Ctrl-C (or ``--cuts`` cuts); return the exit status."""
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run agent + simulated institute on localhost until Ctrl-C (or ``--cuts`` cuts)."""
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="prep-agent-demo-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     config = load(setup(workdir, args.port))
-    agent = Agent(config)
-    server = Server(config, build_app(config, agent.snapshot, agent.metrics))
     key = sshsig.load_private_key((workdir / "institute_key").read_bytes())
     stop = threading.Event()
 
@@ -73,26 +71,46 @@ def main(args: argparse.Namespace) -> int:
             Simulation(), key, workdir / "institute", deliver, args.interval, args.cuts, stop
         )
 
-    threads = [
-        threading.Thread(target=agent.run, name="agent"),
-        threading.Thread(target=institute, name="institute"),
-    ]
-    server.start()
-    for thread in threads:
-        thread.start()
-    print(f"prep-agent demo in {workdir}\nframe: http://{server.address}/", flush=True)
-    try:
-        threads[1].join()
-        if args.cuts:
-            stop.wait(min(args.interval, 5.0))
-        else:
-            threading.Event().wait()
-    except KeyboardInterrupt:
-        print("stopping", flush=True)
-    finally:
-        stop.set()
-        agent.stop()
+    with serving(config) as (agent, server):
+        threads = [
+            threading.Thread(target=agent.run, name="agent"),
+            threading.Thread(target=institute, name="institute"),
+        ]
         for thread in threads:
-            thread.join()
-        server.stop()
+            thread.start()
+        print(f"prep-agent demo in {workdir}\nframe: http://{server.address}/", flush=True)
+        try:
+            threads[1].join()
+            if args.cuts:
+                stop.wait(min(args.interval, 5.0))
+            else:
+                threading.Event().wait()
+        except KeyboardInterrupt:
+            print("stopping", flush=True)
+        finally:
+            stop.set()
+            agent.stop()
+            for thread in threads:
+                thread.join()
     return 0
+
+
+def add_commands(add: AddCommand) -> None:
+    """Register ``demo`` with the parser's ``add`` function."""
+    p = add("demo", cmd_demo, "run agent + simulated institute on localhost")
+    p.add_argument("--dir", metavar="DIR", help="working folder (default: a new temp folder)")
+    p.add_argument("--port", type=int, default=8080, help="localhost port (default 8080)")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds between simulated cuts (default 10)",
+    )
+    p.add_argument(
+        "--cuts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stop after N cuts (default: run until Ctrl-C)",
+    )

@@ -1,0 +1,296 @@
+"""The difusor's commands: init, run, verify, status, rollback, reset-sequence, keygen."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from prep_agent.agent.config import Config, load, render_template
+from prep_agent.agent.journal import Journal
+from prep_agent.agent.lock import LockFile
+from prep_agent.agent.state import load_state, save_state
+from prep_agent.agent.store import Store, read_inbox_file
+from prep_agent.cli.options import AddCommand, add_config, load_config, operator, positive_int
+from prep_agent.core.errors import EXIT_OK, EXIT_REJECTED, ConfigError, Error, Rejection
+from prep_agent.core.freshness import freshness, stale_at
+from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME
+from prep_agent.core.verify import MAX_SIGNATURE_BYTES, decide
+from prep_agent.daemon import Agent, load_policy, published_view, serving, utc_now
+from prep_agent.web.frame import write_public
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a commented config file and create the folder layout."""
+    root = Path(args.root).resolve()
+    inbox = Path(args.inbox).resolve() if args.inbox else root / "inbox"
+    trust = Path(args.trust).resolve()
+    config_path = Path(args.config) if args.config else root / "prep-agent.conf"
+    if not trust.is_file():
+        raise ConfigError(f"allowed_signers file {trust} does not exist")
+    if config_path.exists() and not args.force:
+        raise ConfigError(f"{config_path} exists (use --force to overwrite)")
+    text = render_template(
+        election=args.election,
+        root=root,
+        inbox=inbox,
+        trust=trust,
+        threshold=args.threshold,
+        listen=args.listen,
+    )
+    for folder in (root, inbox, root / "releases", root / "staging", root / "quarantine"):
+        folder.mkdir(parents=True, exist_ok=True)
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(text, encoding="utf-8")
+    config = load(config_path)
+    load_policy(config)
+    print(f"wrote {config_path}; drop folder {inbox}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The daemon: watch the drop folder and publish cuts until stopped."""
+    config = load_config(args)
+    if args.once:
+        config.root.mkdir(parents=True, exist_ok=True)
+        with LockFile(config.lock_file):
+            outcome = Agent(config).run(once=True)
+        _print_outcome(outcome.status, outcome.sequence, outcome.rejection)
+        return EXIT_REJECTED if outcome.status == "rejected" else EXIT_OK
+    with serving(config) as (agent, server):
+
+        def _stop(signum: int, frame: FrameType | None) -> None:
+            agent.stop()
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        agent.run()
+    return EXIT_OK
+
+
+def _print_outcome(status: str, sequence: int | None, rejection: Rejection | None) -> None:
+    if rejection is not None:
+        print(f"{status}: {rejection.reason}: {rejection.detail}")
+    elif sequence is not None:
+        print(f"{status}: sequence {sequence}")
+    else:
+        print(status)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Decide a cut in DIR (default: the drop folder) without publishing it."""
+    config = load_config(args)
+    folder = Path(args.dir).resolve() if args.dir else config.inbox
+    policy = load_policy(config)
+    store = Store(config.root, config.limits)
+    try:
+        sig = read_inbox_file(folder, SIGNATURE_NAME, MAX_SIGNATURE_BYTES)
+        data = read_inbox_file(folder, MANIFEST_NAME, config.limits.max_manifest_bytes)
+        if sig is None or data is None:
+            raise Rejection("incomplete", f"no {SIGNATURE_NAME} and {MANIFEST_NAME} in {folder}")
+        published = published_view(store, load_state(config.state_file))
+        decision = decide(data, sig, policy, published, utc_now())
+        if not decision.already_published:
+            store.check(
+                decision.manifest, folder, config.stamp_check, lambda w: print(f"warning: {w}")
+            )
+    except Rejection as exc:
+        print(f"rejected: {exc.reason}: {exc.detail}")
+        return EXIT_REJECTED
+    m = decision.manifest
+    verdict = "already published" if decision.already_published else "accepted"
+    print(
+        f"{verdict}: sequence {m.sequence}, cut_time {m.cut_time_text}, {len(m.files)} files, "
+        f"signed by {', '.join(decision.signers)}"
+    )
+    return EXIT_OK
+
+
+def status_document(config: Config) -> dict[str, Any]:
+    """What ``status --json`` prints: derived from ``current`` and the state."""
+    store = Store(config.root, config.limits)
+    state = load_state(config.state_file)
+    current = store.current()
+    manifest = current.manifest if current else None
+    now = utc_now()
+    return {
+        "election": config.election,
+        "sequence": manifest.sequence if manifest else None,
+        "cut_time": manifest.cut_time_text if manifest else None,
+        "manifest_sha256": current.manifest_sha256 if current else None,
+        "current_path": str(current.path) if current else None,
+        "final": manifest.final if manifest else None,
+        "state": freshness(manifest, now, config.stale_periods),
+        "stale_at": stale_at(manifest, config.stale_periods).isoformat() if manifest else None,
+        "highest_sequence": state.highest_sequence,
+        "last_rejection": asdict(state.last_rejection) if state.last_rejection else None,
+        "releases": store.release_names(),
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print what is published, its freshness and the last rejection."""
+    doc = status_document(load_config(args))
+    if args.json:
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    for key, value in doc.items():
+        if key != "releases":
+            print(f"{key}: {value if value is not None else '-'}")
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Point ``current`` at an older retained release (logged operator action)."""
+    config = load_config(args)
+    store = Store(config.root, config.limits)
+    with LockFile(config.publish_lock_file, blocking=True):
+        names = store.release_names()
+        current = store.current_name()
+        if args.to is not None:
+            matches = [n for n in names if store.load_release(n).manifest.sequence == args.to]
+        else:
+            matches = [n for n in names if current is not None and n < current][-1:]
+        if not matches:
+            raise Error(
+                "no retained release to roll back to"
+                if args.to is None
+                else f"no retained release with sequence {args.to}"
+            )
+        target = matches[-1]
+        store.swap(target)
+        write_public(config, store.load_release(target))
+        Journal(config.journal_file).write(
+            "operator-rollback", release_from=current, release_to=target, user=operator()
+        )
+    print(f"current -> releases/{target}")
+    return EXIT_OK
+
+
+def cmd_reset_sequence(args: argparse.Namespace) -> int:
+    """Lower (or set) the highest accepted sequence (logged operator action)."""
+    config = load_config(args)
+    store = Store(config.root, config.limits)
+    with LockFile(config.publish_lock_file, blocking=True):
+        current = store.current()
+        if current is not None and args.to < current.manifest.sequence:
+            raise Error(
+                f"sequence {args.to} is below the published {current.manifest.sequence}; "
+                "roll back first"
+            )
+        state = load_state(config.state_file)
+        digest = (
+            current.manifest_sha256 if current and current.manifest.sequence == args.to else None
+        )
+        save_state(
+            config.state_file,
+            replace(
+                state,
+                highest_sequence=args.to,
+                highest_manifest_sha256=digest,
+                last_decided_signature=None,
+            ),
+        )
+        Journal(config.journal_file).write(
+            "operator-reset-sequence",
+            sequence_from=state.highest_sequence,
+            sequence_to=args.to,
+            user=operator(),
+        )
+    print(f"highest accepted sequence: {state.highest_sequence} -> {args.to}")
+    return EXIT_OK
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Create the difusor's report key and print the institute's allowed_signers line."""
+    from prep_agent.agent import keygen
+
+    if args.config:
+        config = load_config(args)
+        if config.push_key is None:
+            raise ConfigError("[push] key is not set in the config: give its path there first")
+        key, service_id = config.push_key, config.service_id
+    elif args.key and args.service_id:
+        key, service_id = Path(args.key).resolve(), args.service_id
+    else:
+        raise ConfigError("give --config FILE, or --key FILE and --service-id ID")
+    line = keygen.create_key(key, service_id, force=args.force)
+    print(f"# wrote {key} (private, 0600) and {key}.pub", file=sys.stderr)
+    print("# send this line to the institute for its collector's allowed_signers:", file=sys.stderr)
+    print(line)
+    return EXIT_OK
+
+
+def add_commands(add: AddCommand) -> None:
+    """Register these commands with the parser's ``add`` function."""
+    p = add("init", cmd_init, "write a commented config file and the folder layout")
+    p.add_argument("--root", required=True, metavar="DIR", help="agent-owned storage folder")
+    p.add_argument("--inbox", metavar="DIR", help="drop folder (default ROOT/inbox)")
+    p.add_argument(
+        "--election", required=True, metavar="ID", help="election id, e.g. coah-ayun-2021"
+    )
+    p.add_argument(
+        "--trust",
+        required=True,
+        metavar="ALLOWED_SIGNERS",
+        help="OpenSSH allowed_signers file with the institute's keys",
+    )
+    p.add_argument(
+        "--threshold",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="distinct trusted keys required (default 1)",
+    )
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="web server address (default 127.0.0.1:8080)",
+    )
+    p.add_argument("--config", metavar="FILE", help="config path (default ROOT/prep-agent.conf)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing config file")
+
+    p = add("run", cmd_run, "watch the drop folder and publish cuts (the daemon)")
+    add_config(p)
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="process the drop folder as it is now, without waiting to settle, and exit",
+    )
+
+    p = add("verify", cmd_verify, "decide a cut without publishing it (exit 0 only if accepted)")
+    add_config(p)
+    p.add_argument("dir", nargs="?", metavar="DIR", help="folder holding the cut (default: inbox)")
+
+    p = add("status", cmd_status, "show the published cut, its freshness and the last rejection")
+    add_config(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = add("rollback", cmd_rollback, "publish an older retained release again (logged)")
+    add_config(p)
+    p.add_argument(
+        "--to",
+        type=positive_int,
+        metavar="SEQUENCE",
+        help="sequence to roll back to (default: the release before current)",
+    )
+
+    p = add(
+        "reset-sequence",
+        cmd_reset_sequence,
+        "set the highest accepted sequence, e.g. after a leaked key (logged)",
+    )
+    add_config(p)
+    p.add_argument("--to", type=int, required=True, metavar="N", help="new highest sequence")
+
+    p = add("keygen", cmd_keygen, "create the difusor's health report key (ed25519)")
+    p.add_argument("--config", metavar="FILE", help="agent config: uses [push] key and service_id")
+    p.add_argument("--key", metavar="FILE", help="private key file to create (without --config)")
+    p.add_argument("--service-id", metavar="ID", help="the difusor's serviceId (without --config)")
+    p.add_argument("--force", action="store_true", help="replace an existing key")

@@ -1,0 +1,130 @@
+"""The institute's commands: sign, simulate, collector."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+from prep_agent.cli.options import AddCommand, positive_int
+from prep_agent.core.errors import EXIT_OK, ConfigError
+from prep_agent.institute import sign
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    """Write prep-manifest.json for DIR and its signature (the institute's side)."""
+    if (args.notice_level is None) != (args.notice_text is None):
+        raise ConfigError("--notice-level and --notice-text go together")
+    info = sign.CutInfo(
+        election=args.election,
+        sequence=args.sequence,
+        cut_time=args.cut_time,
+        final=args.final,
+        notice_level=args.notice_level,
+        notice_text=args.notice_text,
+        entry=args.entry,
+        period_seconds=args.period,
+        signed_at=args.signed_at,
+    )
+    data = sign.sign_folder(Path(args.dir), sign.load_key(Path(args.key)), info)
+    print(f"signed sequence {args.sequence}: {len(data)} manifest bytes in {args.dir}")
+    return EXIT_OK
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Sign and deliver simulated PREP cuts (the institute's side, for tests and drills)."""
+    from prep_agent.institute import simulate
+
+    return simulate.main(args)
+
+
+def cmd_collector(args: argparse.Namespace) -> int:
+    """The institute's collector of every difusor's health (or record one signed cut)."""
+    from prep_agent.institute.collector import app as collector
+    from prep_agent.institute.collector import config as collector_config
+
+    if args.example:
+        print(collector_config.render_collector_template("127.0.0.1:8090", Path("difusores")))
+        return EXIT_OK
+    if not args.config:
+        raise ConfigError("--config FILE is required")
+    config = collector_config.load_collector(Path(args.config))
+    if args.record_cut:
+        sequence = collector.Collector(config).record_cut_file(Path(args.record_cut))
+        print(f"recorded signed cut {sequence}")
+        return EXIT_OK
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    collector.serve(config, stop)
+    return EXIT_OK
+
+
+def add_commands(add: AddCommand) -> None:
+    """Register these commands with the parser's ``add`` function."""
+    p = add("sign", cmd_sign, "write and sign prep-manifest.json for DIR (institute side)")
+    p.add_argument("--key", required=True, metavar="KEY", help="OpenSSH private key (unencrypted)")
+    p.add_argument("--election", required=True, metavar="ID")
+    p.add_argument("--sequence", required=True, type=positive_int, metavar="N")
+    p.add_argument(
+        "--cut-time",
+        required=True,
+        metavar="T",
+        help="RFC 3339 with offset, e.g. 2021-06-06T20:30:00-05:00",
+    )
+    p.add_argument("--signed-at", metavar="T", help="RFC 3339 (default: now, UTC)")
+    p.add_argument("--final", action="store_true", help="mark the last cut (cierre del PREP)")
+    p.add_argument(
+        "--notice-level",
+        choices=("info", "interrupted"),
+        metavar="L",
+        help="notice level: info or interrupted",
+    )
+    p.add_argument("--notice-text", metavar="S", help="notice text (at most 500 characters)")
+    p.add_argument("--entry", metavar="PATH", help="page to embed (default index.html)")
+    p.add_argument("--period", type=int, metavar="SECONDS", help="period_seconds (60-3600)")
+    p.add_argument("dir", metavar="DIR", help="folder of the publication tree")
+
+    p = add("simulate", cmd_simulate, "run a simulated institute that signs and delivers PREP cuts")
+    p.add_argument(
+        "--key", required=True, metavar="KEY", help="institute's OpenSSH private key (unencrypted)"
+    )
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for the signed cuts (NNNNNN/)"
+    )
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--inbox", metavar="DIR", help="deliver by copying into this drop folder")
+    dest.add_argument(
+        "--sftp", metavar="USER@HOST:DIR", help="deliver with the OpenSSH sftp client"
+    )
+    p.add_argument("--identity", metavar="FILE", help="ssh identity file for --sftp")
+    p.add_argument("--port", type=positive_int, metavar="N", help="ssh port for --sftp")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="seconds between cuts (default 600)",
+    )
+    p.add_argument(
+        "--cuts", type=int, default=0, metavar="N", help="stop after N cuts (default: until Ctrl-C)"
+    )
+    p.add_argument("--final", action="store_true", help="make the last of --cuts the final cut")
+    p.add_argument(
+        "--seed", type=int, default=2021, metavar="N", help="simulation seed (default 2021)"
+    )
+
+    p = add("collector", cmd_collector, "the institute's collector and dashboard of difusores")
+    p.add_argument("--config", metavar="FILE", help="collector config file")
+    p.add_argument(
+        "--record-cut",
+        metavar="MANIFEST",
+        help="record a signed prep-manifest.json (or its folder) as the latest cut, and exit",
+    )
+    p.add_argument("--example", action="store_true", help="print a commented config and exit")
