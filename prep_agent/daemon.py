@@ -105,11 +105,12 @@ class Agent:
 
     def __init__(self, config: Config, clock: Clock = utc_now) -> None:
         self.config = config
+        self.layout = config.layout
         self.clock = clock
         self.policy = load_policy(config)
         self._trust_stamp = _file_stamp(config.trust)
-        self.store = Store(config.root, config.limits)
-        self.journal = Journal(config.journal_file)
+        self.store = Store(self.layout, config.limits)
+        self.journal = Journal(self.layout.journal_file)
         self.pending: Pending | None = None
         self.stop_event = threading.Event()
         self._watcher: Watcher | None = None
@@ -118,7 +119,7 @@ class Agent:
         self.pusher: Pusher | None = None
         self._running = False
         self.store.ensure_layout()
-        self.state = self._reconcile(load_state(config.state_file))
+        self.state = self._reconcile(load_state(self.layout.state_file))
         install_static(config)
         write_nginx_snippets(config)
         self.shown = self.store.current_name()
@@ -133,7 +134,7 @@ class Agent:
                 highest_sequence=current.manifest.sequence,
                 highest_manifest_sha256=current.manifest_sha256,
             )
-            save_state(self.config.state_file, state)
+            save_state(self.layout.state_file, state)
         return state
 
     def published(self) -> Published:
@@ -146,8 +147,8 @@ class Agent:
         Holds the publication lock, so operator actions (rollback,
         reset-sequence) never interleave with a publication.
         """
-        with LockFile(self.config.publish_lock_file, blocking=True):
-            self.state = self._reconcile(load_state(self.config.state_file))
+        with LockFile(self.layout.publish_lock_file, blocking=True):
+            self.state = self._reconcile(load_state(self.layout.state_file))
             self._refresh_policy()
             self._refresh_public()
             return self._step(settle)
@@ -243,7 +244,7 @@ class Agent:
             highest_manifest_sha256=decision.manifest_sha256,
             last_decided_signature=sig_id,
         )
-        save_state(self.config.state_file, self.state)
+        save_state(self.layout.state_file, self.state)
         self._journal_published(
             release, decision.signers, copied, started, verified, built, swapped
         )
@@ -270,7 +271,7 @@ class Agent:
             watcher_fallback=bool(watcher and watcher.failure),
             agent_alive=alive,
             storage=self.config.root,
-            storage_writable=os.access(self.config.releases, os.W_OK),
+            storage_writable=os.access(self.layout.releases, os.W_OK),
             last_report_age=self.pusher.last_accepted_age() if self.pusher else None,
             push_configured=bool(self.config.push_urls),
         )
@@ -354,7 +355,7 @@ class Agent:
             last_rejection=Rejected(now, rejection.reason, rejection.detail, sequence),
             last_decided_signature=pending.signature_sha256 if pending else None,
         )
-        save_state(self.config.state_file, self.state)
+        save_state(self.layout.state_file, self.state)
         self.metrics.count_rejection(rejection.reason)
         self.journal.write(
             "cut-rejected",
@@ -369,7 +370,7 @@ class Agent:
 
     def _decided(self, sig_id: str) -> None:
         self.state = replace(self.state, last_decided_signature=sig_id)
-        save_state(self.config.state_file, self.state)
+        save_state(self.layout.state_file, self.state)
         self.pending = None
 
     def run(self, once: bool = False) -> Outcome:
@@ -468,7 +469,7 @@ def serving(config: Config, clock: Clock = utc_now) -> Iterator[tuple[Agent, Ser
     Raises ``LockError`` if another agent holds the root, ``ConfigError``.
     """
     config.root.mkdir(parents=True, exist_ok=True)
-    with LockFile(config.lock_file):
+    with LockFile(config.layout.lock_file):
         agent = Agent(config, clock)
         server = Server(config, build_app(config, agent.snapshot, agent.metrics))
         server.start()

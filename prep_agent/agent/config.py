@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from prep_agent.agent.layout import Layout
 from prep_agent.core.errors import ConfigError
 from prep_agent.core.manifest import Limits
 
@@ -57,50 +58,56 @@ class Config:
     push_read_timeout: float = 10.0
 
     @property
+    def layout(self) -> Layout:
+        """The folders and files under ``root``."""
+        return Layout(self.root)
+
+    # The paths below are shorthands for ``layout``'s (tests and tools use them).
+
+    @property
     def public(self) -> Path:
-        """Folder of the frame, its assets and ``status.json`` (served as is)."""
-        return self.root / "public"
+        """``layout.public``: the frame, its assets and ``status.json``."""
+        return self.layout.public
 
     @property
     def releases(self) -> Path:
-        """Folder of the immutable releases."""
-        return self.root / "releases"
+        """``layout.releases``: the immutable releases."""
+        return self.layout.releases
 
     @property
     def current(self) -> Path:
-        """The symlink whose target is the published release."""
-        return self.root / "current"
+        """``layout.current``: the symlink to the published release."""
+        return self.layout.current
 
     @property
     def staging(self) -> Path:
-        """Agent-owned folder where a release is built before it is renamed."""
-        return self.root / "staging"
+        """``layout.staging``: where a release is built."""
+        return self.layout.staging
 
     @property
     def quarantine(self) -> Path:
-        """Folder of rejected cuts (manifest, signature, reason)."""
-        return self.root / "quarantine"
+        """``layout.quarantine``: rejected cuts."""
+        return self.layout.quarantine
 
     @property
     def state_file(self) -> Path:
-        """The durable state (highest sequence, last rejection)."""
-        return self.root / "state.json"
+        """``layout.state_file``: the durable state."""
+        return self.layout.state_file
 
     @property
     def journal_file(self) -> Path:
-        """Append-only JSON-lines journal of every event."""
-        return self.root / "journal.jsonl"
+        """``layout.journal_file``: the journal."""
+        return self.layout.journal_file
 
     @property
     def lock_file(self) -> Path:
-        """Lock held by the one agent of this root."""
-        return self.root / "lock"
+        """``layout.lock_file``: the one-agent-per-root lock."""
+        return self.layout.lock_file
 
     @property
     def publish_lock_file(self) -> Path:
-        """Lock held while ``current`` may change: a publication step, or an
-        operator's rollback or reset-sequence."""
-        return self.root / "publish.lock"
+        """``layout.publish_lock_file``: the publication lock."""
+        return self.layout.publish_lock_file
 
 
 TEMPLATE = """\

@@ -1,11 +1,6 @@
 """Publication (prep-cut-v1 §4.5–§4.7, §5): releases, the ``current`` swap, quarantine.
 
-Layout under the agent's root::
-
-    releases/<sequence>-<manifest sha256 prefix>/   immutable, read-only releases
-    current -> releases/...                          the published cut (relative symlink)
-    staging/                                         releases being built
-    quarantine/<time>-<sequence>/                    rejected cuts: manifest, signature, reason
+The folders live where ``layout.Layout`` says.
 """
 
 from __future__ import annotations
@@ -23,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from prep_agent.agent.layout import Layout
 from prep_agent.core import stamps
 from prep_agent.core.errors import (
     FILE_MISMATCH,
@@ -231,25 +227,25 @@ def _index_release(index: dict[tuple[str, int], tuple[str, str]], release: Relea
 class Store:
     """The agent-owned storage of one root: releases, ``current``, quarantine."""
 
-    def __init__(self, root: Path, limits: Limits) -> None:
-        self.root = root
+    def __init__(self, layout: Layout, limits: Limits) -> None:
+        self.layout = layout
         self.limits = limits
-        self.releases = root / "releases"
-        self.staging = root / "staging"
-        self.quarantine_dir = root / "quarantine"
-        self.current_link = root / "current"
+        self.root = layout.root
+        self.releases = layout.releases
+        self.staging = layout.staging
+        self.quarantine_dir = layout.quarantine
+        self.current_link = layout.current
         self._cache: dict[str, Release] = {}
         self._index: dict[tuple[str, int], tuple[str, str]] | None = None
 
     def ensure_layout(self) -> None:
         """Create the folders and drop leftovers of an interrupted build."""
-        for folder in (self.root, self.releases, self.staging, self.quarantine_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+        self.layout.create()
         for leftover in self.staging.iterdir():
             remove_tree(leftover)
         for trash in self.releases.glob(".trash-*"):
             remove_tree(trash)
-        for tmp in self.root.glob(".current.*"):
+        for tmp in self.layout.current_temps():
             tmp.unlink()
 
     def current_name(self) -> str | None:
@@ -417,9 +413,9 @@ class Store:
         """Make ``releases/name`` current: one ``os.replace`` of a symlink + dir fsync."""
         if not (self.releases / name).is_dir():
             raise Error(f"no release {name}")
-        tmp = self.root / f".current.{os.getpid()}"
+        tmp = self.layout.current_temp(os.getpid())
         tmp.unlink(missing_ok=True)
-        os.symlink(f"releases/{name}", tmp)
+        os.symlink(self.layout.current_target(name), tmp)
         os.replace(tmp, self.current_link)
         fsync_dir(self.root)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from prep_agent.agent.config import Config, load, render_template
 from prep_agent.agent.journal import Journal
+from prep_agent.agent.layout import Layout
 from prep_agent.agent.lock import LockFile
 from prep_agent.agent.state import load_state, save_state
 from prep_agent.agent.store import Store, read_inbox_file
@@ -43,8 +44,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         listen=args.listen,
     )
-    for folder in (root, inbox, root / "releases", root / "staging", root / "quarantine"):
-        folder.mkdir(parents=True, exist_ok=True)
+    Layout(root).create()
+    inbox.mkdir(parents=True, exist_ok=True)
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(text, encoding="utf-8")
     config = load(config_path)
@@ -58,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args)
     if args.once:
         config.root.mkdir(parents=True, exist_ok=True)
-        with LockFile(config.lock_file):
+        with LockFile(config.layout.lock_file):
             outcome = Agent(config).run(once=True)
         _print_outcome(outcome.status, outcome.sequence, outcome.rejection)
         return EXIT_REJECTED if outcome.status == "rejected" else EXIT_OK
@@ -87,13 +88,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     config = load_config(args)
     folder = Path(args.dir).resolve() if args.dir else config.inbox
     policy = load_policy(config)
-    store = Store(config.root, config.limits)
+    store = Store(config.layout, config.limits)
     try:
         sig = read_inbox_file(folder, SIGNATURE_NAME, MAX_SIGNATURE_BYTES)
         data = read_inbox_file(folder, MANIFEST_NAME, config.limits.max_manifest_bytes)
         if sig is None or data is None:
             raise Rejection("incomplete", f"no {SIGNATURE_NAME} and {MANIFEST_NAME} in {folder}")
-        published = published_view(store, load_state(config.state_file))
+        published = published_view(store, load_state(config.layout.state_file))
         decision = decide(data, sig, policy, published, utc_now())
         if not decision.already_published:
             store.check(
@@ -113,8 +114,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def status_document(config: Config) -> dict[str, Any]:
     """What ``status --json`` prints: derived from ``current`` and the state."""
-    store = Store(config.root, config.limits)
-    state = load_state(config.state_file)
+    store = Store(config.layout, config.limits)
+    state = load_state(config.layout.state_file)
     current = store.current()
     manifest = current.manifest if current else None
     now = utc_now()
@@ -148,8 +149,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     """Point ``current`` at an older retained release (logged operator action)."""
     config = load_config(args)
-    store = Store(config.root, config.limits)
-    with LockFile(config.publish_lock_file, blocking=True):
+    store = Store(config.layout, config.limits)
+    with LockFile(config.layout.publish_lock_file, blocking=True):
         names = store.release_names()
         current = store.current_name()
         if args.to is not None:
@@ -165,7 +166,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         target = matches[-1]
         store.swap(target)
         write_public(config, store.load_release(target))
-        Journal(config.journal_file).write(
+        Journal(config.layout.journal_file).write(
             "operator-rollback", release_from=current, release_to=target, user=operator()
         )
     print(f"current -> releases/{target}")
@@ -175,20 +176,20 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_reset_sequence(args: argparse.Namespace) -> int:
     """Lower (or set) the highest accepted sequence (logged operator action)."""
     config = load_config(args)
-    store = Store(config.root, config.limits)
-    with LockFile(config.publish_lock_file, blocking=True):
+    store = Store(config.layout, config.limits)
+    with LockFile(config.layout.publish_lock_file, blocking=True):
         current = store.current()
         if current is not None and args.to < current.manifest.sequence:
             raise Error(
                 f"sequence {args.to} is below the published {current.manifest.sequence}; "
                 "roll back first"
             )
-        state = load_state(config.state_file)
+        state = load_state(config.layout.state_file)
         digest = (
             current.manifest_sha256 if current and current.manifest.sequence == args.to else None
         )
         save_state(
-            config.state_file,
+            config.layout.state_file,
             replace(
                 state,
                 highest_sequence=args.to,
@@ -196,7 +197,7 @@ def cmd_reset_sequence(args: argparse.Namespace) -> int:
                 last_decided_signature=None,
             ),
         )
-        Journal(config.journal_file).write(
+        Journal(config.layout.journal_file).write(
             "operator-reset-sequence",
             sequence_from=state.highest_sequence,
             sequence_to=args.to,

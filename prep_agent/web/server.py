@@ -87,7 +87,7 @@ def nginx_snippets(config: Config) -> dict[str, str]:
 
 def write_nginx_snippets(config: Config) -> None:
     """Write ``nginx_snippets`` into ``ROOT/nginx/`` (atomically)."""
-    folder = config.root / "nginx"
+    folder = config.layout.nginx
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in nginx_snippets(config).items():
         atomic_write(folder / name, text.encode())
