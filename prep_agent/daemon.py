@@ -17,9 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from prep_agent.agent.config import Config
 from prep_agent.agent.intake import Pending, Watcher
@@ -37,6 +35,7 @@ from prep_agent.core.errors import (
 )
 from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from prep_agent.core.verify import MAX_SIGNATURE_BYTES, Policy, Published, decide
+from prep_agent.shared.clock import Clock, utc_now
 from prep_agent.shared.notify import sd_notify
 from prep_agent.web.frame import install_static, stale_deadline, write_public
 from prep_agent.web.health import Metrics, Snapshot, health_document
@@ -44,13 +43,6 @@ from prep_agent.web.push import Pusher, load_push_key
 from prep_agent.web.server import Server, build_app, write_nginx_snippets
 
 log = logging.getLogger(__name__)
-
-Clock = Callable[[], datetime]
-
-
-def utc_now() -> datetime:
-    """The agent's clock (UTC, aware)."""
-    return datetime.now(timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -101,7 +93,11 @@ def load_policy(config: Config) -> Policy:
 
 
 class Agent:
-    """Accepts cuts from the drop folder and publishes them (one per root)."""
+    """Accepts cuts from the drop folder and publishes them (one per root).
+
+    ``clock`` is the only clock below the agent: verification, the frame's
+    freshness, journal times, quarantine names and health reports all read it.
+    """
 
     def __init__(self, config: Config, clock: Clock = utc_now) -> None:
         self.config = config
@@ -109,8 +105,8 @@ class Agent:
         self.clock = clock
         self.policy = load_policy(config)
         self._trust_stamp = _file_stamp(config.trust)
-        self.store = Store(self.layout, config.limits)
-        self.journal = Journal(self.layout.journal_file)
+        self.store = Store(self.layout, config.limits, clock)
+        self.journal = Journal(self.layout.journal_file, clock)
         self.pending: Pending | None = None
         self.stop_event = threading.Event()
         self._watcher: Watcher | None = None
@@ -123,7 +119,7 @@ class Agent:
         install_static(config)
         write_nginx_snippets(config)
         self.shown = self.store.current_name()
-        write_public(config, self.store.current())
+        write_public(config, self.store.current(), clock())
 
     def _reconcile(self, state: State) -> State:
         """After a crash between swap and state write, the release wins (§5)."""
@@ -155,7 +151,7 @@ class Agent:
 
     def _show(self, release: Release | None) -> None:
         """Rewrite the frame and status.json for what is now current."""
-        write_public(self.config, release)
+        write_public(self.config, release, self.clock())
         self.shown = release.name if release else None
 
     def _refresh_public(self) -> None:
@@ -294,6 +290,7 @@ class Agent:
             period=c.push_period,
             connect_timeout=c.push_connect_timeout,
             read_timeout=c.push_read_timeout,
+            clock=self.clock,
         )
 
     def _warn_stamp(self, text: str) -> None:

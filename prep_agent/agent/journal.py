@@ -10,9 +10,10 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from prep_agent.shared.clock import Clock, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -20,15 +21,17 @@ log = logging.getLogger(__name__)
 class Journal:
     """Appends events to a JSON-lines file, each line flushed and fsynced.
 
-    A line that cannot be written is logged instead; it never raises.
+    Each event's time is read from ``clock``. A line that cannot be written is
+    logged instead; it never raises.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: Clock = utc_now) -> None:
         self.path = path
+        self.clock = clock
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
         """Append one event and return it as written."""
-        record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
+        record = {"time": self.clock().isoformat(timespec="milliseconds")}
         record["event"] = event
         record.update(fields)
         line = json.dumps(record, ensure_ascii=False) + "\n"

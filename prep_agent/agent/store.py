@@ -14,7 +14,7 @@ import shutil
 import stat
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import timezone
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -30,6 +30,7 @@ from prep_agent.core.errors import (
     Rejection,
 )
 from prep_agent.core.manifest import WELL_KNOWN, FileEntry, Limits, Manifest, parse_manifest
+from prep_agent.shared.clock import Clock, utc_now
 from prep_agent.shared.fsutil import fsync_dir
 
 CHUNK = 1024 * 1024
@@ -227,9 +228,10 @@ def _index_release(index: dict[tuple[str, int], tuple[str, str]], release: Relea
 class Store:
     """The agent-owned storage of one root: releases, ``current``, quarantine."""
 
-    def __init__(self, layout: Layout, limits: Limits) -> None:
+    def __init__(self, layout: Layout, limits: Limits, clock: Clock = utc_now) -> None:
         self.layout = layout
         self.limits = limits
+        self.clock = clock
         self.root = layout.root
         self.releases = layout.releases
         self.staging = layout.staging
@@ -457,8 +459,11 @@ class Store:
         sequence: int | None,
         keep: int,
     ) -> Path:
-        """Keep a rejected cut's manifest, signature and reason (bounded count)."""
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        """Keep a rejected cut's manifest, signature and reason (bounded count).
+
+        The folder is named after the store's clock and ``sequence``. Raises ``OSError``.
+        """
+        stamp = self.clock().astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
         folder = self.quarantine_dir / f"{stamp}-{sequence if sequence is not None else 'unknown'}"
         folder.mkdir(parents=True)
         reason = {"reason": rejection.reason, "detail": rejection.detail, "sequence": sequence}

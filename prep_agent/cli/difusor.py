@@ -22,7 +22,8 @@ from prep_agent.core.errors import EXIT_OK, EXIT_REJECTED, ConfigError, Error, R
 from prep_agent.core.freshness import freshness, stale_at
 from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from prep_agent.core.verify import MAX_SIGNATURE_BYTES, decide
-from prep_agent.daemon import Agent, load_policy, published_view, serving, utc_now
+from prep_agent.daemon import Agent, load_policy, published_view, serving
+from prep_agent.shared.clock import utc_now
 from prep_agent.web.frame import write_public
 
 
@@ -165,7 +166,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             )
         target = matches[-1]
         store.swap(target)
-        write_public(config, store.load_release(target))
+        write_public(config, store.load_release(target), utc_now())
         Journal(config.layout.journal_file).write(
             "operator-rollback", release_from=current, release_to=target, user=operator()
         )

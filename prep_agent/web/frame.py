@@ -14,7 +14,7 @@ import html
 import json
 import re
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from importlib import resources
 from typing import Any
 from urllib.parse import quote
@@ -146,9 +146,12 @@ def install_static(config: Config) -> None:
         tmp.replace(static / logo)
 
 
-def write_public(config: Config, release: Release | None, now: datetime | None = None) -> None:
-    """Rewrite ``status.json`` then ``index.html`` (each atomically) for ``release``."""
-    now = now or datetime.now(timezone.utc)
+def write_public(config: Config, release: Release | None, now: datetime) -> None:
+    """Rewrite ``status.json`` then ``index.html`` (each atomically) for ``release``
+    as of ``now`` (the caller's clock: it decides ``current`` or ``stale``).
+
+    Raises ``OSError``.
+    """
     config.public.mkdir(parents=True, exist_ok=True)
     status = status_document(config, release, now)
     body = json.dumps(status, ensure_ascii=False, indent=1).encode("utf-8") + b"\n"

@@ -28,6 +28,7 @@ import requests  # type: ignore[import-untyped]  # no stubs in Debian 12
 from prep_agent.agent.journal import Journal
 from prep_agent.core import sshsig
 from prep_agent.core.errors import ConfigError, SignatureFormatError
+from prep_agent.shared.clock import Clock, utc_now
 from prep_agent.web.health import HEALTH_TYPE
 
 log = logging.getLogger(__name__)
@@ -157,13 +158,16 @@ class _Target:
         self.failures += 1
         log.debug("report to %s failed (%d): %s", self.url, self.failures, problem)
         if self.failures == 1:
-            self.failing_since = datetime.now(timezone.utc)
+            self.failing_since = self.pusher.clock()
             # One journal line per outage, not one per retry.
             self.pusher.journal.write("report-failing", url=self.url, detail=problem[:500])
 
 
 class Pusher:
-    """Pushes signed health reports to every configured institute URL."""
+    """Pushes signed health reports to every configured institute URL.
+
+    Report times and outage starts are read from ``clock``.
+    """
 
     def __init__(
         self,
@@ -174,8 +178,10 @@ class Pusher:
         period: float = 60.0,
         connect_timeout: float = 5.0,
         read_timeout: float = 10.0,
+        clock: Clock = utc_now,
     ) -> None:
         self.key = key
+        self.clock = clock
         self.document = document
         self.journal = journal
         self.period = period
@@ -192,7 +198,7 @@ class Pusher:
         doc = self.document()
         with self._lock:
             body, signature, self._last_time = signed_report(
-                doc, self.key, self._last_time, datetime.now(timezone.utc)
+                doc, self.key, self._last_time, self.clock()
             )
         return body, signature
 
