@@ -23,7 +23,7 @@ from cutkit import OFFSET, SHARED, Institute, make_config, minute_ago, tree_dige
 
 from prep_agent.agent.config import Config
 from prep_agent.agent.journal import read_journal
-from prep_agent.core import sshsig, stamps
+from prep_agent.core import sshkeys, stamps
 from prep_agent.core.errors import Error
 from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, WELL_KNOWN
 from prep_agent.daemon import Agent, Outcome
@@ -56,7 +56,7 @@ def captured(folder: Path) -> set[str]:
 
 
 def signed_cut(
-    key: sshsig.PrivateKey, folder: Path, sequence: int, when: datetime, final: bool = False
+    key: sshkeys.PrivateKey, folder: Path, sequence: int, when: datetime, final: bool = False
 ) -> Path:
     build_cut(SIM, sequence, when, folder, final=final)
     info = CutInfo(SIM.election, sequence, when.isoformat(), final=final, period_seconds=600)
@@ -79,8 +79,8 @@ def public_tree(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture()
-def key(institute: Institute) -> sshsig.PrivateKey:
-    return sshsig.load_private_key(institute.key.read_bytes())
+def key(institute: Institute) -> sshkeys.PrivateKey:
+    return sshkeys.load_private_key(institute.key.read_bytes())
 
 
 # --- the cut ----------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def test_zip_is_named_by_the_cut_minute_and_holds_the_csv_and_leeme(tmp_path: Pa
 
 
 def test_three_cuts_from_run_institute_are_published_reusing_unchanged_files(
-    tmp_path: Path, institute: Institute, key: sshsig.PrivateKey
+    tmp_path: Path, institute: Institute, key: sshkeys.PrivateKey
 ) -> None:
     config = make_config(tmp_path, institute)
     agent = Agent(config)
@@ -224,7 +224,7 @@ def test_three_cuts_from_run_institute_are_published_reusing_unchanged_files(
 
 
 def test_run_institute_continues_the_sequence_and_prunes_old_cuts(
-    tmp_path: Path, key: sshsig.PrivateKey
+    tmp_path: Path, key: sshkeys.PrivateKey
 ) -> None:
     delivered: list[str] = []
     out = tmp_path / "out"
@@ -241,7 +241,7 @@ def test_run_institute_continues_the_sequence_and_prunes_old_cuts(
 
 
 def test_deliver_sftp_uploads_with_the_real_client_then_only_changes(
-    tmp_path: Path, institute: Institute, key: sshsig.PrivateKey
+    tmp_path: Path, institute: Institute, key: sshkeys.PrivateKey
 ) -> None:
     config = make_config(tmp_path, institute)
     agent = Agent(config)
@@ -269,7 +269,7 @@ def test_deliver_sftp_uploads_with_the_real_client_then_only_changes(
     assert 0 < published_events(config)[-1]["bytes_copied"] < published_events(config)[-1]["bytes"]
 
 
-def test_deliver_sftp_reports_a_failed_upload(tmp_path: Path, key: sshsig.PrivateKey) -> None:
+def test_deliver_sftp_reports_a_failed_upload(tmp_path: Path, key: sshkeys.PrivateKey) -> None:
     cut = signed_cut(key, tmp_path / "c1", 1, minute_ago(5))
     with pytest.raises(Error, match="sftp upload failed"):
         simulate.deliver_sftp(cut, f"x@y:{tmp_path}/missing", sftp_server=SFTP_SERVER)
@@ -335,7 +335,7 @@ def test_main_rejects_two_destinations(tmp_path: Path, institute: Institute) -> 
 
 
 def test_run_institute_never_dates_a_cut_before_the_previous_one(
-    tmp_path: Path, key: sshsig.PrivateKey
+    tmp_path: Path, key: sshkeys.PrivateKey
 ) -> None:
     times = iter([T0, T0 - timedelta(minutes=5)])
     cut_times: list[str] = []

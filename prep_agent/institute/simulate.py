@@ -40,7 +40,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
-from prep_agent.core import sshsig
+from prep_agent.core import sshkeys
 from prep_agent.core.errors import Error
 from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from prep_agent.institute.sign import CutInfo, load_key, sign_folder
@@ -1042,7 +1042,7 @@ def _prune(outdir: Path, keep: int) -> None:
 
 def run_institute(
     sim: Simulation,
-    key: sshsig.PrivateKey,
+    key: sshkeys.PrivateKey,
     outdir: Path,
     deliver: Callable[[Path], None],
     interval: float,
