@@ -27,7 +27,7 @@ from prep_agent.core import sshkeys, stamps
 from prep_agent.core.errors import Error
 from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, WELL_KNOWN
 from prep_agent.daemon import Agent, Outcome
-from prep_agent.institute import simulate
+from prep_agent.institute import delivery, simulate
 from prep_agent.institute.sign import CutInfo, sign_folder
 from prep_agent.institute.simulate import CSS_PATH, CSV_PATH, LOGO_PATH, Simulation, build_cut
 
@@ -195,7 +195,7 @@ def test_three_cuts_from_run_institute_are_published_reusing_unchanged_files(
     css_stats = []
 
     def deliver(folder: Path) -> None:
-        simulate.deliver_local(folder, config.inbox)
+        delivery.deliver_local(folder, config.inbox)
         css_stats.append((config.inbox / CSS_PATH).stat())
         outcomes.append(agent.step(settle=False))
 
@@ -249,17 +249,17 @@ def test_deliver_sftp_uploads_with_the_real_client_then_only_changes(
     first = signed_cut(key, tmp_path / "c1", 1, minute_ago(20))
     second = signed_cut(key, tmp_path / "c2", 2, minute_ago(10))
 
-    simulate.deliver_sftp(first, target, sftp_server=SFTP_SERVER)
+    delivery.deliver_sftp(first, target, sftp_server=SFTP_SERVER)
     assert agent.step(settle=False).status == "published"
     logo = (config.inbox / LOGO_PATH).stat()
-    batch = simulate.sftp_batch(second, str(config.inbox), previous=first)
+    batch = delivery.sftp_batch(second, str(config.inbox), previous=first)
     assert not any(LOGO_PATH in line or CSS_PATH in line for line in batch)
     assert batch[-3:] == [
         f'put "{second / MANIFEST_NAME}" "{MANIFEST_NAME}"',
         f'put "{second / SIGNATURE_NAME}" ".{SIGNATURE_NAME}.part"',
         f'rename ".{SIGNATURE_NAME}.part" "{SIGNATURE_NAME}"',
     ]
-    simulate.deliver_sftp(second, target, previous=first, sftp_server=SFTP_SERVER)
+    delivery.deliver_sftp(second, target, previous=first, sftp_server=SFTP_SERVER)
 
     assert agent.step(settle=False) == Outcome("published", 2)
     again = (config.inbox / LOGO_PATH).stat()
@@ -272,7 +272,7 @@ def test_deliver_sftp_uploads_with_the_real_client_then_only_changes(
 def test_deliver_sftp_reports_a_failed_upload(tmp_path: Path, key: sshkeys.PrivateKey) -> None:
     cut = signed_cut(key, tmp_path / "c1", 1, minute_ago(5))
     with pytest.raises(Error, match="sftp upload failed"):
-        simulate.deliver_sftp(cut, f"x@y:{tmp_path}/missing", sftp_server=SFTP_SERVER)
+        delivery.deliver_sftp(cut, f"x@y:{tmp_path}/missing", sftp_server=SFTP_SERVER)
 
 
 @pytest.mark.parametrize(
@@ -284,12 +284,12 @@ def test_deliver_sftp_reports_a_failed_upload(tmp_path: Path, key: sshkeys.Priva
     ],
 )
 def test_split_target(target: str, expected: tuple[str, str]) -> None:
-    assert simulate.split_target(target) == expected
+    assert delivery.split_target(target) == expected
 
 
 def test_split_target_rejects_a_missing_host() -> None:
     with pytest.raises(Error, match="USER@HOST:DIR"):
-        simulate.split_target(":inbox")
+        delivery.split_target(":inbox")
 
 
 # --- the command ------------------------------------------------------------------------

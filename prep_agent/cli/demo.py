@@ -21,7 +21,8 @@ from prep_agent.agent.config import load, render_template
 from prep_agent.cli.options import AddCommand
 from prep_agent.core import sshkeys
 from prep_agent.daemon import serving
-from prep_agent.institute.simulate import Simulation, deliver_local, run_institute
+from prep_agent.institute.delivery import deliver_local
+from prep_agent.institute.simulate import Simulation, run_institute
 
 ELECTION = "coah-ayun-2021"
 """Election id of the demo (the simulated institute's)."""
