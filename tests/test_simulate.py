@@ -27,9 +27,12 @@ from prep_agent.core import sshkeys, stamps
 from prep_agent.core.errors import Error
 from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, WELL_KNOWN
 from prep_agent.daemon import Agent, Outcome
-from prep_agent.institute import delivery, simulate
+from prep_agent.institute import delivery
 from prep_agent.institute.sign import CutInfo, sign_folder
-from prep_agent.institute.simulate import CSS_PATH, CSV_PATH, LOGO_PATH, Simulation, build_cut
+from prep_agent.institute.simulation import run
+from prep_agent.institute.simulation.database import ACTA_HEADER, CSV_PATH
+from prep_agent.institute.simulation.election import Simulation
+from prep_agent.institute.simulation.site import CSS_PATH, LOGO_PATH, build_cut
 
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 REAL_AYUN = SHARED / "fixtures/prep-real/campeche-2021-cuts/20210607_2000_PREP_AYUN_CAMP"
@@ -115,7 +118,7 @@ def test_csv_has_the_real_prep_layout(tmp_path: Path) -> None:
     ], "every non-party column of the real AYUN file, in the same order"
     for column in ("MORENA", "PAN", "PRI", "PRD", "PT", "PVEM", "MC", "NO_REGISTRADOS", "NULOS"):
         assert column in rows[0]
-    assert all(None not in r and len(r) == len(simulate.ACTA_HEADER) for r in rows)
+    assert all(None not in r and len(r) == len(ACTA_HEADER) for r in rows)
 
     acta_rows = [r for r in rows if r["CLAVE_ACTA"] != "-"]
     assert len(acta_rows) == int(summary["ACTAS_CAPTURADAS"]) > 1000
@@ -199,7 +202,7 @@ def test_three_cuts_from_run_institute_are_published_reusing_unchanged_files(
         css_stats.append((config.inbox / CSS_PATH).stat())
         outcomes.append(agent.step(settle=False))
 
-    simulate.run_institute(
+    run.run_institute(
         SIM,
         key,
         tmp_path / "out",
@@ -229,14 +232,14 @@ def test_run_institute_continues_the_sequence_and_prunes_old_cuts(
     delivered: list[str] = []
     out = tmp_path / "out"
     for cuts in (3, 2):
-        simulate.run_institute(
+        run.run_institute(
             SIM, key, out, lambda f: delivered.append(f.name), 0, cuts, threading.Event(), keep=2
         )
     assert delivered == ["000001", "000002", "000003", "000004", "000005"]
     assert sorted(p.name for p in out.iterdir()) == ["000004", "000005"]
     stop = threading.Event()
     stop.set()
-    simulate.run_institute(SIM, key, out, lambda f: delivered.append(f.name), 0, 0, stop)
+    run.run_institute(SIM, key, out, lambda f: delivered.append(f.name), 0, 0, stop)
     assert len(delivered) == 5
 
 
@@ -319,7 +322,7 @@ def test_main_delivers_cuts_into_the_inbox(
     args = namespace(
         key=str(institute.key), out=str(tmp_path / "out"), inbox=str(inbox), final=True
     )
-    assert simulate.main(args) == 0
+    assert run.main(args) == 0
     doc = json.loads((inbox / MANIFEST_NAME).read_bytes())
     assert doc["sequence"] == 2 and doc["final"] is True
     assert capsys.readouterr().out.splitlines() == [
@@ -331,7 +334,7 @@ def test_main_delivers_cuts_into_the_inbox(
 def test_main_rejects_two_destinations(tmp_path: Path, institute: Institute) -> None:
     args = namespace(key=str(institute.key), out=str(tmp_path), inbox="a", sftp="u@h:d")
     with pytest.raises(Error, match="exactly one"):
-        simulate.main(args)
+        run.main(args)
 
 
 def test_run_institute_never_dates_a_cut_before_the_previous_one(
@@ -345,7 +348,5 @@ def test_run_institute_never_dates_a_cut_before_the_previous_one(
         assert doc["signed_at"] >= doc["cut_time"]
         cut_times.append(doc["cut_time"])
 
-    simulate.run_institute(
-        SIM, key, tmp_path, deliver, 0, 2, threading.Event(), lambda: next(times)
-    )
+    run.run_institute(SIM, key, tmp_path, deliver, 0, 2, threading.Event(), lambda: next(times))
     assert cut_times == ["2021-06-06T20:30:00-06:00"] * 2

@@ -22,7 +22,8 @@ from prep_agent.cli.options import AddCommand
 from prep_agent.core import sshkeys
 from prep_agent.daemon import serving
 from prep_agent.institute.delivery import deliver_local
-from prep_agent.institute.simulate import Simulation, run_institute
+from prep_agent.institute.simulation.election import Simulation
+from prep_agent.institute.simulation.run import run_institute
 
 ELECTION = "coah-ayun-2021"
 """Election id of the demo (the simulated institute's)."""
