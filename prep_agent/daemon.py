@@ -25,7 +25,7 @@ from prep_agent.agent.journal import Journal
 from prep_agent.agent.lock import LockFile
 from prep_agent.agent.state import Rejected, State, load_state, save_state
 from prep_agent.agent.store import Release, Store, read_inbox_file
-from prep_agent.core import sshsig
+from prep_agent.core.allowed_signers import parse_allowed_signers
 from prep_agent.core.errors import (
     SIGNATURE_MALFORMED,
     ConfigError,
@@ -78,7 +78,7 @@ def load_policy(config: Config) -> Policy:
     except OSError as exc:
         raise ConfigError(f"cannot read allowed_signers {config.trust}: {exc.strerror}") from None
     try:
-        signers = tuple(sshsig.parse_allowed_signers(text))
+        signers = tuple(parse_allowed_signers(text))
     except SignatureFormatError as exc:
         raise ConfigError(f"allowed_signers {config.trust}: {exc}") from None
     if not signers:

@@ -23,7 +23,7 @@ from cutkit import PREP_AGENT, Institute, free_port, make_config, minute_ago
 
 from prep_agent.agent.config import Config
 from prep_agent.agent.journal import read_journal
-from prep_agent.core import sshsig
+from prep_agent.core import sshkeys, sshsig
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
@@ -216,7 +216,7 @@ def deliver_cut(inst: Institute, inboxes: list[Path], manifests: Path, sequence:
 def signed(doc: dict[str, Any], key: Path) -> tuple[bytes, str]:
     """A report body and its PREP-Signature, as a difusor would send them."""
     body = json.dumps(doc).encode()
-    private = sshsig.load_private_key(key.read_bytes())
+    private = sshkeys.load_private_key(key.read_bytes())
     return body, base64.b64encode(sshsig.sign(private, body, "prep-health")).decode()
 
 

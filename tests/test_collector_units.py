@@ -14,6 +14,7 @@ from cutkit import PREP_AGENT
 
 from prep_agent.agent.keygen import allowed_signers_line
 from prep_agent.core import sshsig
+from prep_agent.core.allowed_signers import parse_allowed_signers
 from prep_agent.institute.collector.board import make_board
 from prep_agent.institute.collector.store import DifusorRecord, SignedCut, Store
 from prep_agent.institute.collector.verify import ReportRejected, check_report
@@ -21,7 +22,7 @@ from prep_agent.institute.collector.verify import ReportRejected, check_report
 NOW = datetime(2021, 6, 7, 2, 0, tzinfo=timezone.utc)
 KEY = ed25519.Ed25519PrivateKey.generate()
 OTHER = ed25519.Ed25519PrivateKey.generate()
-SIGNERS = sshsig.parse_allowed_signers(
+SIGNERS = parse_allowed_signers(
     allowed_signers_line("diario-a", KEY) + "\n" + allowed_signers_line("diario-b", OTHER) + "\n"
 )
 

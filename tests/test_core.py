@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from prep_agent.core import sshsig
+from prep_agent.core import sshkeys, sshsig
+from prep_agent.core.allowed_signers import parse_allowed_signers
 from prep_agent.core.errors import Rejection
 from prep_agent.core.freshness import CURRENT, FINAL, NO_CUT, STALE, freshness
 from prep_agent.core.manifest import Limits, parse_manifest, parse_rfc3339
@@ -20,7 +21,7 @@ KEY = Ed25519PrivateKey.generate()
 CUT = datetime(2021, 6, 6, 20, 30, tzinfo=timezone(timedelta(hours=-5)))
 POLICY = Policy(
     election="coah-ayun-2021",
-    signers=tuple(sshsig.parse_allowed_signers(f"iec {sshsig.public_key_of(KEY).openssh()}\n")),
+    signers=tuple(parse_allowed_signers(f"iec {sshkeys.public_key_of(KEY).openssh()}\n")),
 )
 
 
@@ -64,14 +65,14 @@ def test_clock_skew_boundary(skew: int, ok: bool) -> None:
 
 
 def test_key_validity_uses_verification_time_not_signed_at() -> None:
-    public = sshsig.public_key_of(KEY).openssh()
+    public = sshkeys.public_key_of(KEY).openssh()
     data, sig = signed(doc())  # signed_at 2021-06-07 01:31 UTC
     for valid_after, now, ok in [
         ("202106070100Z", CUT + timedelta(minutes=2), True),
         ("202106070200Z", CUT + timedelta(minutes=2), False),
         ("202106070200Z", CUT + timedelta(minutes=31), True),
     ]:
-        signers = sshsig.parse_allowed_signers(f'iec valid-after="{valid_after}" {public}\n')
+        signers = parse_allowed_signers(f'iec valid-after="{valid_after}" {public}\n')
         policy = Policy(election="coah-ayun-2021", signers=tuple(signers))
         if ok:
             decide(data, sig, policy, Published(), now)

@@ -26,7 +26,8 @@ import requests
 from collectorkit import deliver_cut, journal_time, keygen, make_difusor, wait_for
 from cutkit import PREP_AGENT, Institute
 
-from prep_agent.core import sshsig
+from prep_agent.core import sshkeys, sshsig
+from prep_agent.core.allowed_signers import parse_allowed_signers
 from prep_agent.web.push import backoff_delay, signed_report
 
 
@@ -113,7 +114,7 @@ def test_keygen_line_verifies_with_openssh(tmp_path: Path) -> None:
     )
     assert again.returncode == 2 and "exists" in again.stderr
 
-    private = sshsig.load_private_key(key.read_bytes())
+    private = sshkeys.load_private_key(key.read_bytes())
     now = datetime.now(timezone.utc)
     body, header, _ = signed_report({"serviceId": "diario-x", "status": "pass"}, private, None, now)
     (tmp_path / "allowed").write_text(line + "\n")
@@ -155,7 +156,7 @@ def test_backoff_grows_with_jitter_up_to_the_cap() -> None:
 def test_push_at_start_after_publication_and_rejection(tmp_path: Path, receiver: Receiver) -> None:
     inst = Institute(tmp_path / "inst")
     agent, line = make_difusor(tmp_path, inst, "diario-p", receiver.url, period_seconds=60)
-    signers = sshsig.parse_allowed_signers(line + "\n")
+    signers = parse_allowed_signers(line + "\n")
     manifests = tmp_path / "salida"
     agent.start()
     try:

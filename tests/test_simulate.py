@@ -23,13 +23,16 @@ from cutkit import OFFSET, SHARED, Institute, make_config, minute_ago, tree_dige
 
 from prep_agent.agent.config import Config
 from prep_agent.agent.journal import read_journal
-from prep_agent.core import sshsig, stamps
+from prep_agent.core import sshkeys, stamps
 from prep_agent.core.errors import Error
 from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, WELL_KNOWN
 from prep_agent.daemon import Agent, Outcome
-from prep_agent.institute import simulate
+from prep_agent.institute import delivery
 from prep_agent.institute.sign import CutInfo, sign_folder
-from prep_agent.institute.simulate import CSS_PATH, CSV_PATH, LOGO_PATH, Simulation, build_cut
+from prep_agent.institute.simulation import run
+from prep_agent.institute.simulation.database import ACTA_HEADER, CSV_PATH
+from prep_agent.institute.simulation.election import Simulation
+from prep_agent.institute.simulation.site import CSS_PATH, LOGO_PATH, build_cut
 
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 REAL_AYUN = SHARED / "fixtures/prep-real/campeche-2021-cuts/20210607_2000_PREP_AYUN_CAMP"
@@ -56,7 +59,7 @@ def captured(folder: Path) -> set[str]:
 
 
 def signed_cut(
-    key: sshsig.PrivateKey, folder: Path, sequence: int, when: datetime, final: bool = False
+    key: sshkeys.PrivateKey, folder: Path, sequence: int, when: datetime, final: bool = False
 ) -> Path:
     build_cut(SIM, sequence, when, folder, final=final)
     info = CutInfo(SIM.election, sequence, when.isoformat(), final=final, period_seconds=600)
@@ -79,8 +82,8 @@ def public_tree(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture()
-def key(institute: Institute) -> sshsig.PrivateKey:
-    return sshsig.load_private_key(institute.key.read_bytes())
+def key(institute: Institute) -> sshkeys.PrivateKey:
+    return sshkeys.load_private_key(institute.key.read_bytes())
 
 
 # --- the cut ----------------------------------------------------------------------------
@@ -115,7 +118,7 @@ def test_csv_has_the_real_prep_layout(tmp_path: Path) -> None:
     ], "every non-party column of the real AYUN file, in the same order"
     for column in ("MORENA", "PAN", "PRI", "PRD", "PT", "PVEM", "MC", "NO_REGISTRADOS", "NULOS"):
         assert column in rows[0]
-    assert all(None not in r and len(r) == len(simulate.ACTA_HEADER) for r in rows)
+    assert all(None not in r and len(r) == len(ACTA_HEADER) for r in rows)
 
     acta_rows = [r for r in rows if r["CLAVE_ACTA"] != "-"]
     assert len(acta_rows) == int(summary["ACTAS_CAPTURADAS"]) > 1000
@@ -186,7 +189,7 @@ def test_zip_is_named_by_the_cut_minute_and_holds_the_csv_and_leeme(tmp_path: Pa
 
 
 def test_three_cuts_from_run_institute_are_published_reusing_unchanged_files(
-    tmp_path: Path, institute: Institute, key: sshsig.PrivateKey
+    tmp_path: Path, institute: Institute, key: sshkeys.PrivateKey
 ) -> None:
     config = make_config(tmp_path, institute)
     agent = Agent(config)
@@ -195,11 +198,11 @@ def test_three_cuts_from_run_institute_are_published_reusing_unchanged_files(
     css_stats = []
 
     def deliver(folder: Path) -> None:
-        simulate.deliver_local(folder, config.inbox)
+        delivery.deliver_local(folder, config.inbox)
         css_stats.append((config.inbox / CSS_PATH).stat())
         outcomes.append(agent.step(settle=False))
 
-    simulate.run_institute(
+    run.run_institute(
         SIM,
         key,
         tmp_path / "out",
@@ -224,24 +227,24 @@ def test_three_cuts_from_run_institute_are_published_reusing_unchanged_files(
 
 
 def test_run_institute_continues_the_sequence_and_prunes_old_cuts(
-    tmp_path: Path, key: sshsig.PrivateKey
+    tmp_path: Path, key: sshkeys.PrivateKey
 ) -> None:
     delivered: list[str] = []
     out = tmp_path / "out"
     for cuts in (3, 2):
-        simulate.run_institute(
+        run.run_institute(
             SIM, key, out, lambda f: delivered.append(f.name), 0, cuts, threading.Event(), keep=2
         )
     assert delivered == ["000001", "000002", "000003", "000004", "000005"]
     assert sorted(p.name for p in out.iterdir()) == ["000004", "000005"]
     stop = threading.Event()
     stop.set()
-    simulate.run_institute(SIM, key, out, lambda f: delivered.append(f.name), 0, 0, stop)
+    run.run_institute(SIM, key, out, lambda f: delivered.append(f.name), 0, 0, stop)
     assert len(delivered) == 5
 
 
 def test_deliver_sftp_uploads_with_the_real_client_then_only_changes(
-    tmp_path: Path, institute: Institute, key: sshsig.PrivateKey
+    tmp_path: Path, institute: Institute, key: sshkeys.PrivateKey
 ) -> None:
     config = make_config(tmp_path, institute)
     agent = Agent(config)
@@ -249,17 +252,17 @@ def test_deliver_sftp_uploads_with_the_real_client_then_only_changes(
     first = signed_cut(key, tmp_path / "c1", 1, minute_ago(20))
     second = signed_cut(key, tmp_path / "c2", 2, minute_ago(10))
 
-    simulate.deliver_sftp(first, target, sftp_server=SFTP_SERVER)
+    delivery.deliver_sftp(first, target, sftp_server=SFTP_SERVER)
     assert agent.step(settle=False).status == "published"
     logo = (config.inbox / LOGO_PATH).stat()
-    batch = simulate.sftp_batch(second, str(config.inbox), previous=first)
+    batch = delivery.sftp_batch(second, str(config.inbox), previous=first)
     assert not any(LOGO_PATH in line or CSS_PATH in line for line in batch)
     assert batch[-3:] == [
         f'put "{second / MANIFEST_NAME}" "{MANIFEST_NAME}"',
         f'put "{second / SIGNATURE_NAME}" ".{SIGNATURE_NAME}.part"',
         f'rename ".{SIGNATURE_NAME}.part" "{SIGNATURE_NAME}"',
     ]
-    simulate.deliver_sftp(second, target, previous=first, sftp_server=SFTP_SERVER)
+    delivery.deliver_sftp(second, target, previous=first, sftp_server=SFTP_SERVER)
 
     assert agent.step(settle=False) == Outcome("published", 2)
     again = (config.inbox / LOGO_PATH).stat()
@@ -269,10 +272,10 @@ def test_deliver_sftp_uploads_with_the_real_client_then_only_changes(
     assert 0 < published_events(config)[-1]["bytes_copied"] < published_events(config)[-1]["bytes"]
 
 
-def test_deliver_sftp_reports_a_failed_upload(tmp_path: Path, key: sshsig.PrivateKey) -> None:
+def test_deliver_sftp_reports_a_failed_upload(tmp_path: Path, key: sshkeys.PrivateKey) -> None:
     cut = signed_cut(key, tmp_path / "c1", 1, minute_ago(5))
     with pytest.raises(Error, match="sftp upload failed"):
-        simulate.deliver_sftp(cut, f"x@y:{tmp_path}/missing", sftp_server=SFTP_SERVER)
+        delivery.deliver_sftp(cut, f"x@y:{tmp_path}/missing", sftp_server=SFTP_SERVER)
 
 
 @pytest.mark.parametrize(
@@ -284,12 +287,12 @@ def test_deliver_sftp_reports_a_failed_upload(tmp_path: Path, key: sshsig.Privat
     ],
 )
 def test_split_target(target: str, expected: tuple[str, str]) -> None:
-    assert simulate.split_target(target) == expected
+    assert delivery.split_target(target) == expected
 
 
 def test_split_target_rejects_a_missing_host() -> None:
     with pytest.raises(Error, match="USER@HOST:DIR"):
-        simulate.split_target(":inbox")
+        delivery.split_target(":inbox")
 
 
 # --- the command ------------------------------------------------------------------------
@@ -319,7 +322,7 @@ def test_main_delivers_cuts_into_the_inbox(
     args = namespace(
         key=str(institute.key), out=str(tmp_path / "out"), inbox=str(inbox), final=True
     )
-    assert simulate.main(args) == 0
+    assert run.main(args) == 0
     doc = json.loads((inbox / MANIFEST_NAME).read_bytes())
     assert doc["sequence"] == 2 and doc["final"] is True
     assert capsys.readouterr().out.splitlines() == [
@@ -331,11 +334,11 @@ def test_main_delivers_cuts_into_the_inbox(
 def test_main_rejects_two_destinations(tmp_path: Path, institute: Institute) -> None:
     args = namespace(key=str(institute.key), out=str(tmp_path), inbox="a", sftp="u@h:d")
     with pytest.raises(Error, match="exactly one"):
-        simulate.main(args)
+        run.main(args)
 
 
 def test_run_institute_never_dates_a_cut_before_the_previous_one(
-    tmp_path: Path, key: sshsig.PrivateKey
+    tmp_path: Path, key: sshkeys.PrivateKey
 ) -> None:
     times = iter([T0, T0 - timedelta(minutes=5)])
     cut_times: list[str] = []
@@ -345,7 +348,5 @@ def test_run_institute_never_dates_a_cut_before_the_previous_one(
         assert doc["signed_at"] >= doc["cut_time"]
         cut_times.append(doc["cut_time"])
 
-    simulate.run_institute(
-        SIM, key, tmp_path, deliver, 0, 2, threading.Event(), lambda: next(times)
-    )
+    run.run_institute(SIM, key, tmp_path, deliver, 0, 2, threading.Event(), lambda: next(times))
     assert cut_times == ["2021-06-06T20:30:00-06:00"] * 2

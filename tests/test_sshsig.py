@@ -30,7 +30,8 @@ from sshsig_openssh import (
     ssh_verify,
 )
 
-from prep_agent.core import sshsig
+from prep_agent.core import sshkeys, sshsig
+from prep_agent.core.allowed_signers import parse_allowed_signers
 from prep_agent.core.errors import SignatureFormatError
 
 ACCEPTED_KEYS = ["ed25519", "ecdsa256", "ecdsa384", "ecdsa521", "rsa3072", "rsa4096"]
@@ -83,7 +84,7 @@ def our_decision(armored: bytes, message: bytes, allowed: str) -> tuple[bool, st
         sig = sshsig.parse_armored(armored)[0]
     except SignatureFormatError as exc:
         return False, f"malformed: {exc}"
-    signers = sshsig.parse_allowed_signers(allowed)
+    signers = parse_allowed_signers(allowed)
     signer, reason = sshsig.check_signature(sig, message, signers, sshsig.NAMESPACE_CUT, NOW)
     return signer is not None, reason
 
@@ -230,7 +231,7 @@ def test_time_without_z_is_local_time(
     status = ssh_verify(allowed, keys["ed25519"].principal, armored, MESSAGE, tmp_path, tz=tz)
     assert (status == 0) is expected
     sig = sshsig.parse_armored(armored)[0]
-    signers = sshsig.parse_allowed_signers(allowed, local_tz=local_tz)
+    signers = parse_allowed_signers(allowed, local_tz=local_tz)
     signer, _ = sshsig.check_signature(sig, MESSAGE, signers, sshsig.NAMESPACE_CUT, NOW)
     assert (signer is not None) is expected
 
@@ -310,9 +311,9 @@ def test_ssh_keygen_accepts_our_signatures(
     keys: dict[str, KeyPair], tmp_path: Path, name: str, hashalg: str
 ) -> None:
     key = keys[name]
-    private = sshsig.load_private_key(key.private_bytes())
+    private = sshkeys.load_private_key(key.private_bytes())
     blob = sshsig.sign(private, MESSAGE, sshsig.NAMESPACE_CUT, hashalg)
-    assert sshsig.public_key_of(private) == sshsig.parse_public_key(key.public_line)
+    assert sshkeys.public_key_of(private) == sshkeys.parse_public_key(key.public_line)
     armored = sshsig.armor(blob)
     assert ssh_verify(key.allowed_line(), key.principal, armored, MESSAGE, tmp_path) == 0
     assert our_decision(armored, MESSAGE, key.allowed_line()) == (True, "")
@@ -340,11 +341,11 @@ def test_load_private_key_rejects_bad_input(keys: dict[str, KeyPair], tmp_path: 
     assert run_keygen(["-q", "-t", "ed25519", "-N", "secret", "-f", str(encrypted)], tmp_path) == 0
     for data in (encrypted.read_bytes(), keys["dsa"].private_bytes(), b"garbage", b""):
         with pytest.raises(SignatureFormatError):
-            sshsig.load_private_key(data)
+            sshkeys.load_private_key(data)
 
 
 def test_sign_rejects_bad_arguments(keys: dict[str, KeyPair]) -> None:
-    private = sshsig.load_private_key(keys["ed25519"].private_bytes())
+    private = sshkeys.load_private_key(keys["ed25519"].private_bytes())
     with pytest.raises(ValueError, match="hash algorithm"):
         sshsig.sign(private, MESSAGE, "prep-cut", "sha1")
     with pytest.raises(ValueError, match="namespace"):
@@ -366,7 +367,7 @@ def test_embedded_trusted_key_signed_by_rogue_key_does_not_count(
 
 def test_rogue_key_embedding_itself_is_not_trusted(keys: dict[str, KeyPair], signatures) -> None:
     sig = sshsig.parse_armored(signatures["rogue", "sha512", "prep-cut"])[0]
-    signers = sshsig.parse_allowed_signers(trusted_file(keys, ACCEPTED_KEYS, {}))
+    signers = parse_allowed_signers(trusted_file(keys, ACCEPTED_KEYS, {}))
     signer, reason = sshsig.check_signature(sig, MESSAGE, signers, "prep-cut", NOW)
     assert signer is None
     assert reason == f"key {sig.public_key.fingerprint()} not in allowed_signers"
@@ -377,7 +378,7 @@ def test_check_signature_reasons(keys: dict[str, KeyPair], signatures) -> None:
     fingerprint = sig.public_key.fingerprint()
 
     def reason(options: str, namespace: str = "prep-cut") -> str:
-        signers = sshsig.parse_allowed_signers(keys["ed25519"].allowed_line(options))
+        signers = parse_allowed_signers(keys["ed25519"].allowed_line(options))
         return sshsig.check_signature(sig, MESSAGE, signers, namespace, NOW)[1]
 
     assert reason("") == ""
@@ -394,7 +395,7 @@ def test_later_line_for_the_same_key_can_trust_it(keys: dict[str, KeyPair], sign
     sig = sshsig.parse_armored(signatures["ed25519", "sha512", "prep-cut"])[0]
     key = keys["ed25519"]
     text = key.allowed_line('namespaces="other"') + "\n" + key.allowed_line() + "\n"
-    signers = sshsig.parse_allowed_signers(text)
+    signers = parse_allowed_signers(text)
     assert sshsig.check_signature(sig, MESSAGE, signers, "prep-cut", NOW) == (signers[1], "")
 
 
@@ -410,10 +411,10 @@ def test_threshold_counts_distinct_keys(keys: dict[str, KeyPair], signatures) ->
     ]
     sigs = sshsig.parse_armored(b"".join(blocks))  # as signers concatenate them
     assert len(sigs) == len(blocks)
-    signers = sshsig.parse_allowed_signers(trusted_file(keys, ACCEPTED_KEYS, {}))
+    signers = parse_allowed_signers(trusted_file(keys, ACCEPTED_KEYS, {}))
     result = sshsig.count_trusted(sigs, MESSAGE, signers, sshsig.NAMESPACE_CUT, NOW)
     expected = [
-        sshsig.parse_public_key(keys[n].public_line) for n in ("ed25519", "ecdsa384", "rsa3072")
+        sshkeys.parse_public_key(keys[n].public_line) for n in ("ed25519", "ecdsa384", "rsa3072")
     ]
     assert result.keys == tuple(expected)
     assert result.reasons == (
@@ -531,7 +532,7 @@ def test_mangled_blobs_raise_only_format_errors(keys, signatures, tmp_path, name
     """
     blob = dearmor(signatures[name, "sha512", "prep-cut"])
     signers_text = trusted_file(keys, ACCEPTED_KEYS, {})
-    signers = sshsig.parse_allowed_signers(signers_text)
+    signers = parse_allowed_signers(signers_text)
     rng = random.Random(f"sshsig-{name}")
     counted = []
     for _ in range(400):
@@ -576,14 +577,14 @@ def test_mangled_blobs_raise_only_format_errors(keys, signatures, tmp_path, name
 )
 def test_parse_public_key_rejects(text: str) -> None:
     with pytest.raises(SignatureFormatError):
-        sshsig.parse_public_key(text)
+        sshkeys.parse_public_key(text)
 
 
 def test_parse_public_key_keeps_rejected_families(keys: dict[str, KeyPair]) -> None:
-    dsa = sshsig.parse_public_key(keys["dsa"].public_line + " comment here")
+    dsa = sshkeys.parse_public_key(keys["dsa"].public_line + " comment here")
     assert dsa.key_type == "ssh-dss"
     line, _ = sk_ed25519(keys["rogue"], MESSAGE)
-    assert sshsig.parse_public_key(line).key_type == SK_TYPE
+    assert sshkeys.parse_public_key(line).key_type == SK_TYPE
 
 
 # --- allowed_signers --------------------------------------------------------------------
@@ -617,9 +618,9 @@ UTC = timezone.utc
     ],
 )
 def test_allowed_signers_lines(line, principals, namespaces, after, before) -> None:
-    (signer,) = sshsig.parse_allowed_signers(f"# comment\n\n   \n{line}\n")
+    (signer,) = parse_allowed_signers(f"# comment\n\n   \n{line}\n")
     assert signer.principals == principals
-    assert signer.key == sshsig.parse_public_key(ED)
+    assert signer.key == sshkeys.parse_public_key(ED)
     assert (signer.namespaces, signer.valid_after, signer.valid_before) == (
         namespaces,
         after,
@@ -629,7 +630,7 @@ def test_allowed_signers_lines(line, principals, namespaces, after, before) -> N
 
 def test_allowed_signers_skips_cert_authority_lines() -> None:
     text = f'*@x cert-authority {ED}\n*@x namespaces="n",CERT-AUTHORITY {ED}\nb@x {ED}\n'
-    assert [s.principals for s in sshsig.parse_allowed_signers(text)] == [("b@x",)]
+    assert [s.principals for s in parse_allowed_signers(text)] == [("b@x",)]
 
 
 @pytest.mark.parametrize(
@@ -652,7 +653,7 @@ def test_allowed_signers_skips_cert_authority_lines() -> None:
 def test_principal_patterns(
     principals: str, principal: str, expected: bool, tmp_path, keys, signatures
 ) -> None:
-    (signer,) = sshsig.parse_allowed_signers(f"{principals} {ED}")
+    (signer,) = parse_allowed_signers(f"{principals} {ED}")
     assert signer.matches_principal(principal) is expected
     key = keys["ed25519"]
     allowed = f"{principals} {key.public_line}\n"
@@ -684,12 +685,12 @@ def test_principal_patterns(
 )
 def test_allowed_signers_malformed_line(line: str, message: str) -> None:
     with pytest.raises(SignatureFormatError, match=f"^allowed_signers line 3: .*{message}"):
-        sshsig.parse_allowed_signers(f"# header\n\n{line}\nb@x {ED}\n")
+        parse_allowed_signers(f"# header\n\n{line}\nb@x {ED}\n")
 
 
 def test_local_tz_reads_times_without_suffix() -> None:
     zone = ZoneInfo("America/Mexico_City")
-    (signer,) = sshsig.parse_allowed_signers(f'a@x valid-after="20240601" {ED}', local_tz=zone)
+    (signer,) = parse_allowed_signers(f'a@x valid-after="20240601" {ED}', local_tz=zone)
     assert signer.valid_after == datetime(2024, 6, 1, 6, tzinfo=UTC)
     assert signer.valid_at(datetime(2024, 6, 1, 6, tzinfo=UTC))
     assert not signer.valid_at(datetime(2024, 6, 1, 6, tzinfo=UTC) - timedelta(seconds=1))

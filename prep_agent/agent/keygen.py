@@ -14,13 +14,13 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from prep_agent.core import sshsig
+from prep_agent.core import sshkeys, sshsig
 from prep_agent.core.errors import ConfigError
 
 
-def allowed_signers_line(service_id: str, key: sshsig.PrivateKey) -> str:
+def allowed_signers_line(service_id: str, key: sshkeys.PrivateKey) -> str:
     """The line the institute adds to its collector's allowed_signers."""
-    public = sshsig.public_key_of(key).openssh()
+    public = sshkeys.public_key_of(key).openssh()
     return f'{service_id} namespaces="{sshsig.NAMESPACE_HEALTH}" {public}'
 
 
@@ -36,7 +36,7 @@ def create_key(path: Path, service_id: str, force: bool = False) -> str:
         serialization.PrivateFormat.OpenSSH,
         serialization.NoEncryption(),
     )
-    public = f"{sshsig.public_key_of(key).openssh()} {service_id}\n"
+    public = f"{sshkeys.public_key_of(key).openssh()} {service_id}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if force else os.O_EXCL)
     try:

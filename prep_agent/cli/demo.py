@@ -19,9 +19,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from prep_agent.agent.config import load, render_template
 from prep_agent.cli.options import AddCommand
-from prep_agent.core import sshsig
+from prep_agent.core import sshkeys
 from prep_agent.daemon import serving
-from prep_agent.institute.simulate import Simulation, deliver_local, run_institute
+from prep_agent.institute.delivery import deliver_local
+from prep_agent.institute.simulation.election import Simulation
+from prep_agent.institute.simulation.run import run_institute
 
 ELECTION = "coah-ayun-2021"
 """Election id of the demo (the simulated institute's)."""
@@ -37,7 +39,7 @@ def setup(workdir: Path, port: int) -> Path:
             serialization.NoEncryption(),
         )
     )
-    public = sshsig.public_key_of(key).openssh()
+    public = sshkeys.public_key_of(key).openssh()
     (workdir / "allowed_signers").write_text(f'iec-demo namespaces="prep-cut" {public}\n')
     config_path = workdir / "prep-agent.conf"
     config_path.write_text(
@@ -59,7 +61,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="prep-agent-demo-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     config = load(setup(workdir, args.port))
-    key = sshsig.load_private_key((workdir / "institute_key").read_bytes())
+    key = sshkeys.load_private_key((workdir / "institute_key").read_bytes())
     stop = threading.Event()
 
     def institute() -> None:

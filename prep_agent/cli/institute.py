@@ -35,9 +35,9 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Sign and deliver simulated PREP cuts (the institute's side, for tests and drills)."""
-    from prep_agent.institute import simulate
+    from prep_agent.institute.simulation import run
 
-    return simulate.main(args)
+    return run.main(args)
 
 
 def cmd_collector(args: argparse.Namespace) -> int:

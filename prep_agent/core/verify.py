@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from prep_agent.core import sshsig
+from prep_agent.core.allowed_signers import AllowedSigner
 from prep_agent.core.errors import (
     EQUIVOCATION,
     LIMIT_EXCEEDED,
@@ -34,7 +35,7 @@ class Policy:
     """What the agent is configured to trust and accept."""
 
     election: str
-    signers: tuple[sshsig.AllowedSigner, ...]
+    signers: tuple[AllowedSigner, ...]
     threshold: int = 1
     max_clock_skew: timedelta = timedelta(seconds=300)
     limits: Limits = field(default_factory=Limits)

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from prep_agent.core import sshsig
+from prep_agent.core import sshkeys, sshsig
 from prep_agent.core.errors import Error
 from prep_agent.core.manifest import (
     FORMAT,
@@ -95,16 +95,16 @@ def manifest_bytes(folder: Path, info: CutInfo) -> bytes:
     return json.dumps(doc, ensure_ascii=False, indent=1).encode("utf-8") + b"\n"
 
 
-def load_key(path: Path) -> sshsig.PrivateKey:
+def load_key(path: Path) -> sshkeys.PrivateKey:
     """Read an unencrypted OpenSSH private key. Raises ``Error``."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise Error(f"cannot read key {path}: {exc.strerror}") from None
-    return sshsig.load_private_key(data)
+    return sshkeys.load_private_key(data)
 
 
-def sign_folder(folder: Path, key: sshsig.PrivateKey, info: CutInfo) -> bytes:
+def sign_folder(folder: Path, key: sshkeys.PrivateKey, info: CutInfo) -> bytes:
     """Write the manifest, then its signature last, into ``folder``; return the manifest."""
     data = manifest_bytes(folder, info)
     signature = sshsig.armor(sshsig.sign(key, data, sshsig.NAMESPACE_CUT))

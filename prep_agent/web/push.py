@@ -26,7 +26,7 @@ from typing import Any, Callable
 import requests  # type: ignore[import-untyped]  # no stubs in Debian 12
 
 from prep_agent.agent.journal import Journal
-from prep_agent.core import sshsig
+from prep_agent.core import sshkeys, sshsig
 from prep_agent.core.errors import ConfigError, SignatureFormatError
 from prep_agent.shared.clock import Clock, utc_now
 from prep_agent.web.health import HEALTH_TYPE
@@ -51,20 +51,20 @@ def backoff_delay(failures: int, cap: float, rng: random.Random, base: float = R
     return step / 2 + rng.uniform(0, step / 2)
 
 
-def load_push_key(path: Path) -> sshsig.PrivateKey:
+def load_push_key(path: Path) -> sshkeys.PrivateKey:
     """Read the difusor's unencrypted OpenSSH private key. Raises ``ConfigError``."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"[push] cannot read key {path}: {exc.strerror}") from None
     try:
-        return sshsig.load_private_key(data)
+        return sshkeys.load_private_key(data)
     except SignatureFormatError as exc:
         raise ConfigError(f"[push] key {path}: {exc}") from None
 
 
 def signed_report(
-    doc: dict[str, Any], key: sshsig.PrivateKey, previous: datetime | None, now: datetime
+    doc: dict[str, Any], key: sshkeys.PrivateKey, previous: datetime | None, now: datetime
 ) -> tuple[bytes, str, datetime]:
     """The body, the ``PREP-Signature`` value and the ``time`` written.
 
@@ -172,7 +172,7 @@ class Pusher:
     def __init__(
         self,
         urls: Sequence[str],
-        key: sshsig.PrivateKey,
+        key: sshkeys.PrivateKey,
         document: DocumentSource,
         journal: Journal,
         period: float = 60.0,

@@ -28,7 +28,7 @@ import requests  # type: ignore[import-untyped]  # no stubs in Debian 12
 from flask import Flask, Response, abort, render_template_string, request
 
 from prep_agent.agent.config import Config
-from prep_agent.core import sshsig
+from prep_agent.core.allowed_signers import AllowedSigner, parse_allowed_signers
 from prep_agent.core.errors import ConfigError, Error, Rejection, SignatureFormatError
 from prep_agent.core.manifest import MANIFEST_NAME, Limits, parse_manifest, parse_rfc3339
 from prep_agent.institute.collector.board import LABELS, Board, make_board
@@ -101,19 +101,19 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def load_trust(path: Path) -> list[sshsig.AllowedSigner]:
+def load_trust(path: Path) -> list[AllowedSigner]:
     """The difusores' allowed_signers. Raises ``ConfigError``."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read allowed_signers {path}: {exc.strerror}") from None
     try:
-        return sshsig.parse_allowed_signers(text)
+        return parse_allowed_signers(text)
     except SignatureFormatError as exc:
         raise ConfigError(f"allowed_signers {path}: {exc}") from None
 
 
-def literal_principals(signers: list[sshsig.AllowedSigner]) -> list[str]:
+def literal_principals(signers: list[AllowedSigner]) -> list[str]:
     """Principals without wildcards: each one is a registered difusor."""
     found = [p for s in signers for p in s.principals if not re.search(r"[*?!,]", p)]
     return list(dict.fromkeys(found))
@@ -139,7 +139,7 @@ class Collector:
         self.clock = clock
         self.store = Store(config.database, config.history_rows)
         self.names = {d.service_id: d.name for d in config.difusores}
-        self.signers: list[sshsig.AllowedSigner] = []
+        self.signers: list[AllowedSigner] = []
         self.registered: set[str] = set()
         self._trust_stamp: tuple[int, int, int] | None = None
         self._bad_manifests: set[str] = set()

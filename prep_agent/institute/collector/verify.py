@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from prep_agent.core import sshsig
+from prep_agent.core.allowed_signers import AllowedSigner
 from prep_agent.core.errors import Error, Rejection, SignatureFormatError
 from prep_agent.core.manifest import parse_rfc3339
 
@@ -102,7 +103,7 @@ def _decode_header(header: str | None) -> sshsig.Signature:
 def check_report(
     body: bytes,
     header: str | None,
-    signers: Sequence[sshsig.AllowedSigner],
+    signers: Sequence[AllowedSigner],
     registered: Collection[str],
     last_accepted: datetime | None,
     now: datetime,
