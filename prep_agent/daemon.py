@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Callable
 
 from prep_agent.agent.config import Config
-from prep_agent.agent.intake import Pending, Watcher
+from prep_agent.agent.intake import Pending, Watcher, read_inbox_file
 from prep_agent.agent.journal import Journal
 from prep_agent.agent.lock import LockFile
 from prep_agent.agent.state import Rejected, State, load_state, save_state
-from prep_agent.agent.store import Release, Store, read_inbox_file
+from prep_agent.agent.store import Release, Store
 from prep_agent.core import sshsig
 from prep_agent.core.errors import (
     SIGNATURE_MALFORMED,

@@ -1,13 +1,18 @@
-"""Intake (prep-cut-v1 §1.3): file events as hints, periodic rescans as the truth.
+"""Intake (prep-cut-v1 §1): the one reader of the drop folder.
 
-``Watcher`` wakes the agent on any change in the drop folder. If inotify cannot
-be used (no watches or instances left: ENOSPC / EMFILE), it says so and the
-agent runs on its periodic rescans alone (``mode == "polling"``).
+Files of the drop folder are opened only here, never following a link and
+never blocking (§4.5), and only regular files are read. ``Watcher`` wakes the
+agent on any change in the drop folder: file events are hints, periodic
+rescans the truth (§1.3). If inotify cannot be used (no watches or instances
+left: ENOSPC / EMFILE), it says so and the agent runs on its periodic rescans
+alone (``mode == "polling"``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -17,9 +22,84 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from prep_agent.core.manifest import SIGNATURE_NAME
+from prep_agent.core.errors import FILE_MISMATCH, FILE_TYPE, INCOMPLETE, LIMIT_EXCEEDED, Rejection
+from prep_agent.core.manifest import SIGNATURE_NAME, FileEntry
 
 log = logging.getLogger(__name__)
+
+
+def open_in_inbox(inbox: Path, relpath: str) -> int:
+    """Open a regular file under ``inbox`` without following any symlink.
+
+    Every path segment is opened relative to its parent with ``O_NOFOLLOW``;
+    ``O_NONBLOCK`` keeps a FIFO from hanging the agent. Raises ``Rejection``
+    (INCOMPLETE if absent, FILE_TYPE if not a regular file).
+    """
+    segments = relpath.split("/")
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    dir_fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for segment in segments[:-1]:
+            fd = _open_segment(segment, flags | os.O_DIRECTORY, dir_fd, relpath)
+            os.close(dir_fd)
+            dir_fd = fd
+        fd = _open_segment(segments[-1], flags, dir_fd, relpath)
+    finally:
+        os.close(dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Rejection(FILE_TYPE, f"{relpath!r} is not a regular file", transient=True)
+    return fd
+
+
+def _open_segment(segment: str, flags: int, dir_fd: int, relpath: str) -> int:
+    try:
+        return os.open(segment, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise Rejection(INCOMPLETE, f"{relpath!r} is missing", transient=True) from None
+    except (NotADirectoryError, OSError) as exc:
+        raise Rejection(
+            FILE_TYPE, f"{relpath!r} cannot be opened safely ({exc.strerror})", transient=True
+        ) from None
+
+
+def read_inbox_file(inbox: Path, name: str, limit: int) -> bytes | None:
+    """Read a small regular file of the drop folder (manifest, signature).
+
+    Returns None if absent. Raises ``Rejection`` if it is not a regular file or
+    is larger than ``limit``.
+    """
+    try:
+        fd = open_in_inbox(inbox, name)
+    except Rejection as exc:
+        if exc.reason == INCOMPLETE:
+            return None
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise Rejection(LIMIT_EXCEEDED, f"{name} is larger than {limit} bytes")
+    return data
+
+
+def precheck_inbox(inbox: Path, files: list[FileEntry]) -> None:
+    """Cheap pass before copying: every file to read is there with its size.
+
+    Raises a transient ``Rejection`` so a cut still uploading costs stats, not hashing.
+    """
+    for entry in files:
+        try:
+            st = os.lstat(inbox / entry.path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise Rejection(INCOMPLETE, f"{entry.path!r} is missing", transient=True) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise Rejection(FILE_TYPE, f"{entry.path!r} is not a regular file", transient=True)
+        if st.st_size != entry.size:
+            raise Rejection(
+                FILE_MISMATCH,
+                f"{entry.path!r}: {st.st_size} bytes, listed {entry.size}",
+                transient=True,
+            )
 
 
 class _Wake(FileSystemEventHandler):  # type: ignore[misc]

@@ -12,10 +12,11 @@ from types import FrameType
 from typing import Any
 
 from prep_agent.agent.config import Config, load, render_template
+from prep_agent.agent.intake import read_inbox_file
 from prep_agent.agent.journal import Journal
 from prep_agent.agent.lock import LockFile
 from prep_agent.agent.state import load_state, save_state
-from prep_agent.agent.store import Store, read_inbox_file
+from prep_agent.agent.store import Store
 from prep_agent.cli.options import AddCommand, add_config, load_config, operator, positive_int
 from prep_agent.core.errors import EXIT_OK, EXIT_REJECTED, ConfigError, Error, Rejection
 from prep_agent.core.freshness import freshness, stale_at
