@@ -1,15 +1,18 @@
 """Intake (prep-cut-v1 §1): the one reader of the drop folder.
 
-Files of the drop folder are opened only here, never following a link and
-never blocking (§4.5), and only regular files are read. ``Watcher`` wakes the
-agent on any change in the drop folder: file events are hints, periodic
-rescans the truth (§1.3). If inotify cannot be used (no watches or instances
-left: ENOSPC / EMFILE), it says so and the agent runs on its periodic rescans
-alone (``mode == "polling"``).
+``read_delivery`` reads a delivery's signature and manifest; ``open_in_inbox``
+opens the files they list, never following a link and never blocking, and
+only if they are regular files (§4.5). ``Watcher`` wakes the agent on any
+change in the drop folder: file events are hints, periodic rescans the truth
+(§1.3). If inotify cannot be used (no watches or instances left: ENOSPC /
+EMFILE), it says so and the agent runs on its periodic rescans alone
+(``mode == "polling"``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import stat
@@ -22,8 +25,16 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from prep_agent.core.errors import FILE_MISMATCH, FILE_TYPE, INCOMPLETE, LIMIT_EXCEEDED, Rejection
-from prep_agent.core.manifest import SIGNATURE_NAME, FileEntry
+from prep_agent.core.errors import (
+    FILE_MISMATCH,
+    FILE_TYPE,
+    INCOMPLETE,
+    LIMIT_EXCEEDED,
+    Error,
+    Rejection,
+)
+from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Limits
+from prep_agent.core.verify import MAX_SIGNATURE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +74,13 @@ def _open_segment(segment: str, flags: int, dir_fd: int, relpath: str) -> int:
         ) from None
 
 
-def read_inbox_file(inbox: Path, name: str, limit: int) -> bytes | None:
+def read_inbox_file(inbox: Path, name: str, limit: int) -> bytes:
     """Read a small regular file of the drop folder (manifest, signature).
 
-    Returns None if absent. Raises ``Rejection`` if it is not a regular file or
-    is larger than ``limit``.
+    Raises ``Rejection``: INCOMPLETE if absent, FILE_TYPE if not a regular
+    file, LIMIT_EXCEEDED if larger than ``limit``.
     """
-    try:
-        fd = open_in_inbox(inbox, name)
-    except Rejection as exc:
-        if exc.reason == INCOMPLETE:
-            return None
-        raise
-    with os.fdopen(fd, "rb") as fh:
+    with os.fdopen(open_in_inbox(inbox, name), "rb") as fh:
         data = fh.read(limit + 1)
     if len(data) > limit:
         raise Rejection(LIMIT_EXCEEDED, f"{name} is larger than {limit} bytes")
@@ -100,6 +105,90 @@ def precheck_inbox(inbox: Path, files: list[FileEntry]) -> None:
                 f"{entry.path!r}: {st.st_size} bytes, listed {entry.size}",
                 transient=True,
             )
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """The signature and manifest of the drop folder, as read at one instant.
+
+    ``signature_id`` is None when there is no signature file: nothing was
+    delivered. ``problem`` is the rejection that reading the delivery gave (a
+    file missing, not a regular file or too large); then the bytes that could
+    not be read are None.
+    """
+
+    signature_id: str | None
+    signature: bytes | None
+    manifest: bytes | None
+    problem: Rejection | None
+
+    def contents(self) -> tuple[bytes, bytes]:
+        """The manifest and signature bytes.
+
+        Raises ``problem`` if they could not be read, ``Error`` if the
+        manifest was skipped (the signature was already decided).
+        """
+        if self.problem is not None:
+            raise self.problem
+        if self.manifest is None or self.signature is None:
+            raise Error(f"{MANIFEST_NAME} of an already decided signature was not read")
+        return self.manifest, self.signature
+
+
+def read_delivery(inbox: Path, limits: Limits, decided: str | None = None) -> Delivery:
+    """Read the signature, then the manifest it signs, from the drop folder.
+
+    The one reading of a delivery that the daemon and ``prep-agent verify``
+    share, so that both give a cut the same reason. The manifest is not read
+    when the signature cannot be, nor when the signature's identity equals
+    ``decided`` (a cut already judged). A missing manifest beside its
+    signature is INCOMPLETE (transient), like any other missing file: the
+    signature is uploaded last (§1.2), so the delivery is still arriving or
+    was left unfinished (§1.3, §4.5). The delivery's own faults are returned
+    in ``problem``, not raised; raises ``OSError`` if the drop folder itself
+    cannot be opened.
+    """
+    path = inbox / SIGNATURE_NAME
+    try:
+        signature = read_inbox_file(inbox, SIGNATURE_NAME, MAX_SIGNATURE_BYTES)
+    except Rejection as exc:
+        return Delivery(signature_id(path, None), None, None, exc)
+    sig_id = signature_id(path, signature)
+    if decided is not None and sig_id == decided:
+        return Delivery(sig_id, signature, None, None)
+    try:
+        manifest = read_inbox_file(inbox, MANIFEST_NAME, limits.max_manifest_bytes)
+    except Rejection as exc:
+        return Delivery(sig_id, signature, None, exc)
+    return Delivery(sig_id, signature, manifest, None)
+
+
+def signature_id(path: Path, data: bytes | None) -> str | None:
+    """Identity of one upload of the signature file, None if there is no such file.
+
+    Its SHA-256 with its inode and modification time, so that the same bytes
+    uploaded again (ed25519 signatures are deterministic) are looked at again;
+    the inode alone if the file is unreadable.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    upload = f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}"
+    if data is None:
+        return f"unreadable:{upload}:{st.st_size}"
+    return f"{hashlib.sha256(data).hexdigest()}:{upload}"
+
+
+def sequence_hint(manifest_bytes: bytes | None) -> int | None:
+    """Best-effort sequence of a rejected manifest, for the record only."""
+    if not manifest_bytes:
+        return None
+    try:
+        value = json.loads(manifest_bytes).get("sequence")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class _Wake(FileSystemEventHandler):  # type: ignore[misc]
