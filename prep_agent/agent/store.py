@@ -30,8 +30,6 @@ from prep_agent.shared.fsutil import fsync_dir
 
 CHUNK = 1024 * 1024
 """Copy buffer: memory per copied file stays at this, whatever its size."""
-STAMP_HEAD_BYTES = 4096
-"""Bytes of a CSV read to find its cut stamp (line 2)."""
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
