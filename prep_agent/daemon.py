@@ -8,8 +8,6 @@ events and periodic rescans until stopped.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import threading
@@ -20,21 +18,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prep_agent.agent.config import Config
-from prep_agent.agent.intake import Pending, Watcher
+from prep_agent.agent.intake import Pending, Watcher, read_delivery, sequence_hint
 from prep_agent.agent.journal import Journal
 from prep_agent.agent.lock import LockFile
 from prep_agent.agent.state import Rejected, State, load_state, save_state
-from prep_agent.agent.store import Release, Store, read_inbox_file
+from prep_agent.agent.store import Release, Store
 from prep_agent.core.allowed_signers import parse_allowed_signers
-from prep_agent.core.errors import (
-    SIGNATURE_MALFORMED,
-    ConfigError,
-    Error,
-    Rejection,
-    SignatureFormatError,
-)
-from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME
-from prep_agent.core.verify import MAX_SIGNATURE_BYTES, Policy, Published, decide
+from prep_agent.core.errors import ConfigError, Error, Rejection, SignatureFormatError
+from prep_agent.core.verify import Policy, Published, decide
 from prep_agent.shared.clock import Clock, utc_now
 from prep_agent.shared.notify import sd_notify
 from prep_agent.web.frame import install_static, stale_deadline, write_public
@@ -182,30 +173,18 @@ class Agent:
         self.journal.write("trust-reloaded", keys=len(self.policy.signers))
 
     def _step(self, settle: bool) -> Outcome:
-        inbox = self.config.inbox
-        manifest_bytes: bytes | None = None
-        sig_bytes: bytes | None = None
-        problem: Rejection | None = None
-        try:
-            sig_bytes = read_inbox_file(inbox, SIGNATURE_NAME, MAX_SIGNATURE_BYTES)
-        except Rejection as exc:
-            problem = exc
-        sig_id = _signature_id(inbox / SIGNATURE_NAME, sig_bytes)
-        if sig_id is None or sig_id == self.state.last_decided_signature:
+        decided = self.state.last_decided_signature
+        delivery = read_delivery(self.config.inbox, self.config.limits, decided)
+        sig_id = delivery.signature_id
+        if sig_id is None or sig_id == decided:
             return Outcome("idle")
         if self.pending is None or self.pending.signature_sha256 != sig_id:
             self._supersede(sig_id)
         try:
-            if problem is not None or sig_bytes is None:
-                raise problem or Rejection(SIGNATURE_MALFORMED, "signature unreadable", True)
-            manifest_bytes = read_inbox_file(
-                inbox, MANIFEST_NAME, self.config.limits.max_manifest_bytes
-            )
-            if manifest_bytes is None:
-                raise Rejection(SIGNATURE_MALFORMED, f"{MANIFEST_NAME} is missing", True)
+            manifest_bytes, sig_bytes = delivery.contents()
             return self._accept(manifest_bytes, sig_bytes, sig_id)
         except Rejection as rejection:
-            return self._refuse(rejection, manifest_bytes, sig_bytes, settle)
+            return self._refuse(rejection, delivery.manifest, delivery.signature, settle)
 
     def _supersede(self, sig_id: str) -> None:
         if self.pending is not None:
@@ -342,7 +321,7 @@ class Agent:
                 pending.last_reason = rejection.reason
                 self.journal.write("cut-waiting", reason=rejection.reason, detail=rejection.detail)
             return Outcome("waiting", rejection=rejection)
-        sequence = _sequence_hint(manifest_bytes)
+        sequence = sequence_hint(manifest_bytes)
         folder = self.store.quarantine(
             rejection, manifest_bytes, sig_bytes, sequence, self.config.keep_quarantine
         )
@@ -430,32 +409,6 @@ def _file_stamp(path: Path) -> tuple[int, int, int, int]:
     except OSError:
         return (0, 0, 0, 0)
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _signature_id(path: Path, data: bytes | None) -> str | None:
-    """Identity of one upload of the signature file: its SHA-256 with its inode
-    and modification time, so that the same bytes uploaded again (ed25519
-    signatures are deterministic) are looked at again; the inode alone if the
-    file is unreadable."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    upload = f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}"
-    if data is None:
-        return f"unreadable:{upload}:{st.st_size}"
-    return f"{hashlib.sha256(data).hexdigest()}:{upload}"
-
-
-def _sequence_hint(manifest_bytes: bytes | None) -> int | None:
-    """Best-effort sequence of a rejected manifest, for the record only."""
-    if not manifest_bytes:
-        return None
-    try:
-        value = json.loads(manifest_bytes).get("sequence")
-    except (ValueError, AttributeError, RecursionError):
-        return None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 @contextmanager

@@ -14,8 +14,8 @@ import pytest
 from cutkit import Institute, make_config, minute_ago, ssh_verify, tree_digest
 
 from prep_agent import cli
+from prep_agent.agent.intake import open_in_inbox
 from prep_agent.agent.lock import LockFile
-from prep_agent.agent.store import open_in_inbox
 from prep_agent.core.errors import LockError, Rejection
 from prep_agent.daemon import Agent
 

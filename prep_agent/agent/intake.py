@@ -1,13 +1,21 @@
-"""Intake (prep-cut-v1 §1.3): file events as hints, periodic rescans as the truth.
+"""Intake (prep-cut-v1 §1): the one reader of the drop folder.
 
-``Watcher`` wakes the agent on any change in the drop folder. If inotify cannot
-be used (no watches or instances left: ENOSPC / EMFILE), it says so and the
-agent runs on its periodic rescans alone (``mode == "polling"``).
+``read_delivery`` reads a delivery's signature and manifest; ``open_in_inbox``
+opens the files they list, never following a link and never blocking, and
+only if they are regular files (§4.5). ``Watcher`` wakes the agent on any
+change in the drop folder: file events are hints, periodic rescans the truth
+(§1.3). If inotify cannot be used (no watches or instances left: ENOSPC /
+EMFILE), it says so and the agent runs on its periodic rescans alone
+(``mode == "polling"``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -17,9 +25,170 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from prep_agent.core.manifest import SIGNATURE_NAME
+from prep_agent.core.errors import (
+    FILE_MISMATCH,
+    FILE_TYPE,
+    INCOMPLETE,
+    LIMIT_EXCEEDED,
+    Error,
+    Rejection,
+)
+from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Limits
+from prep_agent.core.verify import MAX_SIGNATURE_BYTES
 
 log = logging.getLogger(__name__)
+
+
+def open_in_inbox(inbox: Path, relpath: str) -> int:
+    """Open a regular file under ``inbox`` without following any symlink.
+
+    Every path segment is opened relative to its parent with ``O_NOFOLLOW``;
+    ``O_NONBLOCK`` keeps a FIFO from hanging the agent. Raises ``Rejection``
+    (INCOMPLETE if absent, FILE_TYPE if not a regular file).
+    """
+    segments = relpath.split("/")
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    dir_fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for segment in segments[:-1]:
+            fd = _open_segment(segment, flags | os.O_DIRECTORY, dir_fd, relpath)
+            os.close(dir_fd)
+            dir_fd = fd
+        fd = _open_segment(segments[-1], flags, dir_fd, relpath)
+    finally:
+        os.close(dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Rejection(FILE_TYPE, f"{relpath!r} is not a regular file", transient=True)
+    return fd
+
+
+def _open_segment(segment: str, flags: int, dir_fd: int, relpath: str) -> int:
+    try:
+        return os.open(segment, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise Rejection(INCOMPLETE, f"{relpath!r} is missing", transient=True) from None
+    except (NotADirectoryError, OSError) as exc:
+        raise Rejection(
+            FILE_TYPE, f"{relpath!r} cannot be opened safely ({exc.strerror})", transient=True
+        ) from None
+
+
+def read_inbox_file(inbox: Path, name: str, limit: int) -> bytes:
+    """Read a small regular file of the drop folder (manifest, signature).
+
+    Raises ``Rejection``: INCOMPLETE if absent, FILE_TYPE if not a regular
+    file, LIMIT_EXCEEDED if larger than ``limit``.
+    """
+    with os.fdopen(open_in_inbox(inbox, name), "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise Rejection(LIMIT_EXCEEDED, f"{name} is larger than {limit} bytes")
+    return data
+
+
+def precheck_inbox(inbox: Path, files: list[FileEntry]) -> None:
+    """Cheap pass before copying: every file to read is there with its size.
+
+    Raises a transient ``Rejection`` so a cut still uploading costs stats, not hashing.
+    """
+    for entry in files:
+        try:
+            st = os.lstat(inbox / entry.path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise Rejection(INCOMPLETE, f"{entry.path!r} is missing", transient=True) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise Rejection(FILE_TYPE, f"{entry.path!r} is not a regular file", transient=True)
+        if st.st_size != entry.size:
+            raise Rejection(
+                FILE_MISMATCH,
+                f"{entry.path!r}: {st.st_size} bytes, listed {entry.size}",
+                transient=True,
+            )
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """The signature and manifest of the drop folder, as read at one instant.
+
+    ``signature_id`` is None when there is no signature file: nothing was
+    delivered. ``problem`` is the rejection that reading the delivery gave (a
+    file missing, not a regular file or too large); then the bytes that could
+    not be read are None.
+    """
+
+    signature_id: str | None
+    signature: bytes | None
+    manifest: bytes | None
+    problem: Rejection | None
+
+    def contents(self) -> tuple[bytes, bytes]:
+        """The manifest and signature bytes.
+
+        Raises ``problem`` if they could not be read, ``Error`` if the
+        manifest was skipped (the signature was already decided).
+        """
+        if self.problem is not None:
+            raise self.problem
+        if self.manifest is None or self.signature is None:
+            raise Error(f"{MANIFEST_NAME} of an already decided signature was not read")
+        return self.manifest, self.signature
+
+
+def read_delivery(inbox: Path, limits: Limits, decided: str | None = None) -> Delivery:
+    """Read the signature, then the manifest it signs, from the drop folder.
+
+    The one reading of a delivery that the daemon and ``prep-agent verify``
+    share, so that both give a cut the same reason. The manifest is not read
+    when the signature cannot be, nor when the signature's identity equals
+    ``decided`` (a cut already judged). A missing manifest beside its
+    signature is INCOMPLETE (transient), like any other missing file: the
+    signature is uploaded last (§1.2), so the delivery is still arriving or
+    was left unfinished (§1.3, §4.5). The delivery's own faults are returned
+    in ``problem``, not raised; raises ``OSError`` if the drop folder itself
+    cannot be opened.
+    """
+    path = inbox / SIGNATURE_NAME
+    try:
+        signature = read_inbox_file(inbox, SIGNATURE_NAME, MAX_SIGNATURE_BYTES)
+    except Rejection as exc:
+        return Delivery(signature_id(path, None), None, None, exc)
+    sig_id = signature_id(path, signature)
+    if decided is not None and sig_id == decided:
+        return Delivery(sig_id, signature, None, None)
+    try:
+        manifest = read_inbox_file(inbox, MANIFEST_NAME, limits.max_manifest_bytes)
+    except Rejection as exc:
+        return Delivery(sig_id, signature, None, exc)
+    return Delivery(sig_id, signature, manifest, None)
+
+
+def signature_id(path: Path, data: bytes | None) -> str | None:
+    """Identity of one upload of the signature file, None if there is no such file.
+
+    Its SHA-256 with its inode and modification time, so that the same bytes
+    uploaded again (ed25519 signatures are deterministic) are looked at again;
+    the inode alone if the file is unreadable.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    upload = f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}"
+    if data is None:
+        return f"unreadable:{upload}:{st.st_size}"
+    return f"{hashlib.sha256(data).hexdigest()}:{upload}"
+
+
+def sequence_hint(manifest_bytes: bytes | None) -> int | None:
+    """Best-effort sequence of a rejected manifest, for the record only."""
+    if not manifest_bytes:
+        return None
+    try:
+        value = json.loads(manifest_bytes).get("sequence")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class _Wake(FileSystemEventHandler):  # type: ignore[misc]

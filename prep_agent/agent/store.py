@@ -11,32 +11,22 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import time
 from dataclasses import dataclass
 from datetime import timezone
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from prep_agent.agent.intake import open_in_inbox, precheck_inbox
 from prep_agent.agent.layout import Layout
 from prep_agent.core import stamps
-from prep_agent.core.errors import (
-    FILE_MISMATCH,
-    FILE_TYPE,
-    INCOMPLETE,
-    STAMP_MISMATCH,
-    ZIP_INVALID,
-    Error,
-    Rejection,
-)
+from prep_agent.core.errors import FILE_MISMATCH, STAMP_MISMATCH, ZIP_INVALID, Error, Rejection
 from prep_agent.core.manifest import WELL_KNOWN, FileEntry, Limits, Manifest, parse_manifest
 from prep_agent.shared.clock import Clock, utc_now
 from prep_agent.shared.fsutil import fsync_dir
 
 CHUNK = 1024 * 1024
 """Copy buffer: memory per copied file stays at this, whatever its size."""
-STAMP_HEAD_BYTES = 4096
-"""Bytes of a CSV read to find its cut stamp (line 2)."""
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -79,60 +69,6 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def open_in_inbox(inbox: Path, relpath: str) -> int:
-    """Open a regular file under ``inbox`` without following any symlink.
-
-    Every path segment is opened relative to its parent with ``O_NOFOLLOW``;
-    ``O_NONBLOCK`` keeps a FIFO from hanging the agent. Raises ``Rejection``
-    (INCOMPLETE if absent, FILE_TYPE if not a regular file).
-    """
-    segments = relpath.split("/")
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    dir_fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for segment in segments[:-1]:
-            fd = _open_segment(segment, flags | os.O_DIRECTORY, dir_fd, relpath)
-            os.close(dir_fd)
-            dir_fd = fd
-        fd = _open_segment(segments[-1], flags, dir_fd, relpath)
-    finally:
-        os.close(dir_fd)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise Rejection(FILE_TYPE, f"{relpath!r} is not a regular file", transient=True)
-    return fd
-
-
-def _open_segment(segment: str, flags: int, dir_fd: int, relpath: str) -> int:
-    try:
-        return os.open(segment, flags, dir_fd=dir_fd)
-    except FileNotFoundError:
-        raise Rejection(INCOMPLETE, f"{relpath!r} is missing", transient=True) from None
-    except (NotADirectoryError, OSError) as exc:
-        raise Rejection(
-            FILE_TYPE, f"{relpath!r} cannot be opened safely ({exc.strerror})", transient=True
-        ) from None
-
-
-def read_inbox_file(inbox: Path, name: str, limit: int) -> bytes | None:
-    """Read a small regular file of the drop folder (manifest, signature).
-
-    Returns None if absent. Raises ``Rejection`` if it is not a regular file or
-    is larger than ``limit``.
-    """
-    try:
-        fd = open_in_inbox(inbox, name)
-    except Rejection as exc:
-        if exc.reason == INCOMPLETE:
-            return None
-        raise
-    with os.fdopen(fd, "rb") as fh:
-        data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise Rejection("limit-exceeded", f"{name} is larger than {limit} bytes")
-    return data
-
-
 def copy_verified(src_fd: int, dst: Path | None, entry: FileEntry) -> None:
     """Copy ``src_fd`` to a new read-only ``dst``, hashing the bytes written.
 
@@ -169,26 +105,6 @@ def copy_verified(src_fd: int, dst: Path | None, entry: FileEntry) -> None:
         )
     if digest.hexdigest() != entry.sha256:
         raise Rejection(FILE_MISMATCH, f"{entry.path!r}: SHA-256 differs", transient=True)
-
-
-def precheck_inbox(inbox: Path, files: list[FileEntry]) -> None:
-    """Cheap pass before copying: every file to read is there with its size.
-
-    Raises a transient ``Rejection`` so a cut still uploading costs stats, not hashing.
-    """
-    for entry in files:
-        try:
-            st = os.lstat(inbox / entry.path)
-        except (FileNotFoundError, NotADirectoryError):
-            raise Rejection(INCOMPLETE, f"{entry.path!r} is missing", transient=True) from None
-        if not stat.S_ISREG(st.st_mode):
-            raise Rejection(FILE_TYPE, f"{entry.path!r} is not a regular file", transient=True)
-        if st.st_size != entry.size:
-            raise Rejection(
-                FILE_MISMATCH,
-                f"{entry.path!r}: {st.st_size} bytes, listed {entry.size}",
-                transient=True,
-            )
 
 
 def _is_stamped(entry: FileEntry) -> bool:

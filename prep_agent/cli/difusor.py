@@ -12,16 +12,16 @@ from types import FrameType
 from typing import Any
 
 from prep_agent.agent.config import Config, load, render_template
+from prep_agent.agent.intake import read_delivery
 from prep_agent.agent.journal import Journal
 from prep_agent.agent.layout import Layout
 from prep_agent.agent.lock import LockFile
 from prep_agent.agent.state import load_state, save_state
-from prep_agent.agent.store import Store, read_inbox_file
+from prep_agent.agent.store import Store
 from prep_agent.cli.options import AddCommand, add_config, load_config, operator, positive_int
 from prep_agent.core.errors import EXIT_OK, EXIT_REJECTED, ConfigError, Error, Rejection
 from prep_agent.core.freshness import freshness, stale_at
-from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME
-from prep_agent.core.verify import MAX_SIGNATURE_BYTES, decide
+from prep_agent.core.verify import decide
 from prep_agent.daemon import Agent, load_policy, published_view, serving
 from prep_agent.shared.clock import utc_now
 from prep_agent.web.frame import write_public
@@ -91,10 +91,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     policy = load_policy(config)
     store = Store(config.layout, config.limits)
     try:
-        sig = read_inbox_file(folder, SIGNATURE_NAME, MAX_SIGNATURE_BYTES)
-        data = read_inbox_file(folder, MANIFEST_NAME, config.limits.max_manifest_bytes)
-        if sig is None or data is None:
-            raise Rejection("incomplete", f"no {SIGNATURE_NAME} and {MANIFEST_NAME} in {folder}")
+        data, sig = read_delivery(folder, config.limits).contents()
         published = published_view(store, load_state(config.layout.state_file))
         decision = decide(data, sig, policy, published, utc_now())
         if not decision.already_published:

@@ -56,7 +56,7 @@ class Rejection(Error):
 
 # Reason classes, as written to the journal, the state and health.
 SIGNATURE_MALFORMED = "signature-malformed"
-"""The .sig file is missing, or a block does not parse as SSHSIG v1."""
+"""A block of the .sig file does not parse as SSHSIG v1, or the file holds none."""
 SIGNATURE_UNTRUSTED = "signature-untrusted"
 """Fewer than ``threshold`` distinct trusted keys validly signed."""
 MANIFEST_INVALID = "manifest-invalid"
@@ -72,7 +72,7 @@ EQUIVOCATION = "equivocation"
 TIME_INVALID = "time-invalid"
 """A §4.4 timestamp rule fails."""
 INCOMPLETE = "incomplete"
-"""A listed file is absent from the drop folder (§4.5)."""
+"""A listed file, the manifest or its signature is absent from the drop folder (§1.3, §4.5)."""
 FILE_MISMATCH = "file-mismatch"
 """A listed file has another size or SHA-256 (§4.5)."""
 FILE_TYPE = "file-type"
