@@ -19,8 +19,8 @@ from cutkit import PREP_AGENT, Institute, free_port, make_config, minute_ago, wa
 from waitress import wasyncore
 
 from prep_agent.agent.config import Config
+from prep_agent.core.cuttime import format_cut_time
 from prep_agent.core.manifest import Limits, parse_manifest
-from prep_agent.web.frame import format_cut_time
 from prep_agent.web.health import Snapshot, health_document
 from prep_agent.web.server import PublicApp, Server
 

@@ -38,10 +38,6 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 
 from prep_agent.core.errors import SignatureFormatError
 
-NAMESPACE_CUT = "prep-cut"
-"""SSHSIG namespace of ``prep-manifest.json.sig`` (prep-cut-v1 §3)."""
-NAMESPACE_HEALTH = "prep-health"
-"""SSHSIG namespace of the pushed health document (health-v1 §3)."""
 MIN_RSA_BITS = 3072
 """Smallest RSA modulus whose signatures count (prep-cut-v1 §3)."""
 MAX_RSA_BITS = 16384

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import html
 import json
-import re
 import shutil
 from datetime import datetime, timedelta, timezone
 from importlib import resources
@@ -21,6 +20,7 @@ from urllib.parse import quote
 
 from prep_agent.agent.config import Config
 from prep_agent.agent.store import Release
+from prep_agent.core.cuttime import format_cut_time
 from prep_agent.core.freshness import FINAL, NO_CUT, freshness, stale_at
 from prep_agent.shared.fsutil import atomic_write
 
@@ -34,19 +34,6 @@ STALE_TEXT = (
 FINAL_TEXT = "Corte final: cierre del Programa de Resultados Electorales Preliminares."
 """Shown with the institute's final cut."""
 STATIC_FILES = ("frame.css", "frame.js")
-
-_OFFSET_RE = re.compile(r"(Z|z|[+-]\d{2}:\d{2})$")
-
-
-def format_cut_time(text: str, when: datetime) -> str:
-    """``06/06/2021 20:30 h (UTC-5)``: the cut time in its own offset, as PREP shows it."""
-    m = _OFFSET_RE.search(text)
-    offset = "UTC"
-    if m and m.group(1) not in ("Z", "z"):
-        sign, hours, minutes = m.group(1)[0], int(m.group(1)[1:3]), m.group(1)[4:6]
-        if hours or minutes != "00":
-            offset = f"UTC{sign}{hours}" + (f":{minutes}" if minutes != "00" else "")
-    return f"{when:%d/%m/%Y %H:%M} h ({offset})"
 
 
 def release_url(release: Release, path: str) -> str:

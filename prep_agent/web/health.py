@@ -24,8 +24,8 @@ from prep_agent import __version__
 from prep_agent.agent.state import Rejected
 from prep_agent.core.freshness import STALE, freshness
 from prep_agent.core.manifest import Manifest
+from prep_agent.core.protocol import HEALTH_TYPE
 
-HEALTH_TYPE = "application/health+json"
 PUBLISH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Histogram buckets (seconds) of prep_publish_duration_seconds."""
 

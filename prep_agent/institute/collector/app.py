@@ -29,8 +29,10 @@ from flask import Flask, Response, abort, render_template_string, request
 
 from prep_agent.agent.config import Config
 from prep_agent.core import sshsig
+from prep_agent.core.cuttime import format_cut_time
 from prep_agent.core.errors import ConfigError, Error, Rejection, SignatureFormatError
 from prep_agent.core.manifest import MANIFEST_NAME, Limits, parse_manifest, parse_rfc3339
+from prep_agent.core.protocol import SIGNATURE_HEADER
 from prep_agent.institute.collector.board import LABELS, Board, make_board
 from prep_agent.institute.collector.config import CollectorConfig
 from prep_agent.institute.collector.store import Store
@@ -49,8 +51,6 @@ from prep_agent.institute.collector.verify import (
     check_report,
     parse_document,
 )
-from prep_agent.web.frame import format_cut_time
-from prep_agent.web.push import SIGNATURE_HEADER
 from prep_agent.web.server import Server
 
 log = logging.getLogger(__name__)
