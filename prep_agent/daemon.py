@@ -37,11 +37,12 @@ from prep_agent.core.errors import (
 )
 from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from prep_agent.core.verify import MAX_SIGNATURE_BYTES, Policy, Published, decide
+from prep_agent.shared.httpserver import Server
 from prep_agent.shared.notify import sd_notify
 from prep_agent.web.frame import install_static, stale_deadline, write_public
 from prep_agent.web.health import Metrics, Snapshot, health_document
 from prep_agent.web.push import Pusher, load_push_key
-from prep_agent.web.server import Server, build_app, write_nginx_snippets
+from prep_agent.web.server import build_app, make_server, write_nginx_snippets
 
 log = logging.getLogger(__name__)
 
@@ -470,7 +471,7 @@ def serving(config: Config, clock: Clock = utc_now) -> Iterator[tuple[Agent, Ser
     config.root.mkdir(parents=True, exist_ok=True)
     with LockFile(config.lock_file):
         agent = Agent(config, clock)
-        server = Server(config, build_app(config, agent.snapshot, agent.metrics))
+        server = make_server(config, build_app(config, agent.snapshot, agent.metrics))
         server.start()
         agent.journal.write("server-listening", address=server.address)
         try:

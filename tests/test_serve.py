@@ -22,7 +22,7 @@ from prep_agent.agent.config import Config
 from prep_agent.core.cuttime import format_cut_time
 from prep_agent.core.manifest import Limits, parse_manifest
 from prep_agent.web.health import Snapshot, health_document
-from prep_agent.web.server import PublicApp, Server
+from prep_agent.web.server import PublicApp, make_server
 
 
 @dataclass
@@ -308,7 +308,7 @@ def test_server_loop_does_not_spin_under_load(
     config = make_config(tmp_path, Institute(tmp_path / "inst"), listen="127.0.0.1:0")
     config.public.mkdir(parents=True, exist_ok=True)
     (config.public / "status.json").write_bytes(b'{"sequence": 1}' + b" " * 400)
-    server = Server(config, PublicApp(config, _fallback), threads=threads)
+    server = make_server(config, PublicApp(config, _fallback), threads=threads)
     server.start()
     try:
         out = subprocess.run(

@@ -3,13 +3,12 @@
 Hot paths (frame, status, release files) are served by a small WSGI layer
 straight from disk; everything else (``/health``, ``/livez``, ``/readyz``,
 ``/metrics``) goes to the Flask application of ``health``. It runs on
-waitress, a production WSGI server; nginx can serve the same files from disk
+waitress, a production WSGI server (``shared.httpserver``); nginx can serve the same files from disk
 instead (``packaging/nginx``), proxying only the health paths.
 """
 
 from __future__ import annotations
 
-import logging
 import mimetypes
 import os
 import stat
@@ -22,17 +21,11 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import unquote
 
-import waitress
-from waitress import wasyncore
-from waitress.channel import HTTPChannel
-
 from prep_agent.agent.config import Config
-from prep_agent.core.errors import ConfigError
 from prep_agent.shared.fsutil import atomic_write
+from prep_agent.shared.httpserver import Server, ServerLimits, WSGIApp, parse_listen
 from prep_agent.web.frame import RELEASES_URL
 from prep_agent.web.health import Metrics, Snapshot, create_app
-
-WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 """Cache-Control of release files: a release URL never changes content."""
@@ -46,6 +39,9 @@ ASSETS = "public, max-age=300, stale-while-revalidate=60, stale-if-error=86400"
 SMALL_FILE = 256 * 1024
 """Files up to this size are answered from one read: waitress's file wrapper costs
 about ten times more per response for small files (measured with wrk)."""
+
+NGINX_PROXY = "127.0.0.1"
+"""Behind the packaged nginx, the client address comes in its X-Forwarded-For."""
 
 _TEXT_TYPES = ("text/", "application/json", "application/javascript", "image/svg+xml")
 
@@ -302,84 +298,13 @@ def _answer(
     return [b""] if _is_head(environ) else [body]
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) into host and port. Raises ``ConfigError``."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ConfigError(f"listen {listen!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+def make_server(config: Config, app: WSGIApp, threads: int = 8) -> Server:
+    """The shared waitress server for ``app`` on the configured ``listen`` address.
 
-
-class _Channel(HTTPChannel):  # type: ignore[misc]
-    """waitress's connection, without its busy loop while a worker answers.
-
-    waitress's main loop asks each connection ``writable()``; a connection whose
-    worker thread has put part of a response in the output buffer says yes, and
-    the loop then only *tries* the buffer's lock, which that worker holds while
-    it sends the same bytes itself. On a busy 2-core machine the loop spins on
-    select() and keeps taking the GIL from the very workers it waits for:
-    measured with wrk -c64 on status.json, 36 loop turns per response and
-    ~800 req/s with 8 threads (40 req/s with 2). While a request runs and the
-    buffer is below the high watermark the worker sends its own output (waitress
-    flushes in ``write_soon``) and wakes the loop when it is done, so the loop has
-    nothing to do for that connection: it is left out of select() until then.
-    Above the watermark (the worker waits for the loop), and when closing, the
-    answer is waitress's own.
+    Raises ``ConfigError`` if the address is malformed or cannot be listened on.
     """
-
-    def writable(self) -> bool:
-        if (
-            self.requests
-            and self.total_outbufs_len < self.adj.outbuf_high_watermark
-            and not (self.will_close or self.close_when_flushed)
-        ):
-            return False
-        return bool(super().writable())
-
-
-class Server:
-    """waitress serving ``app`` on the configured address, in a thread."""
-
-    def __init__(self, config: Config, app: WSGIApp, threads: int = 8) -> None:
-        host, port = parse_listen(config.listen)
-        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-        try:
-            self._server = waitress.create_server(
-                app,
-                host=host,
-                port=port,
-                threads=threads,
-                ident="prep-agent",
-                connection_limit=1000,
-                channel_timeout=30,
-                clear_untrusted_proxy_headers=True,
-                # Behind the packaged nginx, the client address comes in X-Forwarded-For.
-                trusted_proxy="127.0.0.1",
-                trusted_proxy_count=1,
-                trusted_proxy_headers={"x-forwarded-for"},
-            )
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror}") from None
-        # _Channel reads waitress's output-buffer bookkeeping (waitress >= 1.4; tested
-        # with 2.1.2). A waitress without it keeps its own, slower, channel.
-        if hasattr(HTTPChannel, "total_outbufs_len"):
-            self._server.channel_class = _Channel
-        self.address = f"{host}:{self._server.effective_port}"
-        self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
-
-    def start(self) -> None:
-        """Start serving in the background."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Close the listening socket and every open connection; join the thread.
-
-        Idle keep-alive connections (browsers, nginx upstreams) would otherwise
-        keep waitress's loop running.
-        """
-        self._server.task_dispatcher.shutdown(cancel_pending=True, timeout=2)
-        wasyncore.close_all(self._server._map)
-        self._thread.join(timeout=5)
+    host, port = parse_listen(config.listen)
+    return Server(host, port, app, ServerLimits(threads=threads), trusted_proxy=NGINX_PROXY)
 
 
 def build_app(config: Config, snapshot: Callable[[], Snapshot], metrics: Metrics) -> PublicApp:

@@ -27,7 +27,6 @@ from typing import Any, Callable
 import requests  # type: ignore[import-untyped]  # no stubs in Debian 12
 from flask import Flask, Response, abort, render_template_string, request
 
-from prep_agent.agent.config import Config
 from prep_agent.core import sshsig
 from prep_agent.core.cuttime import format_cut_time
 from prep_agent.core.errors import ConfigError, Error, Rejection, SignatureFormatError
@@ -51,7 +50,7 @@ from prep_agent.institute.collector.verify import (
     check_report,
     parse_document,
 )
-from prep_agent.web.server import Server
+from prep_agent.shared.httpserver import Server, ServerLimits, parse_listen
 
 log = logging.getLogger(__name__)
 
@@ -473,15 +472,10 @@ def serve(config: CollectorConfig, stop: threading.Event) -> None:
     """Run the collector until ``stop`` is set. Raises ``ConfigError``."""
     collector = Collector(config)
     collector.scan_manifests()
-    # Server reads only ``listen`` from the agent config it is given.
-    shim = Config(
-        root=config.database.parent,
-        inbox=config.database.parent,
-        election="collector",
-        trust=config.trust,
-        listen=config.listen,
-    )
-    server = Server(shim, create_collector_app(collector).wsgi_app, threads=16)
+    host, port = parse_listen(config.listen)
+    app = create_collector_app(collector).wsgi_app
+    # Like the agent: a reverse proxy on this host may pass the client in X-Forwarded-For.
+    server = Server(host, port, app, ServerLimits(threads=16), trusted_proxy="127.0.0.1")
     poller = Poller(collector)
     server.start()
     poller.start()
