@@ -41,7 +41,7 @@ def release_url(release: Release, path: str) -> str:
     return f"{RELEASES_URL}/{quote(release.name)}/{quote(path)}"
 
 
-def status_document(config: Config, release: Release | None, now: datetime) -> dict[str, Any]:
+def public_status(config: Config, release: Release | None, now: datetime) -> dict[str, Any]:
     """The public ``status.json``: what the page needs to show and follow the cut."""
     if release is None:
         return {
@@ -137,7 +137,7 @@ def write_public(config: Config, release: Release | None, now: datetime | None =
     """Rewrite ``status.json`` then ``index.html`` (each atomically) for ``release``."""
     now = now or datetime.now(timezone.utc)
     config.public.mkdir(parents=True, exist_ok=True)
-    status = status_document(config, release, now)
+    status = public_status(config, release, now)
     body = json.dumps(status, ensure_ascii=False, indent=1).encode("utf-8") + b"\n"
     atomic_write(config.public / "status.json", body)
     atomic_write(config.public / "index.html", render_frame(config, status, release).encode())

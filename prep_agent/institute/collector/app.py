@@ -34,7 +34,7 @@ from prep_agent.core.manifest import MANIFEST_NAME, Limits, parse_manifest, pars
 from prep_agent.core.protocol import SIGNATURE_HEADER
 from prep_agent.institute.collector.board import LABELS, Board, make_board
 from prep_agent.institute.collector.config import CollectorConfig
-from prep_agent.institute.collector.store import Store
+from prep_agent.institute.collector.store import CollectorDatabase
 from prep_agent.institute.collector.verify import (
     MAX_REPORT_BYTES,
     REPLAY,
@@ -136,7 +136,7 @@ class Collector:
     def __init__(self, config: CollectorConfig, clock: Clock = utc_now) -> None:
         self.config = config
         self.clock = clock
-        self.store = Store(config.database, config.history_rows)
+        self.store = CollectorDatabase(config.database, config.history_rows)
         self.names = {d.service_id: d.name for d in config.difusores}
         self.signers: list[sshsig.AllowedSigner] = []
         self.registered: set[str] = set()
