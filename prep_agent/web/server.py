@@ -183,6 +183,7 @@ class _Cached:
     version: tuple[int, int, int]
     body: bytes
     headers: list[tuple[str, str]]
+    etag: str
     checked: float
 
 
@@ -219,7 +220,7 @@ class FileCache:
             entry = self._revalidate(key, entry, now)
         if entry is None:
             return self._from_disk(environ, start_response, path, cache, security)
-        return _answer(environ, start_response, entry.headers, entry.body)
+        return _answer(environ, start_response, entry.headers, entry.etag, entry.body)
 
     def _revalidate(self, key: str, entry: _Cached, now: float) -> _Cached | None:
         try:
@@ -247,10 +248,11 @@ class FileCache:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             return _not_found(start_response)
+        etag = f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
         headers = [
             ("Content-Type", content_type(path.name)),
             ("Cache-Control", cache),
-            ("ETag", f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'),
+            ("ETag", etag),
             ("Last-Modified", formatdate(st.st_mtime, usegmt=True)),
             ("Content-Length", str(st.st_size)),
             *security,
@@ -258,16 +260,16 @@ class FileCache:
         fh = os.fdopen(fd, "rb")
         wrapper = environ.get("wsgi.file_wrapper")
         if st.st_size > SMALL_FILE and wrapper is not None:
-            if environ.get("HTTP_IF_NONE_MATCH") == headers[2][1] or _is_head(environ):
+            if environ.get("HTTP_IF_NONE_MATCH") == etag or _is_head(environ):
                 fh.close()
-                return _answer(environ, start_response, headers, b"")
+                return _answer(environ, start_response, headers, etag, b"")
             start_response("200 OK", headers)
             return wrapper(fh, 256 * 1024)  # type: ignore[no-any-return]
         with fh:
             body = fh.read(st.st_size)
         version = (st.st_ino, st.st_size, st.st_mtime_ns)
-        self._keep(str(path), _Cached(version, body, headers, time.monotonic()))
-        return _answer(environ, start_response, headers, body)
+        self._keep(str(path), _Cached(version, body, headers, etag, time.monotonic()))
+        return _answer(environ, start_response, headers, etag, body)
 
     def _keep(self, key: str, entry: _Cached) -> None:
         with self._lock:
@@ -288,10 +290,11 @@ def _answer(
     environ: dict[str, Any],
     start_response: Callable[..., Any],
     headers: list[tuple[str, str]],
+    etag: str,
     body: bytes,
 ) -> Iterable[bytes]:
-    """200 with ``body``, or 304 when the client holds this version, or a HEAD answer."""
-    if environ.get("HTTP_IF_NONE_MATCH") == headers[2][1]:
+    """200 with ``body``, or 304 when the client holds version ``etag``, or a HEAD answer."""
+    if environ.get("HTTP_IF_NONE_MATCH") == etag:
         start_response("304 Not Modified", [h for h in headers if h[0] != "Content-Length"])
         return [b""]
     start_response("200 OK", headers)
