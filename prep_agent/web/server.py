@@ -310,7 +310,7 @@ def make_server(config: Config, app: WSGIApp, threads: int = 8) -> Server:
     return Server(host, port, app, ServerLimits(threads=threads), trusted_proxy=NGINX_PROXY)
 
 
-def build_app(config: Config, snapshot: Callable[[], Snapshot], metrics: Metrics) -> PublicApp:
-    """The whole application: public files first, then health."""
+def build_app(config: Config, snapshot: Callable[[bool], Snapshot], metrics: Metrics) -> PublicApp:
+    """The whole application: public files first, then health (``snapshot(full)``)."""
     health = create_app(snapshot, metrics, config.health_token, config.health_allow)
     return PublicApp(config, health.wsgi_app)
