@@ -27,11 +27,13 @@ from prep_agent.core.allowed_signers import parse_allowed_signers
 from prep_agent.core.errors import ConfigError, Error, Rejection, SignatureFormatError
 from prep_agent.core.verify import Policy, Published, decide
 from prep_agent.shared.clock import Clock, utc_now
+from prep_agent.shared.httpserver import Server
 from prep_agent.shared.notify import sd_notify
 from prep_agent.web.frame import install_static, stale_deadline, write_public
 from prep_agent.web.health import Metrics, Snapshot, health_document
 from prep_agent.web.push import Pusher, load_push_key
-from prep_agent.web.server import Server, build_app, write_nginx_snippets
+from prep_agent.web.server import build_app, make_server, write_nginx_snippets
+from prep_agent.web.system import SystemProbe
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,7 @@ class Agent:
         self._watcher: Watcher | None = None
         self._stale_written: str | None = None
         self.metrics = Metrics()
+        self.system = SystemProbe(config.root)
         self.pusher: Pusher | None = None
         self._running = False
         self.store.ensure_layout()
@@ -230,8 +233,9 @@ class Agent:
             self.journal.write("releases-pruned", releases=pruned)
         return Outcome("published", manifest.sequence)
 
-    def snapshot(self) -> Snapshot:
-        """What health and metrics report, read from ``current`` and the state."""
+    def snapshot(self, full: bool = False) -> Snapshot:
+        """What health and metrics report, read from ``current`` and the state; with
+        ``full``, also one reading of the host (disk, memory, CPU) for the full view."""
         current = self.store.current()
         watcher = self._watcher
         alive = self._running and (watcher is None or watcher.alive())
@@ -245,10 +249,10 @@ class Agent:
             watcher_mode=watcher.mode if watcher else "polling",
             watcher_fallback=bool(watcher and watcher.failure),
             agent_alive=alive,
-            storage=self.config.root,
             storage_writable=os.access(self.layout.releases, os.W_OK),
             last_report_age=self.pusher.last_accepted_age() if self.pusher else None,
             push_configured=bool(self.config.push_urls),
+            system=self.system.read() if full else None,
         )
 
     def _notify_push(self) -> None:
@@ -264,7 +268,7 @@ class Agent:
         return Pusher(
             c.push_urls,
             load_push_key(c.push_key),
-            lambda: health_document(self.snapshot(), full=True),
+            lambda: health_document(self.snapshot(full=True)),
             self.journal,
             period=c.push_period,
             connect_timeout=c.push_connect_timeout,
@@ -421,7 +425,7 @@ def serving(config: Config, clock: Clock = utc_now) -> Iterator[tuple[Agent, Ser
     config.root.mkdir(parents=True, exist_ok=True)
     with LockFile(config.layout.lock_file):
         agent = Agent(config, clock)
-        server = Server(config, build_app(config, agent.snapshot, agent.metrics))
+        server = make_server(config, build_app(config, agent.snapshot, agent.metrics))
         server.start()
         agent.journal.write("server-listening", address=server.address)
         try:

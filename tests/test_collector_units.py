@@ -16,7 +16,7 @@ from prep_agent.agent.keygen import allowed_signers_line
 from prep_agent.core import sshsig
 from prep_agent.core.allowed_signers import parse_allowed_signers
 from prep_agent.institute.collector.board import make_board
-from prep_agent.institute.collector.store import DifusorRecord, SignedCut, Store
+from prep_agent.institute.collector.store import CollectorDatabase, DifusorRecord, SignedCut
 from prep_agent.institute.collector.verify import ReportRejected, check_report
 
 NOW = datetime(2021, 6, 7, 2, 0, tzinfo=timezone.utc)
@@ -139,7 +139,7 @@ def test_board_states_and_unlink_flag() -> None:
 
 
 def test_history_is_bounded(tmp_path: Path) -> None:
-    store = Store(tmp_path / "c.sqlite", history_rows=150)
+    store = CollectorDatabase(tmp_path / "c.sqlite", history_rows=150)
     store.register(["d"], NOW)
     for i in range(1000):
         store.record_poll("d", {"status": "pass", "time": str(i)}, NOW)
@@ -167,7 +167,7 @@ def test_record_cut_command(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{}")
     bad = subprocess.run([*cmd, str(tmp_path / "bad.json")], capture_output=True, text=True)
     assert bad.returncode == 2 and "not a manifest" in bad.stderr
-    store = Store(tmp_path / "collector.sqlite")
+    store = CollectorDatabase(tmp_path / "collector.sqlite")
     assert [c.sequence for c in store.signed_cuts()] == [7]
     store.close()
 

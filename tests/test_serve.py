@@ -19,10 +19,10 @@ from cutkit import PREP_AGENT, Institute, free_port, make_config, minute_ago, wa
 from waitress import wasyncore
 
 from prep_agent.agent.config import Config
+from prep_agent.core.cuttime import format_cut_time
 from prep_agent.core.manifest import Limits, parse_manifest
-from prep_agent.web.frame import format_cut_time
-from prep_agent.web.health import Snapshot, health_document
-from prep_agent.web.server import PublicApp, Server
+from prep_agent.web.health import Snapshot, SystemReadings, health_document
+from prep_agent.web.server import PublicApp, make_server
 
 
 @dataclass
@@ -159,10 +159,12 @@ def test_health_and_metrics(served: Running) -> None:
     assert health.headers["Content-Type"] == "application/health+json"
     assert health.headers["Cache-Control"] == "no-store"
     doc = health.json()
-    assert doc["status"] == "pass" and doc["serviceId"] == "difusor"
+    # The refused cut 2 is newer than the published cut 1: cut:last-rejection warns.
+    assert doc["status"] == "warn" and doc["serviceId"] == "difusor"
     checks = doc["checks"]
     assert checks["cut:sequence"][0]["observedValue"] == 1
     assert checks["cut:last-rejection"][0]["observedValue"].startswith("wrong-election")
+    assert checks["cut:last-rejection"][0]["status"] == "warn"
     assert checks["inbox:watcher"][0]["observedValue"] == "inotify"
     assert {"disk:utilization", "memory:utilization", "cpu:utilization"} <= set(checks)
 
@@ -216,26 +218,25 @@ def snapshot(**changes: Any) -> Snapshot:
         "watcher_mode": "inotify",
         "watcher_fallback": False,
         "agent_alive": True,
-        "storage": Path("/"),
         "storage_writable": True,
+        "system": SystemReadings(disk_percent=40.0, memory_percent=30.0, cpu_percent=5.0),
     }
     base.update(changes)
     return Snapshot(**base)
 
 
 def test_health_states() -> None:
-    assert health_document(snapshot(), True)["status"] == "pass"
+    assert health_document(snapshot())["status"] == "pass"
     stale = snapshot(now=datetime(2021, 6, 7, 2, 1, tzinfo=timezone.utc))
-    doc = health_document(stale, True)
+    doc = health_document(stale)
     assert doc["status"] == "warn" and doc["checks"]["cut:age"][0]["status"] == "warn"
     assert (
-        health_document(snapshot(watcher_fallback=True, watcher_mode="polling"), True)["status"]
-        == "warn"
+        health_document(snapshot(watcher_fallback=True, watcher_mode="polling"))["status"] == "warn"
     )
-    assert health_document(snapshot(agent_alive=False), False)["status"] == "fail"
-    assert health_document(snapshot(storage_writable=False), True)["status"] == "fail"
-    assert health_document(snapshot(manifest=None, manifest_sha256=None), True)["status"] == "warn"
-    assert health_document(snapshot(push_configured=True), True)["status"] == "warn"
+    assert health_document(snapshot(agent_alive=False, system=None))["status"] == "fail"
+    assert health_document(snapshot(storage_writable=False))["status"] == "fail"
+    assert health_document(snapshot(manifest=None, manifest_sha256=None))["status"] == "warn"
+    assert health_document(snapshot(push_configured=True))["status"] == "warn"
 
 
 @pytest.mark.parametrize(
@@ -308,7 +309,7 @@ def test_server_loop_does_not_spin_under_load(
     config = make_config(tmp_path, Institute(tmp_path / "inst"), listen="127.0.0.1:0")
     config.public.mkdir(parents=True, exist_ok=True)
     (config.public / "status.json").write_bytes(b'{"sequence": 1}' + b" " * 400)
-    server = Server(config, PublicApp(config, _fallback), threads=threads)
+    server = make_server(config, PublicApp(config, _fallback), threads=threads)
     server.start()
     try:
         out = subprocess.run(

@@ -33,6 +33,7 @@ from sshsig_openssh import (
 from prep_agent.core import sshkeys, sshsig
 from prep_agent.core.allowed_signers import parse_allowed_signers
 from prep_agent.core.errors import SignatureFormatError
+from prep_agent.core.protocol import NAMESPACE_CUT
 
 ACCEPTED_KEYS = ["ed25519", "ecdsa256", "ecdsa384", "ecdsa521", "rsa3072", "rsa4096"]
 HASHES = ["sha256", "sha512"]
@@ -85,7 +86,7 @@ def our_decision(armored: bytes, message: bytes, allowed: str) -> tuple[bool, st
     except SignatureFormatError as exc:
         return False, f"malformed: {exc}"
     signers = parse_allowed_signers(allowed)
-    signer, reason = sshsig.check_signature(sig, message, signers, sshsig.NAMESPACE_CUT, NOW)
+    signer, reason = sshsig.check_signature(sig, message, signers, NAMESPACE_CUT, NOW)
     return signer is not None, reason
 
 
@@ -232,7 +233,7 @@ def test_time_without_z_is_local_time(
     assert (status == 0) is expected
     sig = sshsig.parse_armored(armored)[0]
     signers = parse_allowed_signers(allowed, local_tz=local_tz)
-    signer, _ = sshsig.check_signature(sig, MESSAGE, signers, sshsig.NAMESPACE_CUT, NOW)
+    signer, _ = sshsig.check_signature(sig, MESSAGE, signers, NAMESPACE_CUT, NOW)
     assert (signer is not None) is expected
 
 
@@ -312,7 +313,7 @@ def test_ssh_keygen_accepts_our_signatures(
 ) -> None:
     key = keys[name]
     private = sshkeys.load_private_key(key.private_bytes())
-    blob = sshsig.sign(private, MESSAGE, sshsig.NAMESPACE_CUT, hashalg)
+    blob = sshsig.sign(private, MESSAGE, NAMESPACE_CUT, hashalg)
     assert sshkeys.public_key_of(private) == sshkeys.parse_public_key(key.public_line)
     armored = sshsig.armor(blob)
     assert ssh_verify(key.allowed_line(), key.principal, armored, MESSAGE, tmp_path) == 0
@@ -412,7 +413,7 @@ def test_threshold_counts_distinct_keys(keys: dict[str, KeyPair], signatures) ->
     sigs = sshsig.parse_armored(b"".join(blocks))  # as signers concatenate them
     assert len(sigs) == len(blocks)
     signers = parse_allowed_signers(trusted_file(keys, ACCEPTED_KEYS, {}))
-    result = sshsig.count_trusted(sigs, MESSAGE, signers, sshsig.NAMESPACE_CUT, NOW)
+    result = sshsig.count_trusted(sigs, MESSAGE, signers, NAMESPACE_CUT, NOW)
     expected = [
         sshkeys.parse_public_key(keys[n].public_line) for n in ("ed25519", "ecdsa384", "rsa3072")
     ]

@@ -14,6 +14,7 @@ from typing import Any
 from prep_agent.agent.layout import Layout
 from prep_agent.core.errors import ConfigError
 from prep_agent.core.manifest import Limits
+from prep_agent.shared.ini import read_ini
 
 STAMP_MODES = ("reject", "warn", "off")
 """Values of ``stamp_check`` (prep-cut-v1 §4.7)."""
@@ -231,21 +232,6 @@ def _path(parser: configparser.ConfigParser, key: str, base: Path) -> Path:
     if not value:
         raise ConfigError(f"[agent] {key} is required")
     return (base / value).resolve() if not Path(value).is_absolute() else Path(value)
-
-
-def read_ini(path: Path, section: str) -> configparser.ConfigParser:
-    """Parse an INI config file that must have ``[section]``. Raises ``ConfigError``."""
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            parser.read_file(fh)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-    except configparser.Error as exc:
-        raise ConfigError(f"config {path}: {exc.message.splitlines()[0]}") from None
-    if not parser.has_section(section):
-        raise ConfigError(f"config {path}: no [{section}] section")
-    return parser
 
 
 def load(path: Path) -> Config:

@@ -14,14 +14,15 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from prep_agent.core import sshkeys, sshsig
+from prep_agent.core import sshkeys
 from prep_agent.core.errors import ConfigError
+from prep_agent.core.protocol import NAMESPACE_HEALTH
 
 
 def allowed_signers_line(service_id: str, key: sshkeys.PrivateKey) -> str:
     """The line the institute adds to its collector's allowed_signers."""
     public = sshkeys.public_key_of(key).openssh()
-    return f'{service_id} namespaces="{sshsig.NAMESPACE_HEALTH}" {public}'
+    return f'{service_id} namespaces="{NAMESPACE_HEALTH}" {public}'
 
 
 def create_key(path: Path, service_id: str, force: bool = False) -> str:

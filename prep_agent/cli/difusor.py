@@ -110,7 +110,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def status_document(config: Config) -> dict[str, Any]:
+def status_report(config: Config) -> dict[str, Any]:
     """What ``status --json`` prints: derived from ``current`` and the state."""
     store = Store(config.layout, config.limits)
     state = load_state(config.layout.state_file)
@@ -134,7 +134,7 @@ def status_document(config: Config) -> dict[str, Any]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print what is published, its freshness and the last rejection."""
-    doc = status_document(load_config(args))
+    doc = status_report(load_config(args))
     if args.json:
         print(json.dumps(doc, indent=2, ensure_ascii=False))
         return EXIT_OK

@@ -39,11 +39,6 @@ from prep_agent.core.sshkeys import (
 )
 from prep_agent.core.sshwire import Reader, encode_string, strict_b64decode
 
-NAMESPACE_CUT = "prep-cut"
-"""SSHSIG namespace of ``prep-manifest.json.sig`` (prep-cut-v1 §3)."""
-NAMESPACE_HEALTH = "prep-health"
-"""SSHSIG namespace of the pushed health document (health-v1 §3)."""
-
 _MAGIC = b"SSHSIG"
 _VERSION = 1
 _HASHES = ("sha256", "sha512")

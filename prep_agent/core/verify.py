@@ -25,6 +25,7 @@ from prep_agent.core.errors import (
     SignatureFormatError,
 )
 from prep_agent.core.manifest import Limits, Manifest, parse_manifest
+from prep_agent.core.protocol import NAMESPACE_CUT
 
 MAX_SIGNATURE_BYTES = 1024**2
 """Upper bound on the .sig file: far above any threshold of real signers."""
@@ -75,7 +76,7 @@ def check_signatures(
         blocks = sshsig.parse_armored(sig_bytes)
     except SignatureFormatError as exc:
         raise Rejection(SIGNATURE_MALFORMED, str(exc), transient=True) from None
-    result = sshsig.count_trusted(blocks, manifest_bytes, policy.signers, sshsig.NAMESPACE_CUT, now)
+    result = sshsig.count_trusted(blocks, manifest_bytes, policy.signers, NAMESPACE_CUT, now)
     if len(result.keys) < policy.threshold:
         why = "; ".join(result.reasons) or "no block"
         raise Rejection(

@@ -19,6 +19,7 @@ from prep_agent.core.manifest import (
     WELL_KNOWN,
     parse_rfc3339,
 )
+from prep_agent.core.protocol import NAMESPACE_CUT
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def load_key(path: Path) -> sshkeys.PrivateKey:
 def sign_folder(folder: Path, key: sshkeys.PrivateKey, info: CutInfo) -> bytes:
     """Write the manifest, then its signature last, into ``folder``; return the manifest."""
     data = manifest_bytes(folder, info)
-    signature = sshsig.armor(sshsig.sign(key, data, sshsig.NAMESPACE_CUT))
+    signature = sshsig.armor(sshsig.sign(key, data, NAMESPACE_CUT))
     (folder / MANIFEST_NAME).write_bytes(data)
     tmp = folder / f".{SIGNATURE_NAME}.tmp"
     tmp.write_bytes(signature)

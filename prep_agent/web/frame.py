@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import html
 import json
-import re
 import shutil
 from datetime import datetime, timedelta
 from importlib import resources
@@ -21,6 +20,7 @@ from urllib.parse import quote
 
 from prep_agent.agent.config import Config
 from prep_agent.agent.store import Release
+from prep_agent.core.cuttime import format_cut_time
 from prep_agent.core.freshness import FINAL, NO_CUT, freshness, stale_at
 from prep_agent.shared.fsutil import atomic_write
 
@@ -35,26 +35,13 @@ FINAL_TEXT = "Corte final: cierre del Programa de Resultados Electorales Prelimi
 """Shown with the institute's final cut."""
 STATIC_FILES = ("frame.css", "frame.js")
 
-_OFFSET_RE = re.compile(r"(Z|z|[+-]\d{2}:\d{2})$")
-
-
-def format_cut_time(text: str, when: datetime) -> str:
-    """``06/06/2021 20:30 h (UTC-5)``: the cut time in its own offset, as PREP shows it."""
-    m = _OFFSET_RE.search(text)
-    offset = "UTC"
-    if m and m.group(1) not in ("Z", "z"):
-        sign, hours, minutes = m.group(1)[0], int(m.group(1)[1:3]), m.group(1)[4:6]
-        if hours or minutes != "00":
-            offset = f"UTC{sign}{hours}" + (f":{minutes}" if minutes != "00" else "")
-    return f"{when:%d/%m/%Y %H:%M} h ({offset})"
-
 
 def release_url(release: Release, path: str) -> str:
     """Relative, immutable URL of a file of a release."""
     return f"{RELEASES_URL}/{quote(release.name)}/{quote(path)}"
 
 
-def status_document(config: Config, release: Release | None, now: datetime) -> dict[str, Any]:
+def public_status(config: Config, release: Release | None, now: datetime) -> dict[str, Any]:
     """The public ``status.json``: what the page needs to show and follow the cut."""
     if release is None:
         return {
@@ -153,7 +140,7 @@ def write_public(config: Config, release: Release | None, now: datetime) -> None
     Raises ``OSError``.
     """
     config.public.mkdir(parents=True, exist_ok=True)
-    status = status_document(config, release, now)
+    status = public_status(config, release, now)
     body = json.dumps(status, ensure_ascii=False, indent=1).encode("utf-8") + b"\n"
     atomic_write(config.public / "status.json", body)
     atomic_write(config.public / "index.html", render_frame(config, status, release).encode())

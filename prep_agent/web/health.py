@@ -1,8 +1,9 @@
 """Health (health-v1 §1–§2): the health+json document, /livez, /readyz, /metrics.
 
-``Snapshot`` is what the agent knows at one instant; ``health_document`` turns it
-into the document (pure), ``Metrics`` keeps the counters, and ``create_app``
-serves them with Flask.
+``Snapshot`` is what the agent knows at one instant, with the host's readings
+(``SystemReadings``, taken by ``web.system``) only when the full view is asked
+for; ``health_document`` turns it into the document (pure: no clock, no host
+reads), ``Metrics`` keeps the counters, and ``create_app`` serves them with Flask.
 """
 
 from __future__ import annotations
@@ -14,25 +15,60 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Callable
 
-import psutil
 from flask import Flask, Response, request
 
 from prep_agent import __version__
 from prep_agent.agent.state import Rejected
 from prep_agent.core.freshness import STALE, freshness
 from prep_agent.core.manifest import Manifest
+from prep_agent.core.protocol import HEALTH_TYPE
 
-HEALTH_TYPE = "application/health+json"
 PUBLISH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Histogram buckets (seconds) of prep_publish_duration_seconds."""
+DISK_WARN_PERCENT = 85.0
+"""``disk:utilization`` warns from this percent of the releases' file system in use
+(health-v1 §1)."""
+DISK_FAIL_PERCENT = 97.0
+"""``disk:utilization`` fails from this percent (health-v1 §1): the next cut may not fit."""
+MEMORY_WARN_PERCENT = 90.0
+"""``memory:utilization`` warns from this percent of memory in use (less than 10 %
+available): the kernel then evicts the page cache that serves the releases, and the
+OOM killer is near. Never ``fail``: the agent can still publish."""
+CPU_WARN_PERCENT = 90.0
+"""``cpu:utilization`` warns from this percent of all CPUs busy, averaged since the
+previous reading (``web.system.CPU_WINDOW`` seconds at least): publication and
+serving slow down. Never ``fail``: the agent can still publish."""
+REJECTION_WARN_PERIODS = 1
+"""``cut:last-rejection`` warns for this many cut periods after a rejection (until the
+institute's next cut is due), and for as long as the rejected cut is newer than the
+published one. The institute not sending good cuts is ``warn``, never ``fail``."""
+DEFAULT_PERIOD = 600
+"""Cut period (seconds) before any cut is published (prep-cut-v1 §2 default)."""
+
+Checks = dict[str, list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class SystemReadings:
+    """The host at one instant, for the full view only (taken by ``web.system``)."""
+
+    disk_percent: float
+    """Percent in use of the file system holding the releases."""
+    memory_percent: float
+    """Percent of memory in use (psutil: total minus available)."""
+    cpu_percent: float | None
+    """Percent of all CPUs busy since the previous reading; None before a first window."""
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What the agent knows at one instant."""
+    """What the agent knows at one instant.
+
+    ``system`` holds the host's readings when the full view was asked for, and is
+    None for the public view: then the host is not read at all.
+    """
 
     now: datetime
     service_id: str
@@ -43,10 +79,10 @@ class Snapshot:
     watcher_mode: str
     watcher_fallback: bool
     agent_alive: bool
-    storage: Path
     storage_writable: bool
     last_report_age: float | None = None
     push_configured: bool = False
+    system: SystemReadings | None = None
 
 
 def _check(
@@ -58,7 +94,24 @@ def _check(
     return [item]
 
 
-def cut_checks(s: Snapshot) -> dict[str, list[dict[str, Any]]]:
+def rejection_status(s: Snapshot) -> str:
+    """``warn`` while the latest rejection matters (``REJECTION_WARN_PERIODS``), else ``pass``."""
+    rejected = s.last_rejection
+    if rejected is None:
+        return "pass"
+    m = s.manifest
+    if rejected.sequence is not None and rejected.sequence > (m.sequence if m else 0):
+        return "warn"  # readers see an older cut than the one the institute sent
+    try:
+        when = datetime.fromisoformat(rejected.time)
+        age = (s.now - when).total_seconds()
+    except (ValueError, TypeError):
+        return "warn"  # a time we cannot read (or without offset) may be recent
+    period = m.period_seconds if m else DEFAULT_PERIOD
+    return "warn" if age < REJECTION_WARN_PERIODS * period else "pass"
+
+
+def cut_checks(s: Snapshot) -> Checks:
     """The ``cut:*`` checks: public even without credentials."""
     now = s.now.isoformat(timespec="seconds")
     m = s.manifest
@@ -72,28 +125,41 @@ def cut_checks(s: Snapshot) -> dict[str, list[dict[str, Any]]]:
         "cut:time": _check("pass" if m else "warn", now, m.cut_time_text if m else None),
         "cut:age": _check("warn" if fresh == STALE or not m else "pass", now, age, "s"),
         "cut:manifest": _check("pass" if m else "warn", now, s.manifest_sha256),
-        "cut:last-rejection": _check("pass", now, rejection),
+        "cut:last-rejection": _check(rejection_status(s), now, rejection),
     }
 
 
-def system_checks(s: Snapshot) -> dict[str, list[dict[str, Any]]]:
-    """Watcher, disk, memory, CPU and report delivery checks (psutil)."""
+def system_checks(system: SystemReadings, now: str) -> Checks:
+    """Disk, memory and CPU checks of one reading of the host (full view only)."""
+    disk = system.disk_percent
+    disk_status = (
+        "fail" if disk >= DISK_FAIL_PERCENT else "warn" if disk >= DISK_WARN_PERCENT else "pass"
+    )
+    memory_status = "warn" if system.memory_percent >= MEMORY_WARN_PERCENT else "pass"
+    cpu = system.cpu_percent
+    cpu_status = "warn" if cpu is not None and cpu >= CPU_WARN_PERCENT else "pass"
+    return {
+        "disk:utilization": _check(disk_status, now, disk, "percent"),
+        "memory:utilization": _check(memory_status, now, system.memory_percent, "percent"),
+        "cpu:utilization": _check(cpu_status, now, cpu, "percent"),
+    }
+
+
+def all_checks(s: Snapshot) -> Checks:
+    """Every check the snapshot allows: the cut, watcher and report delivery checks,
+    and the system checks when ``s.system`` holds a reading of the host."""
     now = s.now.isoformat(timespec="seconds")
-    disk = psutil.disk_usage(str(s.storage)).percent
-    disk_status = "fail" if disk >= 97 else "warn" if disk >= 85 else "pass"
     watcher = "fail" if not s.agent_alive else "warn" if s.watcher_fallback else "pass"
     # Without push configured (health-v1 §3) there is nothing to deliver: not a warning.
     report_status = "warn" if s.push_configured and s.last_report_age is None else "pass"
-    return {
-        "inbox:watcher": _check(watcher, now, s.watcher_mode),
-        "disk:utilization": _check(disk_status, now, disk, "percent"),
-        "memory:utilization": _check("pass", now, psutil.virtual_memory().percent, "percent"),
-        "cpu:utilization": _check("pass", now, psutil.cpu_percent(interval=None), "percent"),
-        "report:delivery": _check(report_status, now, s.last_report_age, "s"),
-    }
+    checks = {**cut_checks(s), "inbox:watcher": _check(watcher, now, s.watcher_mode)}
+    if s.system is not None:
+        checks.update(system_checks(s.system, now))
+    checks["report:delivery"] = _check(report_status, now, s.last_report_age, "s")
+    return checks
 
 
-def _overall(checks: dict[str, list[dict[str, Any]]], s: Snapshot) -> tuple[str, str | None]:
+def _overall(checks: Checks, s: Snapshot) -> tuple[str, str | None]:
     if s.manifest is None and not s.agent_alive:
         return "fail", "agent is not running"
     if not s.agent_alive:
@@ -107,16 +173,21 @@ def _overall(checks: dict[str, list[dict[str, Any]]], s: Snapshot) -> tuple[str,
     return ("warn", ", ".join(warning)) if warning else ("pass", None)
 
 
-def health_document(s: Snapshot, full: bool) -> dict[str, Any]:
-    """The health+json document; ``full`` adds everything beyond the cut checks."""
-    checks = {**cut_checks(s), **system_checks(s)}
+def health_document(s: Snapshot) -> dict[str, Any]:
+    """The health+json document of ``s`` (pure; raises nothing).
+
+    With ``s.system`` (privileged callers, pushes) the full document; without it the
+    public view: ``status``, ``serviceId``, ``time`` and the ``cut:*`` checks, its
+    status summing up what is known without reading the host.
+    """
+    checks = all_checks(s)
     status, output = _overall(checks, s)
     doc: dict[str, Any] = {
         "status": status,
         "serviceId": s.service_id,
         "time": s.now.isoformat(timespec="seconds"),
     }
-    if not full:
+    if s.system is None:
         doc["checks"] = {k: v for k, v in checks.items() if k.startswith("cut:")}
         return doc
     doc.update(
@@ -184,12 +255,15 @@ class Metrics:
 
 
 def create_app(
-    snapshot: Callable[[], Snapshot],
+    snapshot: Callable[[bool], Snapshot],
     metrics: Metrics,
     token: str | None,
     allow: Sequence[str],
 ) -> Flask:
-    """The Flask application of /health, /livez, /readyz and /metrics."""
+    """The Flask application of /health, /livez, /readyz and /metrics.
+
+    ``snapshot(full)`` reads the host only when ``full`` (a privileged /health).
+    """
     app = Flask("prep_agent.web.health")
     networks = [ipaddress.ip_network(n, strict=False) for n in allow]
 
@@ -211,7 +285,7 @@ def create_app(
 
     @app.get("/health")
     def health() -> Response:
-        doc = health_document(snapshot(), full=privileged())
+        doc = health_document(snapshot(privileged()))
         code = 503 if doc["status"] == "fail" else 200
         return no_store(json.dumps(doc, ensure_ascii=False), code, HEALTH_TYPE)
 
@@ -221,7 +295,7 @@ def create_app(
 
     @app.get("/readyz")
     def readyz() -> Response:
-        s = snapshot()
+        s = snapshot(False)
         ready = s.manifest is not None and s.agent_alive
         return no_store("ok\n" if ready else "not ready\n", 200 if ready else 503, "text/plain")
 
@@ -229,6 +303,6 @@ def create_app(
     def metrics_text() -> Response:
         if not privileged():
             return no_store("forbidden\n", 403, "text/plain")
-        return no_store(metrics.render(snapshot()), 200, "text/plain; version=0.0.4")
+        return no_store(metrics.render(snapshot(False)), 200, "text/plain; version=0.0.4")
 
     return app

@@ -28,13 +28,11 @@ import requests  # type: ignore[import-untyped]  # no stubs in Debian 12
 from prep_agent.agent.journal import Journal
 from prep_agent.core import sshkeys, sshsig
 from prep_agent.core.errors import ConfigError, SignatureFormatError
+from prep_agent.core.protocol import HEALTH_TYPE, NAMESPACE_HEALTH, SIGNATURE_HEADER
 from prep_agent.shared.clock import Clock, utc_now
-from prep_agent.web.health import HEALTH_TYPE
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "PREP-Signature"
-"""Header carrying the base64 of one binary SSHSIG blob over the body (health-v1 §3)."""
 RETRY_MIN = 1.0
 """Seconds of the first retry delay; it doubles on each consecutive failure."""
 
@@ -75,7 +73,7 @@ def signed_report(
     report = dict(doc)
     report["time"] = moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
     body = json.dumps(report, ensure_ascii=False).encode("utf-8")
-    blob = sshsig.sign(key, body, sshsig.NAMESPACE_HEALTH)
+    blob = sshsig.sign(key, body, NAMESPACE_HEALTH)
     return body, base64.b64encode(blob).decode("ascii"), moment
 
 

@@ -3,13 +3,12 @@
 Hot paths (frame, status, release files) are served by a small WSGI layer
 straight from disk; everything else (``/health``, ``/livez``, ``/readyz``,
 ``/metrics``) goes to the Flask application of ``health``. It runs on
-waitress, a production WSGI server; nginx can serve the same files from disk
+waitress, a production WSGI server (``shared.httpserver``); nginx can serve the same files from disk
 instead (``packaging/nginx``), proxying only the health paths.
 """
 
 from __future__ import annotations
 
-import logging
 import mimetypes
 import os
 import stat
@@ -22,17 +21,11 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import unquote
 
-import waitress
-from waitress import wasyncore
-from waitress.channel import HTTPChannel
-
 from prep_agent.agent.config import Config
-from prep_agent.core.errors import ConfigError
 from prep_agent.shared.fsutil import atomic_write
+from prep_agent.shared.httpserver import Server, ServerLimits, WSGIApp, parse_listen
 from prep_agent.web.frame import RELEASES_URL
 from prep_agent.web.health import Metrics, Snapshot, create_app
-
-WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 """Cache-Control of release files: a release URL never changes content."""
@@ -46,6 +39,9 @@ ASSETS = "public, max-age=300, stale-while-revalidate=60, stale-if-error=86400"
 SMALL_FILE = 256 * 1024
 """Files up to this size are answered from one read: waitress's file wrapper costs
 about ten times more per response for small files (measured with wrk)."""
+
+NGINX_PROXY = "127.0.0.1"
+"""Behind the packaged nginx, the client address comes in its X-Forwarded-For."""
 
 _TEXT_TYPES = ("text/", "application/json", "application/javascript", "image/svg+xml")
 
@@ -187,6 +183,7 @@ class _Cached:
     version: tuple[int, int, int]
     body: bytes
     headers: list[tuple[str, str]]
+    etag: str
     checked: float
 
 
@@ -223,7 +220,7 @@ class FileCache:
             entry = self._revalidate(key, entry, now)
         if entry is None:
             return self._from_disk(environ, start_response, path, cache, security)
-        return _answer(environ, start_response, entry.headers, entry.body)
+        return _answer(environ, start_response, entry.headers, entry.etag, entry.body)
 
     def _revalidate(self, key: str, entry: _Cached, now: float) -> _Cached | None:
         try:
@@ -251,10 +248,11 @@ class FileCache:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             return _not_found(start_response)
+        etag = f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
         headers = [
             ("Content-Type", content_type(path.name)),
             ("Cache-Control", cache),
-            ("ETag", f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'),
+            ("ETag", etag),
             ("Last-Modified", formatdate(st.st_mtime, usegmt=True)),
             ("Content-Length", str(st.st_size)),
             *security,
@@ -262,16 +260,16 @@ class FileCache:
         fh = os.fdopen(fd, "rb")
         wrapper = environ.get("wsgi.file_wrapper")
         if st.st_size > SMALL_FILE and wrapper is not None:
-            if environ.get("HTTP_IF_NONE_MATCH") == headers[2][1] or _is_head(environ):
+            if environ.get("HTTP_IF_NONE_MATCH") == etag or _is_head(environ):
                 fh.close()
-                return _answer(environ, start_response, headers, b"")
+                return _answer(environ, start_response, headers, etag, b"")
             start_response("200 OK", headers)
             return wrapper(fh, 256 * 1024)  # type: ignore[no-any-return]
         with fh:
             body = fh.read(st.st_size)
         version = (st.st_ino, st.st_size, st.st_mtime_ns)
-        self._keep(str(path), _Cached(version, body, headers, time.monotonic()))
-        return _answer(environ, start_response, headers, body)
+        self._keep(str(path), _Cached(version, body, headers, etag, time.monotonic()))
+        return _answer(environ, start_response, headers, etag, body)
 
     def _keep(self, key: str, entry: _Cached) -> None:
         with self._lock:
@@ -292,97 +290,27 @@ def _answer(
     environ: dict[str, Any],
     start_response: Callable[..., Any],
     headers: list[tuple[str, str]],
+    etag: str,
     body: bytes,
 ) -> Iterable[bytes]:
-    """200 with ``body``, or 304 when the client holds this version, or a HEAD answer."""
-    if environ.get("HTTP_IF_NONE_MATCH") == headers[2][1]:
+    """200 with ``body``, or 304 when the client holds version ``etag``, or a HEAD answer."""
+    if environ.get("HTTP_IF_NONE_MATCH") == etag:
         start_response("304 Not Modified", [h for h in headers if h[0] != "Content-Length"])
         return [b""]
     start_response("200 OK", headers)
     return [b""] if _is_head(environ) else [body]
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) into host and port. Raises ``ConfigError``."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ConfigError(f"listen {listen!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+def make_server(config: Config, app: WSGIApp, threads: int = 8) -> Server:
+    """The shared waitress server for ``app`` on the configured ``listen`` address.
 
-
-class _Channel(HTTPChannel):  # type: ignore[misc]
-    """waitress's connection, without its busy loop while a worker answers.
-
-    waitress's main loop asks each connection ``writable()``; a connection whose
-    worker thread has put part of a response in the output buffer says yes, and
-    the loop then only *tries* the buffer's lock, which that worker holds while
-    it sends the same bytes itself. On a busy 2-core machine the loop spins on
-    select() and keeps taking the GIL from the very workers it waits for:
-    measured with wrk -c64 on status.json, 36 loop turns per response and
-    ~800 req/s with 8 threads (40 req/s with 2). While a request runs and the
-    buffer is below the high watermark the worker sends its own output (waitress
-    flushes in ``write_soon``) and wakes the loop when it is done, so the loop has
-    nothing to do for that connection: it is left out of select() until then.
-    Above the watermark (the worker waits for the loop), and when closing, the
-    answer is waitress's own.
+    Raises ``ConfigError`` if the address is malformed or cannot be listened on.
     """
-
-    def writable(self) -> bool:
-        if (
-            self.requests
-            and self.total_outbufs_len < self.adj.outbuf_high_watermark
-            and not (self.will_close or self.close_when_flushed)
-        ):
-            return False
-        return bool(super().writable())
+    host, port = parse_listen(config.listen)
+    return Server(host, port, app, ServerLimits(threads=threads), trusted_proxy=NGINX_PROXY)
 
 
-class Server:
-    """waitress serving ``app`` on the configured address, in a thread."""
-
-    def __init__(self, config: Config, app: WSGIApp, threads: int = 8) -> None:
-        host, port = parse_listen(config.listen)
-        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-        try:
-            self._server = waitress.create_server(
-                app,
-                host=host,
-                port=port,
-                threads=threads,
-                ident="prep-agent",
-                connection_limit=1000,
-                channel_timeout=30,
-                clear_untrusted_proxy_headers=True,
-                # Behind the packaged nginx, the client address comes in X-Forwarded-For.
-                trusted_proxy="127.0.0.1",
-                trusted_proxy_count=1,
-                trusted_proxy_headers={"x-forwarded-for"},
-            )
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror}") from None
-        # _Channel reads waitress's output-buffer bookkeeping (waitress >= 1.4; tested
-        # with 2.1.2). A waitress without it keeps its own, slower, channel.
-        if hasattr(HTTPChannel, "total_outbufs_len"):
-            self._server.channel_class = _Channel
-        self.address = f"{host}:{self._server.effective_port}"
-        self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
-
-    def start(self) -> None:
-        """Start serving in the background."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Close the listening socket and every open connection; join the thread.
-
-        Idle keep-alive connections (browsers, nginx upstreams) would otherwise
-        keep waitress's loop running.
-        """
-        self._server.task_dispatcher.shutdown(cancel_pending=True, timeout=2)
-        wasyncore.close_all(self._server._map)
-        self._thread.join(timeout=5)
-
-
-def build_app(config: Config, snapshot: Callable[[], Snapshot], metrics: Metrics) -> PublicApp:
-    """The whole application: public files first, then health."""
+def build_app(config: Config, snapshot: Callable[[bool], Snapshot], metrics: Metrics) -> PublicApp:
+    """The whole application: public files first, then health (``snapshot(full)``)."""
     health = create_app(snapshot, metrics, config.health_token, config.health_allow)
     return PublicApp(config, health.wsgi_app)

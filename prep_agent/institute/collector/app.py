@@ -27,13 +27,14 @@ from typing import Any, Callable
 import requests  # type: ignore[import-untyped]  # no stubs in Debian 12
 from flask import Flask, Response, abort, render_template_string, request
 
-from prep_agent.agent.config import Config
 from prep_agent.core.allowed_signers import AllowedSigner, parse_allowed_signers
+from prep_agent.core.cuttime import format_cut_time
 from prep_agent.core.errors import ConfigError, Error, Rejection, SignatureFormatError
 from prep_agent.core.manifest import MANIFEST_NAME, Limits, parse_manifest, parse_rfc3339
+from prep_agent.core.protocol import SIGNATURE_HEADER
 from prep_agent.institute.collector.board import LABELS, Board, make_board
 from prep_agent.institute.collector.config import CollectorConfig
-from prep_agent.institute.collector.store import Store
+from prep_agent.institute.collector.store import CollectorDatabase
 from prep_agent.institute.collector.verify import (
     MAX_REPORT_BYTES,
     REPLAY,
@@ -49,9 +50,7 @@ from prep_agent.institute.collector.verify import (
     check_report,
     parse_document,
 )
-from prep_agent.web.frame import format_cut_time
-from prep_agent.web.push import SIGNATURE_HEADER
-from prep_agent.web.server import Server
+from prep_agent.shared.httpserver import Server, ServerLimits, parse_listen
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +136,7 @@ class Collector:
     def __init__(self, config: CollectorConfig, clock: Clock = utc_now) -> None:
         self.config = config
         self.clock = clock
-        self.store = Store(config.database, config.history_rows)
+        self.store = CollectorDatabase(config.database, config.history_rows)
         self.names = {d.service_id: d.name for d in config.difusores}
         self.signers: list[AllowedSigner] = []
         self.registered: set[str] = set()
@@ -473,15 +472,10 @@ def serve(config: CollectorConfig, stop: threading.Event) -> None:
     """Run the collector until ``stop`` is set. Raises ``ConfigError``."""
     collector = Collector(config)
     collector.scan_manifests()
-    # Server reads only ``listen`` from the agent config it is given.
-    shim = Config(
-        root=config.database.parent,
-        inbox=config.database.parent,
-        election="collector",
-        trust=config.trust,
-        listen=config.listen,
-    )
-    server = Server(shim, create_collector_app(collector).wsgi_app, threads=16)
+    host, port = parse_listen(config.listen)
+    app = create_collector_app(collector).wsgi_app
+    # Like the agent: a reverse proxy on this host may pass the client in X-Forwarded-For.
+    server = Server(host, port, app, ServerLimits(threads=16), trusted_proxy="127.0.0.1")
     poller = Poller(collector)
     server.start()
     poller.start()

@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from prep_agent.core.cuttime import format_cut_time
 from prep_agent.core.errors import Rejection
 from prep_agent.core.manifest import parse_rfc3339
 from prep_agent.institute.collector.store import DifusorRecord, SignedCut, check_value
-from prep_agent.web.frame import format_cut_time
 
 AL_DIA = "al-dia"
 REZAGADO = "rezagado"

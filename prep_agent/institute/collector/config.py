@@ -22,8 +22,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from prep_agent.agent.config import read_ini
 from prep_agent.core.errors import ConfigError
+from prep_agent.shared.ini import read_ini
 
 SECTION = "collector"
 DIFUSOR_PREFIX = "difusor:"

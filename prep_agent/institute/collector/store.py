@@ -105,7 +105,7 @@ def check_value(doc: dict[str, Any], key: str) -> Any:
     return None
 
 
-class Store:
+class CollectorDatabase:
     """The collector's database (thread-safe)."""
 
     def __init__(self, path: Path, history_rows: int = 100_000) -> None:

@@ -19,6 +19,7 @@ from prep_agent.core import sshsig
 from prep_agent.core.allowed_signers import AllowedSigner
 from prep_agent.core.errors import Error, Rejection, SignatureFormatError
 from prep_agent.core.manifest import parse_rfc3339
+from prep_agent.core.protocol import NAMESPACE_HEALTH
 
 MAX_REPORT_BYTES = 256 * 1024
 """Largest report body accepted (a health document is a few KiB)."""
@@ -124,7 +125,7 @@ def check_report(
     if sid not in registered:
         raise ReportRejected(UNKNOWN_DIFUSOR, f"serviceId {sid[:64]!r} is not registered")
     lines = [s for s in signers if s.matches_principal(sid)]
-    signer, why = sshsig.check_signature(sig, body, lines, sshsig.NAMESPACE_HEALTH, now)
+    signer, why = sshsig.check_signature(sig, body, lines, NAMESPACE_HEALTH, now)
     if signer is None:
         raise ReportRejected(SIGNATURE_UNTRUSTED, f"{sid}: {why}", sid)
     skew = abs((report.time - now).total_seconds())
