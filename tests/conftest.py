@@ -7,7 +7,8 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from cutkit import Institute
+
+from tests.kit import Institute
 
 REQUIRED_TOOLS = ("ssh-keygen", "sftp", "rsync")
 

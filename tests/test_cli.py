@@ -8,9 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cutkit import ELECTION, PREP_AGENT, Institute, make_config, minute_ago, ssh_sign, ssh_verify
 
 from prep_agent import cli
+from tests.kit import ELECTION, PREP_AGENT, Institute, make_config, minute_ago, ssh_sign, ssh_verify
 
 COMMANDS = (
     "init",

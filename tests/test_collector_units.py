@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from cutkit import PREP_AGENT
 
 from prep_agent.agent.keygen import allowed_signers_line
 from prep_agent.core import sshsig
 from prep_agent.institute.collector.board import make_board
 from prep_agent.institute.collector.store import DifusorRecord, SignedCut, Store
 from prep_agent.institute.collector.verify import ReportRejected, check_report
+from tests.kit import PREP_AGENT
 
 NOW = datetime(2021, 6, 7, 2, 0, tzinfo=timezone.utc)
 KEY = ed25519.Ed25519PrivateKey.generate()

@@ -24,9 +24,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from cutkit import ELECTION, Institute, minute_ago
-from nginxkit import wait_published
-from packagingkit import (
+
+from prep_agent.agent.config import render_template
+from tests.kit import ELECTION, Institute, free_port, minute_ago, stop_process
+from tests.nginxkit import wait_published
+from tests.packagingkit import (
     DIST,
     ROOT,
     NotifySocket,
@@ -36,7 +38,6 @@ from packagingkit import (
     assert_machine_clean,
     build,
     check,
-    free_port,
     install_deb,
     nginx_conf,
     purge_deb,
@@ -45,13 +46,10 @@ from packagingkit import (
     service_command,
     shared_dir,
     start_nginx,
-    stop_process,
     unit_settings,
     version,
 )
-from sftpkit import Batch, Cut, make_cut
-
-from prep_agent.agent.config import render_template
+from tests.sftpkit import Batch, Cut, make_cut
 
 pytestmark = pytest.mark.timeout(600)
 

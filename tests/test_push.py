@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 import requests
-from collectorkit import deliver_cut, journal_time, keygen, make_difusor, wait_for
-from cutkit import PREP_AGENT, Institute
 
 from prep_agent.core import sshsig
 from prep_agent.web.push import backoff_delay, signed_report
+from tests.collectorkit import deliver_cut, journal_time, keygen, make_difusor
+from tests.kit import PREP_AGENT, Institute, wait_for
 
 
 class Receiver:

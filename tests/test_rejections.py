@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cutkit import (
+
+from prep_agent.daemon import Agent
+from tests.kit import (
     ELECTION,
     Institute,
     csv_bytes,
@@ -30,8 +32,6 @@ from cutkit import (
     ssh_sign,
     tree_digest,
 )
-
-from prep_agent.daemon import Agent
 
 Case = Callable[[Institute, Path, Path], None]
 """Delivers a bad cut: (institute, inbox, scratch folder)."""

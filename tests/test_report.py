@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import reportkit as rk
 
 from prep_agent.core.errors import ConfigError
 from prep_agent.report import generate as report
 from prep_agent.report.incidents import read_incidents
+from tests import reportkit as rk
 
 UTC = timezone.utc
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"

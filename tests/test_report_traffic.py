@@ -7,7 +7,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import reportkit as rk
 
 from prep_agent.report.accesslog import parse_line_slow, parse_time
 from prep_agent.report.summary import Options, daily
@@ -21,6 +20,7 @@ from prep_agent.report.traffic import (
     is_bot,
     page_key,
 )
+from tests import reportkit as rk
 
 BASE_FROM = datetime(2021, 6, 4, tzinfo=rk.OFFSET)
 SPLIT = datetime(2021, 6, 6, tzinfo=rk.OFFSET)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,7 +14,6 @@ from typing import Any, Callable
 
 import pytest
 import requests
-from cutkit import PREP_AGENT, Institute, free_port, make_config, minute_ago, wait_for
 from waitress import wasyncore
 
 from prep_agent.agent.config import Config
@@ -23,6 +21,7 @@ from prep_agent.core.manifest import Limits, parse_manifest
 from prep_agent.web.frame import format_cut_time
 from prep_agent.web.health import Snapshot, health_document
 from prep_agent.web.server import PublicApp, Server
+from tests.kit import AgentDaemon, Institute, free_port, make_config, minute_ago, wait_for
 
 
 @dataclass
@@ -45,26 +44,12 @@ def start(tmp_path: Path, **settings: Any) -> Iterator[Running]:
     inst = Institute(tmp_path / "inst")
     port = free_port()
     config = make_config(tmp_path, inst, listen=f"127.0.0.1:{port}", **settings)
-    agent = subprocess.Popen(
-        [PREP_AGENT, "run", "--config", str(tmp_path / "prep-agent.conf")],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    running = Running(config, inst, f"http://127.0.0.1:{port}")
+    agent = AgentDaemon(tmp_path / "prep-agent.conf").start()
     try:
-        wait_for(lambda: _answers(running))
-        yield running
+        yield Running(config, inst, f"http://127.0.0.1:{port}")
     finally:
-        agent.send_signal(signal.SIGTERM)
-        _, err = agent.communicate(timeout=10)
-    assert agent.returncode == 0, err
-
-
-def _answers(running: Running) -> bool:
-    try:
-        return running.get("/livez").status_code == 200
-    except requests.ConnectionError:
-        return False
+        code = agent.stop()
+    assert code == 0, agent.output()
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cutkit import OFFSET, SHARED, Institute, make_config, minute_ago, tree_digest
 
 from prep_agent.agent.config import Config
 from prep_agent.agent.journal import read_journal
@@ -30,6 +29,7 @@ from prep_agent.daemon import Agent, Outcome
 from prep_agent.institute import simulate
 from prep_agent.institute.sign import CutInfo, sign_folder
 from prep_agent.institute.simulate import CSS_PATH, CSV_PATH, LOGO_PATH, Simulation, build_cut
+from tests.kit import OFFSET, SHARED, Institute, make_config, minute_ago, tree_digest
 
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 REAL_AYUN = SHARED / "fixtures/prep-real/campeche-2021-cuts/20210607_2000_PREP_AYUN_CAMP"

@@ -11,7 +11,10 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from sshsig_openssh import (
+
+from prep_agent.core import sshsig
+from prep_agent.core.errors import SignatureFormatError
+from tests.sshsig_openssh import (
     MESSAGE,
     NOW,
     SK_TYPE,
@@ -27,11 +30,8 @@ from sshsig_openssh import (
     ssh_fingerprint,
     ssh_sign,
     ssh_string,
-    ssh_verify,
+    ssh_verify_status,
 )
-
-from prep_agent.core import sshsig
-from prep_agent.core.errors import SignatureFormatError
 
 ACCEPTED_KEYS = ["ed25519", "ecdsa256", "ecdsa384", "ecdsa521", "rsa3072", "rsa4096"]
 HASHES = ["sha256", "sha512"]
@@ -202,7 +202,9 @@ def test_differential_against_ssh_keygen(
         signatures[name, hashalg, "prep-health"],
     )
     case = build(inputs)
-    status = ssh_verify(case.allowed, keys[name].principal, case.armored, case.message, tmp_path)
+    status = ssh_verify_status(
+        case.allowed, keys[name].principal, case.armored, case.message, tmp_path
+    )
     counts, reason = our_decision(case.armored, case.message, case.allowed)
     ours = COUNTS if counts else MALFORMED if reason.startswith("malformed:") else IGNORED
     assert (status == 0) is (outcome == COUNTS), f"ssh-keygen exit {status}"
@@ -213,7 +215,9 @@ def test_time_window_edges_are_inclusive(keys: dict[str, KeyPair], signatures, t
     armored = signatures["ed25519", "sha512", "prep-cut"]
     for options in ('valid-after="20240601120000Z"', 'valid-before="20240601120000Z"'):
         allowed = keys["ed25519"].allowed_line(options) + "\n"
-        assert ssh_verify(allowed, keys["ed25519"].principal, armored, MESSAGE, tmp_path) == 0
+        assert (
+            ssh_verify_status(allowed, keys["ed25519"].principal, armored, MESSAGE, tmp_path) == 0
+        )
         assert our_decision(armored, MESSAGE, allowed) == (True, "")
 
 
@@ -227,7 +231,9 @@ def test_time_without_z_is_local_time(
     """08:00 local is 08:00Z in UTC but 14:00Z at UTC-6, after NOW (12:00Z)."""
     armored = signatures["ed25519", "sha512", "prep-cut"]
     allowed = keys["ed25519"].allowed_line('valid-after="202406010800"') + "\n"
-    status = ssh_verify(allowed, keys["ed25519"].principal, armored, MESSAGE, tmp_path, tz=tz)
+    status = ssh_verify_status(
+        allowed, keys["ed25519"].principal, armored, MESSAGE, tmp_path, tz=tz
+    )
     assert (status == 0) is expected
     sig = sshsig.parse_armored(armored)[0]
     signers = sshsig.parse_allowed_signers(allowed, local_tz=local_tz)
@@ -282,7 +288,7 @@ def test_stricter_than_ssh_keygen(
     keys: dict[str, KeyPair], signatures, tmp_path: Path, kind: str, reason: str
 ) -> None:
     armored, allowed, principal = _stricter_case(keys, signatures, tmp_path, kind)
-    assert ssh_verify(allowed + "\n", principal, armored, MESSAGE, tmp_path) == 0
+    assert ssh_verify_status(allowed + "\n", principal, armored, MESSAGE, tmp_path) == 0
     assert our_decision(armored, MESSAGE, allowed) == (False, reason)
 
 
@@ -294,7 +300,7 @@ def test_sha1_rsa_signature_type_is_rejected(keys, signatures, tmp_path: Path) -
     relabelled = ssh_string("ssh-rsa") + ssh_string(raw)
     armored = rearmor(blob.with_(signature=relabelled).join())
     allowed = keys["rsa3072"].allowed_line()
-    assert ssh_verify(allowed, keys["rsa3072"].principal, armored, MESSAGE, tmp_path) != 0
+    assert ssh_verify_status(allowed, keys["rsa3072"].principal, armored, MESSAGE, tmp_path) != 0
     assert our_decision(armored, MESSAGE, allowed) == (
         False,
         "key type ssh-rsa signature (SHA-1) not allowed",
@@ -314,7 +320,7 @@ def test_ssh_keygen_accepts_our_signatures(
     blob = sshsig.sign(private, MESSAGE, sshsig.NAMESPACE_CUT, hashalg)
     assert sshsig.public_key_of(private) == sshsig.parse_public_key(key.public_line)
     armored = sshsig.armor(blob)
-    assert ssh_verify(key.allowed_line(), key.principal, armored, MESSAGE, tmp_path) == 0
+    assert ssh_verify_status(key.allowed_line(), key.principal, armored, MESSAGE, tmp_path) == 0
     assert our_decision(armored, MESSAGE, key.allowed_line()) == (True, "")
     assert sshsig.parse_blob(blob).signature_type == (
         "rsa-sha2-512" if name.startswith("rsa") else key.public_line.split()[0]
@@ -360,7 +366,9 @@ def test_embedded_trusted_key_signed_by_rogue_key_does_not_count(
 ) -> None:
     blob = forge(keys[rogue], keys[trusted].public_blob(), MESSAGE)
     allowed = trusted_file(keys, ACCEPTED_KEYS, {})
-    assert ssh_verify(allowed, keys[trusted].principal, rearmor(blob), MESSAGE, tmp_path) != 0
+    assert (
+        ssh_verify_status(allowed, keys[trusted].principal, rearmor(blob), MESSAGE, tmp_path) != 0
+    )
     assert our_decision(rearmor(blob), MESSAGE, allowed) == (False, "signature does not verify")
 
 
@@ -554,7 +562,9 @@ def test_mangled_blobs_raise_only_format_errors(keys, signatures, tmp_path, name
         if signer is not None:
             counted.append(bytes(data))
     for data in counted:
-        status = ssh_verify(signers_text, keys[name].principal, rearmor(data), MESSAGE, tmp_path)
+        status = ssh_verify_status(
+            signers_text, keys[name].principal, rearmor(data), MESSAGE, tmp_path
+        )
         assert status == 0
 
 
@@ -656,7 +666,7 @@ def test_principal_patterns(
     assert signer.matches_principal(principal) is expected
     key = keys["ed25519"]
     allowed = f"{principals} {key.public_line}\n"
-    status = ssh_verify(
+    status = ssh_verify_status(
         allowed, principal, signatures["ed25519", "sha512", "prep-cut"], MESSAGE, tmp_path
     )
     assert (status == 0) is expected
