@@ -8,7 +8,7 @@ deps:
 lint: deps
 	$(VENV)/ruff check prep_agent tests benchmarks
 	$(VENV)/ruff format --check prep_agent tests benchmarks
-	$(VENV)/mypy prep_agent
+	$(VENV)/mypy prep_agent benchmarks
 
 test: deps
 	$(VENV)/python -m pytest
@@ -21,9 +21,9 @@ demo: deps
 	$(VENV)/prep-agent demo
 
 bench: deps
-	$(VENV)/python benchmarks/publish.py --loop-ext4 4
-	$(VENV)/python benchmarks/serve.py
-	$(VENV)/python benchmarks/report.py
+	$(VENV)/python -m benchmarks.publish --loop-ext4 4
+	$(VENV)/python -m benchmarks.serve
+	$(VENV)/python -m benchmarks.report
 
 # Packages into dist/ (Debian 12 .deb; EL9 .rpm and .src.rpm): packaging/README.md.
 deb:
