@@ -1,4 +1,4 @@
-.PHONY: deps check test lint demo bench deb rpm
+.PHONY: deps check test test-core lint demo bench deb rpm
 
 VENV := .venv/bin
 
@@ -12,6 +12,12 @@ lint: deps
 
 test: deps
 	$(VENV)/python -m pytest
+
+# Only the tests marked core: they need Python and the runtime dependencies, no
+# system tools, so no deps (any venv will do: make test-core PYTHON=venv/bin/python).
+PYTHON ?= $(VENV)/python
+test-core:
+	$(PYTHON) -m pytest -m core
 
 # The README's test command: everything CI runs.
 check: lint test

@@ -44,6 +44,7 @@ def _check(body: bytes, header: str | None, last: datetime | None = None) -> str
     return "accepted"
 
 
+@pytest.mark.core
 def test_report_checks() -> None:
     body, header = _push()
     assert _check(body, header) == "accepted"
@@ -102,6 +103,7 @@ def _cut(seq: int, minutes_ago: float) -> SignedCut:
     )
 
 
+@pytest.mark.core
 def test_board_states_and_unlink_flag() -> None:
     cuts = [_cut(1, 40), _cut(2, 25), _cut(3, 5)]
     records = [
@@ -137,6 +139,7 @@ def test_board_states_and_unlink_flag() -> None:
     assert board.counts()["desvincular"] == 2
 
 
+@pytest.mark.core
 def test_history_is_bounded(tmp_path: Path) -> None:
     store = Store(tmp_path / "c.sqlite", history_rows=150)
     store.register(["d"], NOW)

@@ -109,6 +109,7 @@ def test_unit_is_notify_with_watchdog_and_own_user() -> None:
     assert not unknown, proc.stderr
 
 
+@pytest.mark.core
 def test_packaged_config_is_the_commented_template() -> None:
     """/etc/prep-agent/prep-agent.conf is `prep-agent init`'s template for the package
     layout, with a header: every setting documented the same way."""
@@ -147,6 +148,7 @@ def test_installed_site_is_the_tested_site_with_its_own_log_folder(tmp_path: Pat
     ).read_bytes() == UNIT.read_bytes()
 
 
+@pytest.mark.core
 def test_versions_agree() -> None:
     changelog = (ROOT / "deb" / "changelog").read_text().splitlines()[0]
     assert changelog.startswith(f"prep-agent ({version()}-")

@@ -173,6 +173,7 @@ def test_published_tree_identical_to_upload_after_many_cuts(
 
 @pytest.mark.timeout(5)
 @pytest.mark.parametrize("kind", ["fifo", "symlink", "dirlink", "missing"])
+@pytest.mark.core
 def test_open_in_inbox_never_follows_or_blocks(tmp_path: Path, kind: str) -> None:
     """The open itself is safe, not only the stat pre-check (a file can change in between)."""
     inbox = tmp_path / "inbox"

@@ -133,6 +133,7 @@ def test_keygen_line_verifies_with_openssh(tmp_path: Path) -> None:
     assert wrong_ns.returncode != 0
 
 
+@pytest.mark.core
 def test_report_times_strictly_increase() -> None:
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -144,6 +145,7 @@ def test_report_times_strictly_increase() -> None:
     assert json.loads(body)["time"] == "2021-06-06T20:30:00.001+00:00"
 
 
+@pytest.mark.core
 def test_backoff_grows_with_jitter_up_to_the_cap() -> None:
     rng = random.Random(7)
     for failures, step in ((1, 1.0), (2, 2.0), (3, 4.0), (6, 32.0), (7, 60.0), (40, 60.0)):

@@ -519,6 +519,7 @@ def test_oversized_manifest(tmp_path: Path) -> None:
     assert not config.current.exists()
 
 
+@pytest.mark.core
 def test_case_names_match_reason_classes() -> None:
     reasons = {reason for _, reason in CASES.values()}
     assert all(re.fullmatch(r"[a-z]+(-[a-z]+)*", r) for r in reasons)

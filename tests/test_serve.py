@@ -208,6 +208,7 @@ def snapshot(**changes: Any) -> Snapshot:
     return Snapshot(**base)
 
 
+@pytest.mark.core
 def test_health_states() -> None:
     assert health_document(snapshot(), True)["status"] == "pass"
     stale = snapshot(now=datetime(2021, 6, 7, 2, 1, tzinfo=timezone.utc))
@@ -232,12 +233,14 @@ def test_health_states() -> None:
         ("2021-06-06T20:30:00+05:30", "06/06/2021 20:30 h (UTC+5:30)"),
     ],
 )
+@pytest.mark.core
 def test_cut_time_in_its_own_offset(text: str, expected: str) -> None:
     from prep_agent.core.manifest import parse_rfc3339
 
     assert format_cut_time(text, parse_rfc3339(text, "t")) == expected
 
 
+@pytest.mark.core
 def test_file_cache_follows_replacement_and_stays_bounded(tmp_path: Path) -> None:
     """Small files are served from memory; a file replaced by rename is seen after
     ``recheck``; the cache never holds more than ``max_bytes``."""

@@ -86,6 +86,7 @@ def key(institute: Institute) -> sshsig.PrivateKey:
 # --- the cut ----------------------------------------------------------------------------
 
 
+@pytest.mark.core
 def test_cut_is_a_deterministic_function_of_seed_sequence_and_time(tmp_path: Path) -> None:
     build_cut(SIM, 4, T0, tmp_path / "a")
     build_cut(SIM, 4, T0, tmp_path / "b")
@@ -98,6 +99,7 @@ def test_cut_is_a_deterministic_function_of_seed_sequence_and_time(tmp_path: Pat
         build_cut(SIM, 4, T0, tmp_path / "a")
 
 
+@pytest.mark.core
 def test_csv_has_the_real_prep_layout(tmp_path: Path) -> None:
     build_cut(SIM, 6, T0, tmp_path / "cut")
     data = (tmp_path / "cut" / CSV_PATH).read_bytes()
@@ -137,6 +139,7 @@ def test_csv_has_the_real_prep_layout(tmp_path: Path) -> None:
         assert verified.replace(tzinfo=OFFSET) <= T0
 
 
+@pytest.mark.core
 def test_final_cut_has_all_38_municipalities_and_every_acta(tmp_path: Path) -> None:
     build_cut(SIM, 20, T0, tmp_path / "cut", final=True)
     _, summary, rows = cut_csv(tmp_path / "cut")
@@ -155,6 +158,7 @@ def test_final_cut_has_all_38_municipalities_and_every_acta(tmp_path: Path) -> N
     assert '<a href="municipios/35.html">Torreón</a>' in index
 
 
+@pytest.mark.core
 def test_captured_actas_grow_with_the_sequence_and_rows_stay_put(tmp_path: Path) -> None:
     folders = []
     for sequence in range(1, 6):
@@ -169,6 +173,7 @@ def test_captured_actas_grow_with_the_sequence_and_rows_stay_put(tmp_path: Path)
     assert all(second[k] == row for k, row in first.items() if k != "-")
 
 
+@pytest.mark.core
 def test_zip_is_named_by_the_cut_minute_and_holds_the_csv_and_leeme(tmp_path: Path) -> None:
     build_cut(SIM, 2, T0, tmp_path / "cut")
     zip_file = tmp_path / "cut" / "datos" / "20210606_2030_PREP_AYUN_COAH.zip"
@@ -283,10 +288,12 @@ def test_deliver_sftp_reports_a_failed_upload(tmp_path: Path, key: sshsig.Privat
         ("difusor", ("difusor", "")),
     ],
 )
+@pytest.mark.core
 def test_split_target(target: str, expected: tuple[str, str]) -> None:
     assert simulate.split_target(target) == expected
 
 
+@pytest.mark.core
 def test_split_target_rejects_a_missing_host() -> None:
     with pytest.raises(Error, match="USER@HOST:DIR"):
         simulate.split_target(":inbox")

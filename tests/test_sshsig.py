@@ -584,6 +584,7 @@ def test_mangled_blobs_raise_only_format_errors(keys, signatures, tmp_path, name
         "ssh-foo AAAAB3NzaC1mb28=",
     ],
 )
+@pytest.mark.core
 def test_parse_public_key_rejects(text: str) -> None:
     with pytest.raises(SignatureFormatError):
         sshsig.parse_public_key(text)
@@ -626,6 +627,7 @@ UTC = timezone.utc
         ),
     ],
 )
+@pytest.mark.core
 def test_allowed_signers_lines(line, principals, namespaces, after, before) -> None:
     (signer,) = sshsig.parse_allowed_signers(f"# comment\n\n   \n{line}\n")
     assert signer.principals == principals
@@ -637,6 +639,7 @@ def test_allowed_signers_lines(line, principals, namespaces, after, before) -> N
     )
 
 
+@pytest.mark.core
 def test_allowed_signers_skips_cert_authority_lines() -> None:
     text = f'*@x cert-authority {ED}\n*@x namespaces="n",CERT-AUTHORITY {ED}\nb@x {ED}\n'
     assert [s.principals for s in sshsig.parse_allowed_signers(text)] == [("b@x",)]
@@ -692,11 +695,13 @@ def test_principal_patterns(
         ("a@x ssh-ed25519", "malformed public key"),
     ],
 )
+@pytest.mark.core
 def test_allowed_signers_malformed_line(line: str, message: str) -> None:
     with pytest.raises(SignatureFormatError, match=f"^allowed_signers line 3: .*{message}"):
         sshsig.parse_allowed_signers(f"# header\n\n{line}\nb@x {ED}\n")
 
 
+@pytest.mark.core
 def test_local_tz_reads_times_without_suffix() -> None:
     zone = ZoneInfo("America/Mexico_City")
     (signer,) = sshsig.parse_allowed_signers(f'a@x valid-after="20240601" {ED}', local_tz=zone)
