@@ -555,7 +555,7 @@ def test_notice_appears_with_agent_stopped(
 ) -> None:
     """The packaged nginx site (tests/nginxkit.py) serves the agent's files from disk;
     with the agent stopped the page still turns stale by nginx's Date header."""
-    from nginxkit import Nginx, instantiate
+    from tests.nginxkit import Nginx, instantiate
 
     when = now_utc6(170)
     stale_at = when + timedelta(seconds=180)
