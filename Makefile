@@ -1,4 +1,4 @@
-.PHONY: deps check test lint demo bench deb rpm
+.PHONY: deps check test test-core lint demo bench deb rpm
 
 VENV := .venv/bin
 
@@ -8,10 +8,16 @@ deps:
 lint: deps
 	$(VENV)/ruff check prep_agent tests benchmarks
 	$(VENV)/ruff format --check prep_agent tests benchmarks
-	$(VENV)/mypy prep_agent
+	$(VENV)/mypy prep_agent benchmarks
 
 test: deps
 	$(VENV)/python -m pytest
+
+# Only the tests marked core: they need Python and the runtime dependencies, no
+# system tools, so no deps (any venv will do: make test-core PYTHON=venv/bin/python).
+PYTHON ?= $(VENV)/python
+test-core:
+	$(PYTHON) -m pytest -m core
 
 # The README's test command: everything CI runs.
 check: lint test
@@ -21,9 +27,9 @@ demo: deps
 	$(VENV)/prep-agent demo
 
 bench: deps
-	$(VENV)/python benchmarks/publish.py --loop-ext4 4
-	$(VENV)/python benchmarks/serve.py
-	$(VENV)/python benchmarks/report.py
+	$(VENV)/python -m benchmarks.publish --loop-ext4 4
+	$(VENV)/python -m benchmarks.serve
+	$(VENV)/python -m benchmarks.report
 
 # Packages into dist/ (Debian 12 .deb; EL9 .rpm and .src.rpm): packaging/README.md.
 deb:

@@ -30,7 +30,8 @@ Peak memory is the kernel's VmHWM of the agent process, reset before each
 (a) cut by writing ``5`` to ``/proc/PID/clear_refs`` (psutil sampling at 5 ms
 is the fallback when that is not allowed).
 
-Usage: .venv/bin/python benchmarks/publish.py [--quick] [--out FILE] [--dir DIR]
+Usage, from the repository root:
+  .venv/bin/python -m benchmarks.publish [--quick] [--out FILE] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ import platform
 import random
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -59,12 +59,8 @@ from typing import Any
 
 import psutil
 
-PROJECT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT / "tests"))
+from tests.kit import ELECTION, OFFSET, PREP_AGENT, AgentDaemon, Institute, make_config, ssh_sign
 
-from cutkit import ELECTION, OFFSET, Institute, make_config, ssh_sign  # noqa: E402
-
-AGENT = PROJECT / ".venv" / "bin" / "prep-agent"
 KIB = 1024
 MIB = 1024 * 1024
 SEED = 20210606
@@ -198,7 +194,9 @@ def stamped_names(scale: Scale) -> list[str]:
     return [f"datos/COAH_AYUN_2021_{i:02d}.csv" for i in range(scale.stamped)]
 
 
-def write_all_new(tree: Tree, plan: dict[str, int], scale: Scale, cut_time: datetime, seq: int):
+def write_all_new(
+    tree: Tree, plan: dict[str, int], scale: Scale, cut_time: datetime, seq: int
+) -> None:
     """(a): every file gets new content (new hashes): nothing is reusable."""
     for rel, size in plan.items():
         tree.write(rel, content(tree.rng, rel, size))
@@ -209,7 +207,9 @@ def write_all_new(tree: Tree, plan: dict[str, int], scale: Scale, cut_time: date
     tree.plain = list(plan)
 
 
-def write_changes(tree: Tree, chosen: list[str], scale: Scale, cut_time: datetime, seq: int):
+def write_changes(
+    tree: Tree, chosen: list[str], scale: Scale, cut_time: datetime, seq: int
+) -> None:
     """(b): the stamped CSVs, index.html and ``chosen`` get new content."""
     for rel in chosen:
         old = tree.files[rel][0]
@@ -339,21 +339,11 @@ class AgentUnderTest:
         self.root = root
         self.journal = root / "journal.jsonl"
         self.current = root / "current"
-        self.log = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(
-            [str(AGENT), "run", "--config", str(config_path)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        self.daemon = AgentDaemon(config_path, log).start(timeout=30)
+        assert self.daemon.proc is not None
+        self.popen = self.daemon.proc
         self.proc = psutil.Process(self.popen.pid)
-        deadline = time.monotonic() + 30
-        while not any(e["event"] == "agent-started" for e in read_events(self.journal)):
-            if self.popen.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"agent did not start; see {log}")
-            time.sleep(0.02)
-        self.watcher = next(
-            e for e in read_events(self.journal) if e["event"] == "agent-started"
-        ).get("watcher")
+        self.watcher = self.daemon.started.get("watcher")
         self.meter = PeakMeter(self.popen.pid)
 
     def publish(self, inbox: Path, sig: bytes, seq: int, measure_peak: bool = False) -> AgentRun:
@@ -408,13 +398,7 @@ class AgentUnderTest:
         return int(self.proc.memory_info().rss)
 
     def stop(self) -> None:
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-        self.log.close()
+        self.daemon.stop(timeout=30)
 
 
 def timed(cmd: list[str], cwd: Path | None = None) -> float:
@@ -793,12 +777,10 @@ def run_main(args: argparse.Namespace, scale: Scale, parent: Path | None) -> int
         if args.out
         else (None if args.quick else Path(__file__).with_name("RESULTS.md"))
     )
-    if not AGENT.exists():
-        raise SystemExit(f"{AGENT} missing: run `make deps`")
+    if not Path(PREP_AGENT).exists():
+        raise SystemExit(f"{PREP_AGENT} missing: run `make deps`")
     work = Path(tempfile.mkdtemp(prefix="prep-bench-", dir=parent))
-    command = " ".join(
-        shlex.quote(a) for a in [".venv/bin/python", "benchmarks/publish.py", *args.argv]
-    )
+    command = shlex.join([".venv/bin/python", "-m", "benchmarks.publish", *args.argv])
     print(f"work folder {work}; {scale.files} files, {scale.total_bytes / MIB:.0f} MiB")
     started = time.monotonic()
     try:

@@ -15,8 +15,8 @@ of RSS over the process and its workers, polled every 0.1 s) and the largest sin
 process (``ru_maxrss`` from ``wait4``). Targets (issue 6): ours ≥ 5× GoAccess's lines/s
 and the 10M-line report in ≤ 60 s.
 
-    .venv/bin/python benchmarks/report.py                 # 10M lines, appends RESULTS.md
-    .venv/bin/python benchmarks/report.py --lines 1000000 --out /tmp/r.md
+    .venv/bin/python -m benchmarks.report                 # 10M lines, appends RESULTS.md
+    .venv/bin/python -m benchmarks.report --lines 1000000 --out /tmp/r.md
 """
 
 from __future__ import annotations
@@ -35,10 +35,9 @@ from pathlib import Path
 
 import psutil
 
-PROJECT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT / "tests"))
+from tests import reportkit
 
-import reportkit  # noqa: E402
+PROJECT = Path(__file__).resolve().parent.parent
 
 OURS = """
 import argparse, sys
@@ -135,7 +134,7 @@ def main() -> int:
             "",
             "# Report benchmark (`benchmarks/report.py`)",
             "",
-            f"Command: `.venv/bin/python benchmarks/report.py --lines {args.lines}`",
+            f"Command: `.venv/bin/python -m benchmarks.report --lines {args.lines}`",
             "",
             f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
             f"- Machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}),"

@@ -18,7 +18,7 @@ One run, one agent daemon (``prep-agent run``, waitress) on a fresh root:
    send it; wrk does not by default) show the shipped site's on-the-fly gzip cost.
 2. The embedded server: the same paths against the agent's own listen address
    (req/s and p99; target >= 2,500 req/s for ``status.json``).
-3. Swap under load: >= 100 publications (the fake institute of tests/cutkit.py signs
+3. Swap under load: >= 100 publications (the fake institute of tests/kit.py signs
    each cut with ssh-keygen and delivers it into the drop folder; the next one is
    delivered once the server under test serves it in ``status.json``: nginx caches
    that file's descriptor for 1 s, the embedded server re-checks it every 0.5 s, so
@@ -34,7 +34,7 @@ One run, one agent daemon (``prep-agent run``, waitress) on a fresh root:
 Every throughput figure is also checked: a Python client fetches each URL once
 (200, the body on disk) and wrk's bytes per response must match that response.
 
-Usage: .venv/bin/python benchmarks/serve.py [--quick] [--out FILE] [--keep]
+Usage: .venv/bin/python -m benchmarks.serve [--quick] [--out FILE] [--keep]
 """
 
 from __future__ import annotations
@@ -64,17 +64,8 @@ from typing import Any
 
 import psutil
 
-PROJECT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT / "tests"))
-
-from cutkit import (  # noqa: E402
-    OFFSET,
-    Institute,
-    csv_bytes,
-    free_port,
-    make_config,
-)
-from nginxkit import AgentDaemon, Nginx, instantiate, main_conf  # noqa: E402
+from tests.kit import OFFSET, AgentDaemon, Institute, csv_bytes, free_port, make_config
+from tests.nginxkit import Nginx, instantiate, main_conf
 
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -609,7 +600,7 @@ def expected_sizes(port: int, paths: dict[str, str], root: Path) -> dict[str, in
 def size_ok(res: dict[str, Any], expected: int) -> bool:
     """wrk's bytes per response match the checked response (within 1 %)."""
     per = res["bytes"] / max(1, res["requests"])
-    return abs(per - expected) <= 0.01 * expected
+    return bool(abs(per - expected) <= 0.01 * expected)
 
 
 def nginx_errors(server: Nginx) -> list[str]:
@@ -623,7 +614,7 @@ def run(scale: Scale, work: Path) -> dict[str, Any]:
     institute = Institute(work / "institute")
     listen = f"127.0.0.1:{free_port()}"
     config = make_config(work, institute, listen=listen)
-    agent = AgentDaemon(work / "prep-agent.conf", listen)
+    agent = AgentDaemon(work / "prep-agent.conf")
     agent_port = int(listen.rsplit(":", 1)[1])
     publisher = Publisher(institute, config.inbox, config.public)
     summary_lua = work / "summary.lua"
@@ -758,9 +749,9 @@ def run(scale: Scale, work: Path) -> dict[str, Any]:
         res["keep_releases"] = config.keep_releases
         res["keep_replaced_seconds"] = config.keep_replaced_seconds
     finally:
-        for server in (shipped, raw, cached):
-            if server is not None:
-                server.stop()
+        for nginx in (shipped, raw, cached):
+            if nginx is not None:
+                nginx.stop()
         res["agent_exit"] = agent.stop()
     return res
 
@@ -998,7 +989,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.out
         else (None if args.quick else Path(__file__).with_name("RESULTS.md"))
     )
-    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/serve.py", *argv])
+    command = " ".join(
+        shlex.quote(a) for a in [".venv/bin/python", "-m", "benchmarks.serve", *argv]
+    )
     work = Path(tempfile.mkdtemp(prefix="prep-serve-bench-"))
     print(f"work folder {work}")
     started = time.monotonic()

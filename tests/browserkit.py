@@ -9,20 +9,17 @@ Nothing is downloaded: Selenium is given the system browser and driver.
 from __future__ import annotations
 
 import html
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import requests
-from cutkit import PREP_AGENT, Institute, free_port, make_config, stop_process
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from prep_agent.agent.config import Config
+from tests.kit import AgentDaemon, Institute, free_port, make_config, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -38,20 +35,6 @@ BROWSER_FLAGS = (
     "--disable-component-update",
     "--disable-sync",
 )
-
-T = TypeVar("T")
-
-
-def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Call ``probe`` until it returns something truthy (returned); fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(interval)
 
 
 def chrome(user_data_dir: Path, width: int = 1280, height: int = 900) -> WebDriver:
@@ -90,41 +73,19 @@ def browser_log(driver: WebDriver) -> list[dict[str, Any]]:
     return list(driver.get_log("browser"))
 
 
-class Agent:
+class Agent(AgentDaemon):
     """``prep-agent run`` on a free port; the frame is reached as http://localhost:PORT."""
 
     def __init__(self, tmp_path: Path, inst: Institute, **settings: Any) -> None:
         self.inst = inst
         self.port = free_port()
-        self.config: Config = make_config(
-            tmp_path, inst, listen=f"127.0.0.1:{self.port}", **settings
-        )
-        self.conf = tmp_path / "prep-agent.conf"
-        self.log = tmp_path / "agent.log"
+        make_config(tmp_path, inst, listen=f"127.0.0.1:{self.port}", **settings)
+        super().__init__(tmp_path / "prep-agent.conf")
         self.url = f"http://localhost:{self.port}/"
         self.direct = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Agent:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [PREP_AGENT, "run", "--config", str(self.conf)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        wait_for(self._answers, 15, f"agent answers /livez ({self.log})")
-        return self
-
-    def _answers(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"agent exited: {self.log.read_text()}")
-        try:
-            return requests.get(self.direct + "/livez", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
 
     def status(self) -> dict[str, Any]:
+        """``/status.json`` as the agent serves it."""
         doc: dict[str, Any] = requests.get(self.direct + "/status.json", timeout=5).json()
         return doc
 
@@ -138,16 +99,7 @@ class Agent:
                 return None
             return status if status.get("sequence") == sequence else None
 
-        return wait_for(probe, timeout, f"cut {sequence} published ({self.log})")
-
-    def terminate(self) -> None:
-        """SIGTERM, without waiting."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-
-    def stop(self) -> int | None:
-        """SIGTERM and wait; return the exit status."""
-        return stop_process(self.proc)
+        return wait_for(probe, timeout, f"cut {sequence} published ({self.log})", interval=0.1)
 
 
 PORTAL_PAGE = """<!doctype html>
@@ -195,7 +147,7 @@ class Portal:
             stderr=subprocess.DEVNULL,
         )
         try:
-            wait_for(self._answers, 10, "portal web server answers")
+            wait_for(self._answers, 10, "portal web server answers", interval=0.1)
         except AssertionError:
             self.stop()
             raise

@@ -2,7 +2,7 @@
 
 Keys come from the real ``prep-agent keygen``; agents and the collector run as
 ``prep-agent run`` / ``prep-agent collector`` processes; cuts are signed by
-``ssh-keygen`` (cutkit's institute) and their manifests are written to the
+``ssh-keygen`` (the kit's institute) and their manifests are written to the
 folder the collector reads, as the institute's outgoing copies.
 """
 
@@ -10,29 +10,19 @@ from __future__ import annotations
 
 import base64
 import json
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import requests
-from cutkit import PREP_AGENT, Institute, free_port, make_config, minute_ago
 
 from prep_agent.agent.config import Config
 from prep_agent.agent.journal import read_journal
 from prep_agent.core import sshkeys, sshsig
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"condition not met in {timeout} s: {what}")
+from tests.kit import PREP_AGENT, AgentDaemon, Daemon, Institute, free_port, make_config, minute_ago
 
 
 def keygen(key: Path, service_id: str) -> str:
@@ -47,37 +37,19 @@ def keygen(key: Path, service_id: str) -> str:
 
 
 class _Process:
-    """Start, probe and stop one ``prep-agent`` process that logs to HOME/LOG."""
+    """Start, stop and kill one ``prep-agent`` process (``daemon``) that logs to HOME."""
 
-    # Set by the subclasses: home, proc, url, log_name.
-    home: Path
-    proc: subprocess.Popen[str] | None
-    url: str
-    log_name = "process.log"
-
-    def _spawn(self, args: list[str]) -> None:
-        # Logs to a file: an undrained pipe fills after some 80 cuts and blocks the agent.
-        with open(self.home / self.log_name, "a") as log:
-            self.proc = subprocess.Popen([PREP_AGENT, *args], stdout=log, stderr=log, text=True)
-        wait_for(self.answers, what=f"{args[0]} answers")
-
-    def answers(self) -> bool:
-        try:
-            return requests.get(self.url + "/livez", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
+    daemon: Daemon | None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=15)
-            log = (self.home / self.log_name).read_text()
-            assert self.proc.returncode == 0, log[-2000:]
+        """SIGTERM; it must exit 0."""
+        if self.daemon is not None and self.daemon.running():
+            code = self.daemon.stop()
+            assert code == 0, self.daemon.output(2000)
 
     def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(timeout=10)
+        assert self.daemon is not None
+        self.daemon.kill(timeout=10)
 
 
 @dataclass
@@ -90,12 +62,10 @@ class Difusor(_Process):
     key: Path
     url: str
     token: str
-    proc: subprocess.Popen[str] | None = None
-
-    log_name = "agent.log"
+    daemon: Daemon | None = None
 
     def start(self) -> None:
-        self._spawn(["run", "--config", str(self.home / "prep-agent.conf")])
+        self.daemon = AgentDaemon(self.home / "prep-agent.conf").start(timeout=20)
 
     def journal(self, event: str) -> list[dict[str, Any]]:
         return [e for e in read_journal(self.config.journal_file) if e["event"] == event]
@@ -147,8 +117,7 @@ class CollectorProc(_Process):
     settings: dict[str, Any] = field(default_factory=dict)
     difusores: list[Difusor] = field(default_factory=list)
     poll: bool = True
-    proc: subprocess.Popen[str] | None = None
-    log_name = "collector.log"
+    daemon: Daemon | None = None
 
     @property
     def url(self) -> str:
@@ -180,7 +149,9 @@ class CollectorProc(_Process):
         return path
 
     def start(self) -> None:
-        self._spawn(["collector", "--config", str(self.write_config())])
+        args = ["collector", "--config", str(self.write_config())]
+        log = self.home / "collector.log"
+        self.daemon = Daemon(args, log, livez=self.url + "/livez").start(timeout=20)
 
     def api(self) -> dict[str, Any]:
         doc: dict[str, Any] = requests.get(self.url + "/api/difusores", timeout=5).json()

@@ -1,8 +1,8 @@
 """Helpers of the crash and concurrency tests: audit a root, run the real daemon.
 
 Everything here checks the published tree from the outside, as a reader or an
-auditor would: through the file system, ``ssh-keygen -Y verify`` and
-``prep-agent status --json``; never through the agent's own verification code.
+auditor would: through the file system and ``ssh-keygen -Y verify``; never
+through the agent's own verification code.
 """
 
 from __future__ import annotations
@@ -12,19 +12,16 @@ import json
 import os
 import shutil
 import stat
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cutkit import Institute, ssh_sign
+from tests.kit import AgentDaemon, Institute, ssh_sign, ssh_verify
 
 WELL_KNOWN = ".well-known/prep-cut"
 MANIFEST = f"{WELL_KNOWN}/manifest.json"
 SIGNATURE = f"{WELL_KNOWN}/manifest.json.sig"
-PREP_AGENT = str(Path(sys.executable).with_name("prep-agent"))
 
 
 @dataclass(frozen=True)
@@ -56,28 +53,6 @@ def _dir_times(folder: Path) -> dict[str, int]:
     for dirpath, _dirs, _names in os.walk(folder):
         out[dirpath] = os.stat(dirpath).st_mtime_ns
     return out
-
-
-def ssh_verify(allowed_signers: Path, manifest: bytes, sig_path: Path) -> None:
-    """Check a published signature with the real ``ssh-keygen -Y verify``."""
-    proc = subprocess.run(
-        [
-            "ssh-keygen",
-            "-Y",
-            "verify",
-            "-f",
-            str(allowed_signers),
-            "-I",
-            "iec",
-            "-n",
-            "prep-cut",
-            "-s",
-            str(sig_path),
-        ],
-        input=manifest,
-        capture_output=True,
-    )
-    assert proc.returncode == 0, f"ssh-keygen -Y verify failed for {sig_path}: {proc.stderr!r}"
 
 
 class Auditor:
@@ -151,7 +126,7 @@ class Auditor:
         if name != f"{doc['sequence']:016d}-{digest[:16]}":
             out.append(f"name does not match sequence {doc['sequence']} / {digest[:16]}")
         if not out:
-            ssh_verify(self.allowed_signers, data, folder / SIGNATURE)
+            ssh_verify(self.allowed_signers, folder / SIGNATURE, data)
             self.verified[name] = Seen(name, doc["sequence"], digest, listed, dirs)
         return out
 
@@ -174,58 +149,11 @@ class Auditor:
         return self.verified[name]
 
 
-class Daemon:
-    """``prep-agent run`` as a real process (killed with SIGKILL by its own pid)."""
-
-    def __init__(self, config_path: Path, logs: Path, once: bool = False) -> None:
-        self.logs = logs
-        args = [PREP_AGENT, "run", "--config", str(config_path)] + (["--once"] if once else [])
-        self.err_path = logs / f"agent-{time.monotonic_ns()}.err"
-        with open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(args, stdout=err, stderr=subprocess.STDOUT)
-        self.started = time.monotonic()
-
-    def kill(self) -> int:
-        """SIGKILL the agent (if still running); return its exit status."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        return self.proc.wait(timeout=30)
-
-    def stop(self) -> int:
-        """Terminate the agent cleanly (SIGTERM); return its exit status."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        return self.proc.wait(timeout=30)
-
-    def output(self) -> str:
-        return self.err_path.read_text(errors="replace")[-3000:]
-
-
-def journal(root: Path) -> list[dict[str, Any]]:
-    """The events of the agent's journal (a torn last line is skipped)."""
-    events = []
-    path = root / "journal.jsonl"
-    if not path.exists():
-        return events
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue
-    return events
-
-
-def status_json(config_path: Path) -> dict[str, Any]:
-    """``prep-agent status --json`` of the real command."""
-    proc = subprocess.run(
-        [PREP_AGENT, "status", "--json", "--config", str(config_path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert proc.returncode == 0, proc.stderr
-    doc: dict[str, Any] = json.loads(proc.stdout)
-    return doc
+def spawn_agent(config_path: Path, logs: Path, once: bool = False) -> AgentDaemon:
+    """Start ``prep-agent run`` without waiting for it (a crash may come at any moment);
+    each run logs to a file of its own in ``logs``."""
+    log = logs / f"agent-{time.monotonic_ns()}.err"
+    return AgentDaemon(config_path, log, once=once).spawn()
 
 
 def state_json(root: Path) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 ``instantiate`` copies the site for a temporary root and port by replacing the
 per-installation strings that ``packaging/nginx/prep-agent.conf`` documents at its
-top; ``Nginx`` runs it in the foreground (``daemon off``) and stops it;
-``AgentDaemon`` runs ``prep-agent run``. Clients choose their source address on
+top; ``Nginx`` runs it in the foreground (``daemon off``) and stops it; the
+agent is the kit's ``AgentDaemon``. Clients choose their source address on
 loopback (``session_from("127.0.0.2")``): nginx's limits and the agent's
 allow-list see different clients without extra network setup.
 """
@@ -14,35 +14,21 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
-import requests
-from cutkit import PREP_AGENT, stop_process
-from requests.adapters import HTTPAdapter
+import requests  # type: ignore[import-untyped]  # no stubs in Debian 12
+from requests.adapters import HTTPAdapter  # type: ignore[import-untyped]
+
+from tests.kit import stop_process, wait_for, wait_port
 
 PACKAGING = Path(__file__).resolve().parents[1] / "packaging" / "nginx"
 """The shipped nginx files."""
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
-    """Wait until something accepts connections on host:port."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
-class SourceAddressAdapter(HTTPAdapter):
+class SourceAddressAdapter(HTTPAdapter):  # type: ignore[misc]  # requests is untyped
     """Connect from a chosen local address (any 127.0.0.0/8 address works on Linux)."""
 
     def __init__(self, source: str) -> None:
@@ -179,8 +165,8 @@ class Nginx:
                 stderr=log,
             )
         try:
-            wait_port("127.0.0.1", self.port)
-        except OSError:
+            wait_port(self.port, 10, "nginx", alive=self.proc)
+        except AssertionError:
             self.stop()
             raise AssertionError(f"nginx did not start: {self.errors()}") from None
 
@@ -199,56 +185,17 @@ class Nginx:
         stop_process(self.proc, timeout=10)
 
 
-class AgentDaemon:
-    """``prep-agent run --config CONF`` in the background."""
-
-    def __init__(self, conf: Path, listen: str) -> None:
-        self.conf = conf
-        self.listen = listen
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = conf.parent / "agent.log"
-
-    def start(self) -> None:
-        """Start and wait until /livez answers."""
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [PREP_AGENT, "run", "--config", str(self.conf)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        host, port = self.listen.rsplit(":", 1)
-        deadline = time.monotonic() + 15
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"agent exited: {self.log.read_text()}")
-            try:
-                if requests.get(f"http://{self.listen}/livez", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"agent did not answer /livez: {self.log.read_text()}")
-            time.sleep(0.05)
-
-    def stop(self) -> int | None:
-        """SIGTERM and wait; return the exit status."""
-        return stop_process(self.proc)
-
-
 def wait_published(public: Path, sequence: int, timeout: float = 15.0) -> dict[str, Any]:
     """Wait until ``public/status.json`` on disk shows ``sequence``; return it."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def published() -> dict[str, Any] | None:
         try:
             status: dict[str, Any] = json.loads((public / "status.json").read_text())
-            if status.get("sequence") == sequence:
-                return status
         except (OSError, ValueError):
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"sequence {sequence} was not published in {timeout} s")
-        time.sleep(0.02)
+            return None
+        return status if status.get("sequence") == sequence else None
+
+    return wait_for(published, timeout, f"sequence {sequence} published", interval=0.02)
 
 
 TLS_EXAMPLE = "prep-agent-tls.conf.example"

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cutkit import free_port, stop_process
+
+from tests.kit import free_port, stop_process, wait_for, wait_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DIST = ROOT / "dist"
@@ -176,21 +177,6 @@ def purge_deb() -> None:
 # --- processes --------------------------------------------------------------------------
 
 
-def wait_port(port: int, proc: subprocess.Popen[Any], what: str, timeout: float = 15) -> None:
-    """Wait until 127.0.0.1:port accepts connections; fail if ``proc`` exits first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if proc.poll() is not None:
-                raise AssertionError(f"{what} exited with {proc.returncode}") from None
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what} did not listen on {port}") from None
-            time.sleep(0.05)
-
-
 def shared_dir(prefix: str) -> Path:
     """A fresh folder that the service users may enter (pytest's tmp is root-only)."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
@@ -219,13 +205,14 @@ class NotifySocket:
             self.messages.extend(data.decode().splitlines())
 
     def wait(self, message: str, proc: subprocess.Popen[Any], timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while message not in self.receive():
-            if proc.poll() is not None:
-                raise AssertionError(f"service exited {proc.returncode} before {message}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {message} in {timeout} s: {self.messages}")
-            time.sleep(0.05)
+        """Wait for ``message``; fail if ``proc`` (the service) exits first."""
+        wait_for(
+            lambda: message in self.receive(),
+            timeout,
+            message,
+            alive=proc,
+            context=lambda: f"received: {self.messages}",
+        )
 
     def close(self) -> None:
         self.sock.close()
@@ -338,7 +325,7 @@ class Sshd:
                 stderr=subprocess.STDOUT,
                 env=SYSTEM_ENV,
             )
-        wait_port(self.port, self.proc, "sshd")
+        wait_port(self.port, what="sshd", alive=self.proc)
 
     def known_hosts(self) -> Path:
         path = self.folder / "known_hosts"
@@ -459,5 +446,5 @@ def start_nginx(conf: Path, port: int) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             env=SYSTEM_ENV,
         )
-    wait_port(port, proc, "nginx")
+    wait_port(port, what="nginx", alive=proc)
     return proc

@@ -184,11 +184,11 @@ def generate(
                 polls = int(rnd.expovariate(1 / mean_duration) / 15)
                 if polls:
                     queue.setdefault(t + 15, []).append([ip, ua, polls, release])
-            for s in queue.pop(t, ()) if not done else ():
-                ip, ua, polls, rel = s
+            for visit in queue.pop(t, ()) if not done else ():
+                ip, ua, polls, rel = visit
                 head = f'{prefix}{ip} - - [{ts}] "GET '
                 if rel != release:
-                    s[3] = release
+                    visit[3] = release
                     done = w.emit(
                         f'{head}/cortes/{release}/index.html HTTP/1.1" 200 48000 "-" "{ua}"{suffix}'
                     )
@@ -199,8 +199,8 @@ def generate(
                 if done:
                     break
                 if polls > 1:
-                    s[2] = polls - 1
-                    queue.setdefault(t + 15, []).append(s)
+                    visit[2] = polls - 1
+                    queue.setdefault(t + 15, []).append(visit)
             t += 1
         w.flush()
         return w.count

@@ -13,29 +13,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
-from cutkit import Institute, ssh_sign, tree_digest
-
-from prep_agent.agent.config import Config
-from prep_agent.agent.journal import read_journal
 from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, WELL_KNOWN
+from tests.kit import (
+    PREP_AGENT,
+    AgentDaemon,
+    Institute,
+    ssh_sign,
+    ssh_verify,
+    tree_digest,
+    wait_for,
+)
 
 SFTP_SERVER = Path("/usr/lib/openssh/sftp-server")
 """Debian package openssh-sftp-server."""
-PREP_AGENT = Path(sys.executable).with_name("prep-agent")
-"""The console script of the venv running the tests."""
-POLL = 0.05
-
-T = TypeVar("T")
 
 
 # --- cuts -------------------------------------------------------------------------------
@@ -233,8 +230,8 @@ def kill_mid_transfer(
     so no write is still queued when the upload resumes. Returns the size left.
     """
     try:
-        servers = wait_until(lambda: _children(proc.pid), 10, "sftp-server to start", alive=proc)
-        wait_until(
+        servers = wait_for(lambda: _children(proc.pid), 10, "sftp-server to start", alive=proc)
+        wait_for(
             lambda: target.exists() and target.stat().st_size >= at_least,
             20,
             f"{target.name} to reach {at_least} bytes",
@@ -243,84 +240,23 @@ def kill_mid_transfer(
     finally:  # never leave the client running, even when the wait failed
         proc.kill()
         proc.wait(timeout=10)
-    wait_until(lambda: all(map(_gone, servers)), 10, f"sftp-server {servers} to exit")
+    wait_for(lambda: all(map(_gone, servers)), 10, f"sftp-server {servers} to exit")
     size = target.stat().st_size
     assert at_least <= size < total, f"transfer not interrupted mid-file: {size}/{total} bytes"
     return size
 
 
-# --- waiting ----------------------------------------------------------------------------
-
-
-def wait_until(
-    condition: Callable[[], T | None],
-    timeout: float,
-    what: str,
-    alive: subprocess.Popen[Any] | None = None,
-    context: Callable[[], str] | None = None,
-) -> T:
-    """Poll ``condition`` until it returns a true value; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if alive is not None and alive.poll() is not None and not condition():
-            raise AssertionError(f"process exited ({alive.returncode}) while waiting for {what}")
-        if time.monotonic() > deadline:
-            extra = f"\n{context()}" if context else ""
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}{extra}")
-        time.sleep(POLL)
-
-
 # --- the agent --------------------------------------------------------------------------
 
 
-class AgentProcess:
-    """``prep-agent run --config CONF`` as a separate process, stopped by SIGTERM."""
+class AgentProcess(AgentDaemon):
+    """``prep-agent -v run --config CONF`` as a separate process, stopped by SIGTERM."""
 
-    def __init__(self, config: Config, conf_path: Path) -> None:
-        self.config = config
-        self.conf_path = conf_path
-        self.log_path = conf_path.parent / "agent.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> dict[str, Any]:
-        """Start the daemon; return its ``agent-started`` journal event."""
-        assert PREP_AGENT.is_file(), f"{PREP_AGENT} missing (pip install -e .)"
-        mark = len(self.journal())
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(PREP_AGENT), "-v", "run", "--config", str(self.conf_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        return self.wait_event(lambda e: e["event"] == "agent-started", 15, "agent-started", mark)
-
-    def stop(self) -> int:
-        """SIGTERM the daemon and return its exit status."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError("agent ignored SIGTERM for 15 s") from None
-        return self.proc.returncode
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except FileNotFoundError:
-            return ""
+    def __init__(self, conf_path: Path) -> None:
+        assert Path(PREP_AGENT).is_file(), f"{PREP_AGENT} missing (pip install -e .)"
+        super().__init__(conf_path, options=["-v"])
 
     # observation
-
-    def journal(self) -> list[dict[str, Any]]:
-        return list(read_journal(self.config.journal_file))
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.journal() if e["event"] == name]
@@ -331,7 +267,7 @@ class AgentProcess:
 
     def describe(self) -> str:
         lines = [json.dumps(e) for e in self.journal()]
-        return "journal:\n" + "\n".join(lines) + f"\nagent log (tail):\n{self.log()}"
+        return "journal:\n" + "\n".join(lines) + f"\nagent log (tail):\n{self.output()}"
 
     def wait_event(
         self,
@@ -345,7 +281,9 @@ class AgentProcess:
         def find() -> dict[str, Any] | None:
             return next((e for e in self.journal()[after:] if match(e)), None)
 
-        found: dict[str, Any] = wait_until(find, timeout, what, self.proc, self.describe)
+        found: dict[str, Any] = wait_for(
+            find, timeout, what, alive=self.proc, context=self.describe
+        )
         return found
 
     def wait_published(self, sequence: int, timeout: float = 15) -> dict[str, Any]:
@@ -354,18 +292,6 @@ class AgentProcess:
             timeout,
             f"cut {sequence} to be published",
         )
-
-    def status(self) -> dict[str, Any]:
-        proc = subprocess.run(
-            [str(PREP_AGENT), "status", "--config", str(self.conf_path), "--json"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert proc.returncode == 0, proc.stderr
-        doc: dict[str, Any] = json.loads(proc.stdout)
-        return doc
 
     def assert_current(self, cut: Cut) -> dict[str, Any]:
         """``current`` serves exactly ``cut`` (bytes, signature) and status agrees."""
@@ -388,21 +314,5 @@ class AgentProcess:
 def verify_with_ssh_keygen(institute: Institute, folder: Path) -> None:
     """Anyone can check a publication with the real ``ssh-keygen -Y verify``."""
     well_known = folder / WELL_KNOWN
-    subprocess.run(
-        [
-            "ssh-keygen",
-            "-Y",
-            "verify",
-            "-f",
-            str(institute.allowed_signers),
-            "-I",
-            "iec",
-            "-n",
-            "prep-cut",
-            "-s",
-            str(well_known / "manifest.json.sig"),
-        ],
-        input=(well_known / "manifest.json").read_bytes(),
-        check=True,
-        capture_output=True,
-    )
+    data = (well_known / "manifest.json").read_bytes()
+    ssh_verify(institute.allowed_signers, well_known / "manifest.json.sig", data)

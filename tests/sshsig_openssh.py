@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from tests.kit import ssh_verify
+
 SSH_KEYGEN = "/usr/bin/ssh-keygen"
 NOW = datetime(2024, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
 """The verification time of every check (ssh-keygen gets it as ``verify-time``)."""
@@ -81,7 +83,7 @@ def ssh_sign(
     return target.with_name(target.name + ".sig").read_bytes()
 
 
-def ssh_verify(
+def ssh_verify_status(
     allowed: str,
     principal: str,
     armored: bytes,
@@ -89,12 +91,18 @@ def ssh_verify(
     directory: Path,
     tz: str = "UTC",
 ) -> int:
-    """Run ``ssh-keygen -Y verify`` at ``VERIFY_TIME``; return its exit status."""
+    """The exit status of ``ssh-keygen -Y verify`` at ``VERIFY_TIME`` (the kit's ``ssh_verify``)."""
     (directory / "allowed_signers").write_text(allowed)
     (directory / "block.sig").write_bytes(armored)
-    args = ["-Y", "verify", "-f", "allowed_signers", "-I", principal, "-n", "prep-cut"]
-    args += ["-s", "block.sig", "-O", f"verify-time={VERIFY_TIME}"]
-    return run_keygen(args, directory, stdin=message, tz=tz)
+    return ssh_verify(
+        directory / "allowed_signers",
+        directory / "block.sig",
+        message,
+        principal,
+        options=[f"verify-time={VERIFY_TIME}"],
+        tz=tz,
+        check=False,
+    )
 
 
 def ssh_fingerprint(key: KeyPair, directory: Path) -> str:

@@ -20,7 +20,11 @@ from typing import Any
 
 import pytest
 import requests
-from browserkit import (
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+
+from prep_agent.web.frame import FINAL_TEXT, STALE_TEXT
+from tests.browserkit import (
     CHROMEDRIVER,
     CHROMIUM,
     SAMPLER_JS,
@@ -29,15 +33,9 @@ from browserkit import (
     browser_log,
     chrome,
     emulate_phone,
-    free_port,
     screenshot,
-    wait_for,
 )
-from cutkit import OFFSET, Institute
-from selenium.webdriver.common.by import By
-from selenium.webdriver.remote.webdriver import WebDriver
-
-from prep_agent.web.frame import FINAL_TEXT, STALE_TEXT
+from tests.kit import OFFSET, Institute, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -557,7 +555,7 @@ def test_notice_appears_with_agent_stopped(
 ) -> None:
     """The packaged nginx site (tests/nginxkit.py) serves the agent's files from disk;
     with the agent stopped the page still turns stale by nginx's Date header."""
-    from nginxkit import Nginx, instantiate
+    from tests.nginxkit import Nginx, instantiate
 
     when = now_utc6(170)
     stale_at = when + timedelta(seconds=180)

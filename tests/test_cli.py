@@ -8,9 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cutkit import ELECTION, PREP_AGENT, Institute, make_config, minute_ago, ssh_sign, ssh_verify
 
 from prep_agent import cli
+from tests.kit import ELECTION, PREP_AGENT, Institute, make_config, minute_ago, ssh_sign, ssh_verify
 
 COMMANDS = (
     "init",
@@ -69,6 +69,7 @@ def test_init_writes_config_and_layout(tmp_path: Path, inst: Institute) -> None:
     assert cli.main(argv) == 2  # refuses to overwrite
 
 
+@pytest.mark.core
 def test_init_refuses_missing_trust(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["init", "--root", str(tmp_path), "--election", ELECTION, "--trust", "/nonexistent"]
     assert cli.main(argv) == 2
@@ -186,6 +187,7 @@ def test_threshold_counts_distinct_keys(tmp_path: Path, inst: Institute) -> None
     assert cli.main(["run", "--once", "--config", conf(tmp_path)]) == 0
 
 
+@pytest.mark.core
 def test_unexpected_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["status", "--config", str(tmp_path / "missing.conf")]) == 2
     err = capsys.readouterr().err

@@ -13,11 +13,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from cutkit import OFFSET, Institute, make_config
-
 from prep_agent.agent.journal import read_journal
 from prep_agent.daemon import Agent
 from prep_agent.web.frame import STALE_TEXT
+from tests.kit import OFFSET, Institute, make_config
 
 PERIOD = timedelta(seconds=600)
 """The cuts' ``period_seconds``; the config's ``stale_periods`` is 3."""

@@ -18,18 +18,17 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from collectorkit import (
+
+from tests.collectorkit import (
     CollectorProc,
     Difusor,
     deliver_cut,
-    free_port,
     journal_time,
     keygen,
     make_difusor,
     signed,
-    wait_for,
 )
-from cutkit import Institute
+from tests.kit import Institute, free_port, wait_for
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 OUTAGE = float(os.environ.get("PREP_COLLECTOR_OUTAGE", "8"))

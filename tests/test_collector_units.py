@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from cutkit import PREP_AGENT
 
 from prep_agent.agent.keygen import allowed_signers_line
 from prep_agent.core import sshsig
@@ -18,6 +17,7 @@ from prep_agent.core.allowed_signers import parse_allowed_signers
 from prep_agent.institute.collector.board import make_board
 from prep_agent.institute.collector.store import CollectorDatabase, DifusorRecord, SignedCut
 from prep_agent.institute.collector.verify import ReportRejected, check_report
+from tests.kit import PREP_AGENT
 
 NOW = datetime(2021, 6, 7, 2, 0, tzinfo=timezone.utc)
 KEY = ed25519.Ed25519PrivateKey.generate()
@@ -45,6 +45,7 @@ def _check(body: bytes, header: str | None, last: datetime | None = None) -> str
     return "accepted"
 
 
+@pytest.mark.core
 def test_report_checks() -> None:
     body, header = _push()
     assert _check(body, header) == "accepted"
@@ -103,6 +104,7 @@ def _cut(seq: int, minutes_ago: float) -> SignedCut:
     )
 
 
+@pytest.mark.core
 def test_board_states_and_unlink_flag() -> None:
     cuts = [_cut(1, 40), _cut(2, 25), _cut(3, 5)]
     records = [
@@ -138,6 +140,7 @@ def test_board_states_and_unlink_flag() -> None:
     assert board.counts()["desvincular"] == 2
 
 
+@pytest.mark.core
 def test_history_is_bounded(tmp_path: Path) -> None:
     store = CollectorDatabase(tmp_path / "c.sqlite", history_rows=150)
     store.register(["d"], NOW)

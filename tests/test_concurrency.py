@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from crashkit import MANIFEST, SIGNATURE, walk_files
-from cutkit import Institute, make_config, minute_ago
 
 from prep_agent.daemon import Agent
+from tests.crashkit import MANIFEST, SIGNATURE, walk_files
+from tests.kit import Institute, make_config, minute_ago
 
 CUTS = 120
 LOGO = b"<svg xmlns='http://www.w3.org/2000/svg'><title>logo</title></svg>\n"

@@ -17,6 +17,8 @@ from prep_agent.core.freshness import CURRENT, FINAL, NO_CUT, STALE, freshness
 from prep_agent.core.manifest import Limits, parse_manifest, parse_rfc3339
 from prep_agent.core.verify import Policy, Published, decide
 
+pytestmark = pytest.mark.core
+
 KEY = Ed25519PrivateKey.generate()
 CUT = datetime(2021, 6, 6, 20, 30, tzinfo=timezone(timedelta(hours=-5)))
 POLICY = Policy(

@@ -30,10 +30,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from crashkit import Auditor, Daemon, deliver_signature, deliver_unsigned, remove_root, state_json
-from cutkit import Institute, make_config, minute_ago
 
 from prep_agent import cli
+from tests.crashkit import (
+    Auditor,
+    deliver_signature,
+    deliver_unsigned,
+    remove_root,
+    spawn_agent,
+    state_json,
+)
+from tests.kit import AgentDaemon, Institute, make_config, minute_ago
 
 FILES = 250
 FILE_BYTES = 48 * 1024
@@ -100,7 +107,7 @@ class Tail:
         raise AssertionError(f"no matching journal event within {timeout} s")
 
 
-def _alive(proc: Daemon) -> Callable[[], bool]:
+def _alive(proc: AgentDaemon) -> Callable[[], bool]:
     return lambda: proc.proc.poll() is None
 
 
@@ -126,7 +133,7 @@ class CrashRig:
         self.sig_id: str | None = None
         self.auditor = Auditor(self.root, inst.allowed_signers)
         self.tail = Tail(self.config.journal_file)
-        self.daemon: Daemon | None = None
+        self.daemon: AgentDaemon | None = None
         self.phases: Counter[str] = Counter()
         self.kills = 0
         self.builds: deque[float] = deque(maxlen=8)
@@ -164,7 +171,7 @@ class CrashRig:
     def start_daemon(self) -> None:
         """Start ``prep-agent run`` and wait until it watches the drop folder."""
         self.tail.poll()
-        self.daemon = Daemon(self.conf_path, self.logs)
+        self.daemon = spawn_agent(self.conf_path, self.logs)
         started = self.tail.wait_for(
             lambda e: e["event"] == "agent-started", self.daemon_alive, timeout=30
         )
@@ -187,7 +194,7 @@ class CrashRig:
 
     def stop_daemon(self) -> None:
         if self.daemon is not None:
-            status = self.daemon.stop()
+            status = self.daemon.stop(timeout=30)
             assert status == 0, self.daemon.output()
             self.daemon = None
 
@@ -265,7 +272,7 @@ class CrashRig:
             sig = self.upload_next()
             start = len(self.tail.events)
             deliver_signature(self.config.inbox, sig)
-            once = None if self.daemon else Daemon(self.conf_path, self.logs, once=True)
+            once = None if self.daemon else spawn_agent(self.conf_path, self.logs, once=True)
             alive = self.daemon_alive if once is None else _alive(once)
             building = self.wait_staging(alive)
             assert building is not None, "agent died"
@@ -471,12 +478,12 @@ class CrashRig:
         """The same with ``prep-agent run --once``; restarted with ``run --once``."""
         assert self.daemon is None
         deliver_signature(self.config.inbox, self.upload_next())
-        proc = Daemon(self.conf_path, self.logs, once=True)
+        proc = spawn_agent(self.conf_path, self.logs, once=True)
         assert self._wait_trigger(trigger, lambda: proc.proc.poll() is None), proc.output()
         time.sleep(delay)
         proc.kill()
         phase = self.check_crashed()
-        restart = Daemon(self.conf_path, self.logs, once=True)
+        restart = spawn_agent(self.conf_path, self.logs, once=True)
         assert restart.proc.wait(timeout=60) == 0, restart.output()
         out = restart.output()
         assert any(w in out for w in ("published", "replay", "idle")), out

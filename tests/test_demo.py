@@ -8,7 +8,8 @@ import subprocess
 import time
 
 import requests
-from cutkit import PREP_AGENT, free_port
+
+from tests.kit import PREP_AGENT, free_port
 
 
 def test_demo_publishes_and_serves_then_stops_on_ctrl_c() -> None:

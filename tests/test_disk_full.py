@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from cutkit import PREP_AGENT, Institute, make_config, minute_ago, wait_for
+from tests.kit import PREP_AGENT, Institute, make_config, minute_ago, wait_for
 
 
 def test_disk_full_keeps_current_and_recovers(tmp_path: Path) -> None:

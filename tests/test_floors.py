@@ -16,6 +16,9 @@ import pytest
 
 import prep_agent
 
+pytestmark = pytest.mark.core
+
+
 PACKAGE = Path(prep_agent.__file__).parent
 ROOT = "root"
 """The package itself (``prep_agent/__init__.py``: the version only)."""

@@ -10,6 +10,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from prep_agent.agent.state import Rejected
 from prep_agent.core.manifest import Limits, Manifest, parse_manifest
 from prep_agent.web.health import (
@@ -24,6 +26,9 @@ from prep_agent.web.health import (
     health_document,
 )
 from prep_agent.web.system import CPU_WINDOW, SystemProbe
+
+pytestmark = pytest.mark.core
+
 
 NOW = datetime(2021, 6, 7, 1, 40, tzinfo=timezone.utc)
 PERIOD = 600

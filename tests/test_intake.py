@@ -13,7 +13,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cutkit import PREP_AGENT, Institute, make_config, minute_ago, wait_for
+
+from tests.kit import PREP_AGENT, Institute, make_config, minute_ago, wait_for
 
 
 def events(journal: Path) -> list[dict[str, object]]:

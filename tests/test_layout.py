@@ -5,10 +5,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from cutkit import Institute, make_config
-
 import prep_agent
 from prep_agent.agent.layout import Layout
+from tests.kit import Institute, make_config
 
 PACKAGE = Path(prep_agent.__file__).resolve().parent
 PATHS = {

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import prep_agent
+
+pytestmark = pytest.mark.core
+
 
 MAX_LINES = 600
 PACKAGE = Path(prep_agent.__file__).parent

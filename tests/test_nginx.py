@@ -24,23 +24,21 @@ from typing import Any
 
 import pytest
 import requests
-from cutkit import Institute, free_port, make_config, minute_ago
-from nginxkit import (
+
+from prep_agent.agent.config import Config
+from prep_agent.daemon import Agent
+from prep_agent.web.server import ASSETS, IMMUTABLE, SHORT, content_csp, frame_csp
+from tests.kit import AgentDaemon, Institute, free_port, make_config, minute_ago, wait_port
+from tests.nginxkit import (
     NGINX,
-    AgentDaemon,
     Nginx,
     instantiate,
     instantiate_tls,
     nginx_test,
     raw_get,
     session_from,
-    wait_port,
     wait_published,
 )
-
-from prep_agent.agent.config import Config
-from prep_agent.daemon import Agent
-from prep_agent.web.server import ASSETS, IMMUTABLE, SHORT, content_csp, frame_csp
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -86,7 +84,7 @@ def running_stack(
 ) -> Iterator[Stack]:
     listen = f"127.0.0.1:{free_port()}"
     config = make_config(tmp, inst, listen=listen, frame_ancestors=PORTAL, **settings)
-    agent = AgentDaemon(tmp / "prep-agent.conf", listen)
+    agent = AgentDaemon(tmp / "prep-agent.conf")
     nginx: Nginx | None = None
     try:
         agent.start()  # writes ROOT/nginx/*.conf, which the site includes
@@ -552,7 +550,7 @@ def test_tls_example_serves_https_with_hsts(tmp_path: Path, institute: Institute
     nginx = Nginx(conf, port)
     try:
         nginx.start()
-        wait_port("127.0.0.1", tls_port)
+        wait_port(tls_port, 10, "nginx over TLS")
         plain = get(f"http://127.0.0.1:{port}/status.json?x=1")
         assert plain.status_code == 301
         assert plain.headers["Location"] == "https://127.0.0.1/status.json?x=1"

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from cutkit import PREP_AGENT, Institute, make_config
+from tests.kit import PREP_AGENT, Institute, make_config
 
 
 def test_ready_then_watchdog_then_stopping(tmp_path: Path) -> None:

@@ -24,9 +24,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from cutkit import ELECTION, Institute, minute_ago
-from nginxkit import wait_published
-from packagingkit import (
+
+from prep_agent.agent.config import render_template
+from tests.kit import ELECTION, Institute, free_port, minute_ago, stop_process
+from tests.nginxkit import wait_published
+from tests.packagingkit import (
     DIST,
     ROOT,
     NotifySocket,
@@ -36,7 +38,6 @@ from packagingkit import (
     assert_machine_clean,
     build,
     check,
-    free_port,
     install_deb,
     nginx_conf,
     purge_deb,
@@ -45,13 +46,10 @@ from packagingkit import (
     service_command,
     shared_dir,
     start_nginx,
-    stop_process,
     unit_settings,
     version,
 )
-from sftpkit import Batch, Cut, make_cut
-
-from prep_agent.agent.config import render_template
+from tests.sftpkit import Batch, Cut, make_cut
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -111,6 +109,7 @@ def test_unit_is_notify_with_watchdog_and_own_user() -> None:
     assert not unknown, proc.stderr
 
 
+@pytest.mark.core
 def test_packaged_config_is_the_commented_template() -> None:
     """/etc/prep-agent/prep-agent.conf is `prep-agent init`'s template for the package
     layout, with a header: every setting documented the same way."""
@@ -149,6 +148,7 @@ def test_installed_site_is_the_tested_site_with_its_own_log_folder(tmp_path: Pat
     ).read_bytes() == UNIT.read_bytes()
 
 
+@pytest.mark.core
 def test_versions_agree() -> None:
     changelog = (ROOT / "deb" / "changelog").read_text().splitlines()[0]
     assert changelog.startswith(f"prep-agent ({version()}-")
@@ -472,7 +472,7 @@ def test_rpm_files(rpms: dict[str, Path]) -> None:
     ):
         assert path in files, path
     assert any(f.endswith("/site-packages/prep_agent/cli/main.py") for f in files)
-    assert any(f.endswith("/site-packages/prep_agent/static/frame.js") for f in files)
+    assert any(f.endswith("/site-packages/prep_agent/web/static/frame.js") for f in files)
     unit = check(
         [
             "sh",

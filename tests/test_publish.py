@@ -5,19 +5,18 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from cutkit import Institute, make_config, minute_ago, ssh_verify, tree_digest
 
 from prep_agent import cli
 from prep_agent.agent.intake import open_in_inbox
 from prep_agent.agent.lock import LockFile
 from prep_agent.core.errors import LockError, Rejection
 from prep_agent.daemon import Agent
+from tests.kit import AgentDaemon, Institute, make_config, minute_ago, ssh_verify, tree_digest
 
 
 @pytest.fixture
@@ -142,29 +141,17 @@ def test_newer_signature_supersedes_settling_cut(tmp_path: Path, inst: Institute
 
 def test_one_agent_per_root(tmp_path: Path, inst: Institute) -> None:
     config = make_config(tmp_path, inst)
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prep_agent.cli",
-            "run",
-            "--config",
-            str(tmp_path / "prep-agent.conf"),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
+    daemon = AgentDaemon(
+        tmp_path / "prep-agent.conf", command=[sys.executable, "-m", "prep_agent.cli"]
     )
     try:
-        deadline = time.monotonic() + 10
-        while not config.journal_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        daemon.start(timeout=10)
         with pytest.raises(LockError):
             LockFile(config.lock_file).acquire()
         assert cli.main(["run", "--once", "--config", str(tmp_path / "prep-agent.conf")]) == 4
     finally:
-        daemon.terminate()
-        _, err = daemon.communicate(timeout=10)
-    assert daemon.returncode == 0, err
+        code = daemon.stop()
+    assert code == 0, daemon.output()
     events = [json.loads(line)["event"] for line in config.journal_file.read_text().splitlines()]
     assert events == ["server-listening", "agent-started", "agent-stopped"]
 
@@ -186,6 +173,7 @@ def test_published_tree_identical_to_upload_after_many_cuts(
 
 @pytest.mark.timeout(5)
 @pytest.mark.parametrize("kind", ["fifo", "symlink", "dirlink", "missing"])
+@pytest.mark.core
 def test_open_in_inbox_never_follows_or_blocks(tmp_path: Path, kind: str) -> None:
     """The open itself is safe, not only the stat pre-check (a file can change in between)."""
     inbox = tmp_path / "inbox"

@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 import requests
-from collectorkit import deliver_cut, journal_time, keygen, make_difusor, wait_for
-from cutkit import PREP_AGENT, Institute
 
 from prep_agent.core import sshkeys, sshsig
 from prep_agent.core.allowed_signers import parse_allowed_signers
 from prep_agent.web.push import backoff_delay, signed_report
+from tests.collectorkit import deliver_cut, journal_time, keygen, make_difusor
+from tests.kit import PREP_AGENT, Institute, wait_for
 
 
 class Receiver:
@@ -134,6 +134,7 @@ def test_keygen_line_verifies_with_openssh(tmp_path: Path) -> None:
     assert wrong_ns.returncode != 0
 
 
+@pytest.mark.core
 def test_report_times_strictly_increase() -> None:
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -145,6 +146,7 @@ def test_report_times_strictly_increase() -> None:
     assert json.loads(body)["time"] == "2021-06-06T20:30:00.001+00:00"
 
 
+@pytest.mark.core
 def test_backoff_grows_with_jitter_up_to_the_cap() -> None:
     rng = random.Random(7)
     for failures, step in ((1, 1.0), (2, 2.0), (3, 4.0), (6, 32.0), (7, 60.0), (40, 60.0)):

@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cutkit import (
+
+from prep_agent.daemon import Agent
+from tests.kit import (
     ELECTION,
     Institute,
     csv_bytes,
@@ -30,8 +32,6 @@ from cutkit import (
     ssh_sign,
     tree_digest,
 )
-
-from prep_agent.daemon import Agent
 
 Case = Callable[[Institute, Path, Path], None]
 """Delivers a bad cut: (institute, inbox, scratch folder)."""
@@ -519,6 +519,7 @@ def test_oversized_manifest(tmp_path: Path) -> None:
     assert not config.current.exists()
 
 
+@pytest.mark.core
 def test_case_names_match_reason_classes() -> None:
     reasons = {reason for _, reason in CASES.values()}
     assert all(re.fullmatch(r"[a-z]+(-[a-z]+)*", r) for r in reasons)

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import reportkit as rk
 
 from prep_agent.core.errors import ConfigError
 from prep_agent.report import generate as report
 from prep_agent.report.incidents import read_incidents
+from tests import reportkit as rk
 
 UTC = timezone.utc
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -63,6 +63,7 @@ def journal_events() -> list[dict[str, Any]]:
     ]
 
 
+@pytest.mark.core
 def test_incidents_from_the_journal() -> None:
     events = journal_events()
     for e in events:
@@ -85,6 +86,7 @@ def test_incidents_from_the_journal() -> None:
     assert inc.latency_stats()["total_ms_max"] == 405.0
 
 
+@pytest.mark.core
 def test_stale_after_the_last_cut_runs_to_the_end_of_the_window() -> None:
     s = rk.ELECTION_START
     events = [cut(s, 1, s, period_seconds=300)]
@@ -201,6 +203,7 @@ def test_archive_holds_the_operation_days_raw_logs(made: Path, tmp_path: Path) -
     assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=folder).returncode == 0
 
 
+@pytest.mark.core
 def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     base = ["--from", "2021-06-06T00:00:00-05:00", "--to", "2021-06-08T00:00:00-05:00"]
     base += ["--baseline-from", "2021-06-01T00:00:00-05:00"]
@@ -216,6 +219,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     assert run_cli(["--access-log", str(log), *base]) == 0  # an empty log is a report
 
 
+@pytest.mark.core
 def test_progress_display_on_request(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     log = tmp_path / "a.log"
     rk.generate(log, 2000, seed=1)

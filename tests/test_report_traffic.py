@@ -7,7 +7,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import reportkit as rk
 
 from prep_agent.report.accesslog import parse_line_slow, parse_time
 from prep_agent.report.summary import Options, daily
@@ -21,6 +20,7 @@ from prep_agent.report.traffic import (
     is_bot,
     page_key,
 )
+from tests import reportkit as rk
 
 BASE_FROM = datetime(2021, 6, 4, tzinfo=rk.OFFSET)
 SPLIT = datetime(2021, 6, 6, tzinfo=rk.OFFSET)
@@ -95,6 +95,7 @@ def test_goaccess_agrees_on_4xx_and_odd_requests(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.core
 def test_gz_rotated_shuffled_and_garbage_give_the_same_figures(
     tmp_path: Path, plain_log: Path
 ) -> None:
@@ -125,6 +126,7 @@ def test_gz_rotated_shuffled_and_garbage_give_the_same_figures(
     assert figures(traffic) == figures(reference)
 
 
+@pytest.mark.core
 def test_chunking_and_workers_do_not_change_the_figures(plain_log: Path) -> None:
     one = count_traffic([plain_log], WINDOWS, workers=1)
     many = count_traffic([plain_log], WINDOWS, workers=2, chunk_bytes=64_000)
@@ -132,6 +134,7 @@ def test_chunking_and_workers_do_not_change_the_figures(plain_log: Path) -> None
     assert one.pages == many.pages and one.status == many.status
 
 
+@pytest.mark.core
 def test_lines_out_of_order_within_a_file(tmp_path: Path, plain_log: Path) -> None:
     # nginx logs a request when it ends: lines may be seconds out of order.
     rnd = random.Random(3)
@@ -150,6 +153,7 @@ def _line(ip: str, when: str, path: str = "/", status: int = 200, agent: str = "
     return f'{ip} - - [{when} -0500] "GET {path} HTTP/1.1" {status} 100 "-" "{agent}"\n'
 
 
+@pytest.mark.core
 def test_visit_rule_30_minutes_across_chunks(tmp_path: Path) -> None:
     lines = [
         _line("10.1.1.1", "06/Jun/2021:10:00:00"),
@@ -172,6 +176,7 @@ def test_visit_rule_30_minutes_across_chunks(tmp_path: Path) -> None:
         assert sorted(hours.values()) == [1, 3]
 
 
+@pytest.mark.core
 def test_windows_and_days_use_the_report_offset(tmp_path: Path) -> None:
     # 04:30 UTC on the 7th is 23:30 on the 6th in UTC-5: the line belongs to the 6th.
     path = tmp_path / "utc.log"
@@ -186,6 +191,7 @@ def test_windows_and_days_use_the_report_offset(tmp_path: Path) -> None:
     assert traffic.outside == 1
 
 
+@pytest.mark.core
 def test_apache_escaped_quotes_and_common_format() -> None:
     req = parse_line_slow(
         b'10.0.0.1 - bob [06/Jun/2021:10:00:00 -0500] "GET /a?q=\\"x\\" HTTP/1.1" 200 5 '
@@ -215,10 +221,12 @@ def test_apache_escaped_quotes_and_common_format() -> None:
         (b"/favicon.ico", None),
     ],
 )
+@pytest.mark.core
 def test_page_definition(path: bytes, page: bytes | None) -> None:
     assert page_key(path) == page
 
 
+@pytest.mark.core
 def test_known_bots() -> None:
     assert is_bot(b"Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)")
     assert is_bot(b"curl/7.74.0") and is_bot(b"-")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,7 +14,6 @@ from typing import Any, Callable
 
 import pytest
 import requests
-from cutkit import PREP_AGENT, Institute, free_port, make_config, minute_ago, wait_for
 from waitress import wasyncore
 
 from prep_agent.agent.config import Config
@@ -23,6 +21,7 @@ from prep_agent.core.cuttime import format_cut_time
 from prep_agent.core.manifest import Limits, parse_manifest
 from prep_agent.web.health import Snapshot, SystemReadings, health_document
 from prep_agent.web.server import PublicApp, make_server
+from tests.kit import AgentDaemon, Institute, free_port, make_config, minute_ago, wait_for
 
 
 @dataclass
@@ -45,26 +44,12 @@ def start(tmp_path: Path, **settings: Any) -> Iterator[Running]:
     inst = Institute(tmp_path / "inst")
     port = free_port()
     config = make_config(tmp_path, inst, listen=f"127.0.0.1:{port}", **settings)
-    agent = subprocess.Popen(
-        [PREP_AGENT, "run", "--config", str(tmp_path / "prep-agent.conf")],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    running = Running(config, inst, f"http://127.0.0.1:{port}")
+    agent = AgentDaemon(tmp_path / "prep-agent.conf").start()
     try:
-        wait_for(lambda: _answers(running))
-        yield running
+        yield Running(config, inst, f"http://127.0.0.1:{port}")
     finally:
-        agent.send_signal(signal.SIGTERM)
-        _, err = agent.communicate(timeout=10)
-    assert agent.returncode == 0, err
-
-
-def _answers(running: Running) -> bool:
-    try:
-        return running.get("/livez").status_code == 200
-    except requests.ConnectionError:
-        return False
+        code = agent.stop()
+    assert code == 0, agent.output()
 
 
 @pytest.fixture
@@ -225,6 +210,7 @@ def snapshot(**changes: Any) -> Snapshot:
     return Snapshot(**base)
 
 
+@pytest.mark.core
 def test_health_states() -> None:
     assert health_document(snapshot())["status"] == "pass"
     stale = snapshot(now=datetime(2021, 6, 7, 2, 1, tzinfo=timezone.utc))
@@ -248,12 +234,14 @@ def test_health_states() -> None:
         ("2021-06-06T20:30:00+05:30", "06/06/2021 20:30 h (UTC+5:30)"),
     ],
 )
+@pytest.mark.core
 def test_cut_time_in_its_own_offset(text: str, expected: str) -> None:
     from prep_agent.core.manifest import parse_rfc3339
 
     assert format_cut_time(text, parse_rfc3339(text, "t")) == expected
 
 
+@pytest.mark.core
 def test_file_cache_follows_replacement_and_stays_bounded(tmp_path: Path) -> None:
     """Small files are served from memory; a file replaced by rename is seen after
     ``recheck``; the cache never holds more than ``max_bytes``."""

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from cutkit import Institute, csv_bytes, make_config, minute_ago
-from sftpkit import AgentProcess, Batch, Cut, Sftp, cut_times, kill_mid_transfer, make_cut
-from sftpkit import verify_with_ssh_keygen as ssh_keygen_verify
+
+from tests.kit import Institute, csv_bytes, make_config, minute_ago
+from tests.sftpkit import AgentProcess, Batch, Cut, Sftp, cut_times, kill_mid_transfer, make_cut
+from tests.sftpkit import verify_with_ssh_keygen as ssh_keygen_verify
 
 RESCAN = 30
 """rescan_interval: longer than any wait below, so publication must follow events."""
@@ -42,17 +43,17 @@ class Rig:
         settings.setdefault("settle_timeout", 20)
         self.institute = institute
         self.config = make_config(tmp_path, institute, **settings)
-        self.agent = AgentProcess(self.config, tmp_path / "prep-agent.conf")
+        self.agent = AgentProcess(tmp_path / "prep-agent.conf")
         self.sftp = Sftp(self.config.inbox, tmp_path / "batches")
         self.outbox = tmp_path / "outbox"
         self.times = cut_times(minute_ago(20), 12)
 
     def start(self) -> None:
-        started = self.agent.start()
+        started = self.agent.start().started
         assert started["watcher"] == "inotify", started
 
     def cut(self, sequence: int, files: dict[str, bytes] | None = None) -> Cut:
-        """A signed cut staged locally (default files: cutkit's page, CSV and logo)."""
+        """A signed cut staged locally (default files: the kit's page, CSV and logo)."""
         return make_cut(self.institute, self.outbox, sequence, self.times[sequence - 1], files)
 
     def default_files(self, sequence: int) -> dict[str, bytes]:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cutkit import OFFSET, SHARED, Institute, make_config, minute_ago, tree_digest
 
 from prep_agent.agent.config import Config
 from prep_agent.agent.journal import read_journal
@@ -33,6 +32,7 @@ from prep_agent.institute.simulation import run
 from prep_agent.institute.simulation.database import ACTA_HEADER, CSV_PATH
 from prep_agent.institute.simulation.election import Simulation
 from prep_agent.institute.simulation.site import CSS_PATH, LOGO_PATH, build_cut
+from tests.kit import OFFSET, SHARED, Institute, make_config, minute_ago, tree_digest
 
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 REAL_AYUN = SHARED / "fixtures/prep-real/campeche-2021-cuts/20210607_2000_PREP_AYUN_CAMP"
@@ -89,6 +89,7 @@ def key(institute: Institute) -> sshkeys.PrivateKey:
 # --- the cut ----------------------------------------------------------------------------
 
 
+@pytest.mark.core
 def test_cut_is_a_deterministic_function_of_seed_sequence_and_time(tmp_path: Path) -> None:
     build_cut(SIM, 4, T0, tmp_path / "a")
     build_cut(SIM, 4, T0, tmp_path / "b")
@@ -101,6 +102,7 @@ def test_cut_is_a_deterministic_function_of_seed_sequence_and_time(tmp_path: Pat
         build_cut(SIM, 4, T0, tmp_path / "a")
 
 
+@pytest.mark.core
 def test_csv_has_the_real_prep_layout(tmp_path: Path) -> None:
     build_cut(SIM, 6, T0, tmp_path / "cut")
     data = (tmp_path / "cut" / CSV_PATH).read_bytes()
@@ -140,6 +142,7 @@ def test_csv_has_the_real_prep_layout(tmp_path: Path) -> None:
         assert verified.replace(tzinfo=OFFSET) <= T0
 
 
+@pytest.mark.core
 def test_final_cut_has_all_38_municipalities_and_every_acta(tmp_path: Path) -> None:
     build_cut(SIM, 20, T0, tmp_path / "cut", final=True)
     _, summary, rows = cut_csv(tmp_path / "cut")
@@ -158,6 +161,7 @@ def test_final_cut_has_all_38_municipalities_and_every_acta(tmp_path: Path) -> N
     assert '<a href="municipios/35.html">Torreón</a>' in index
 
 
+@pytest.mark.core
 def test_captured_actas_grow_with_the_sequence_and_rows_stay_put(tmp_path: Path) -> None:
     folders = []
     for sequence in range(1, 6):
@@ -172,6 +176,7 @@ def test_captured_actas_grow_with_the_sequence_and_rows_stay_put(tmp_path: Path)
     assert all(second[k] == row for k, row in first.items() if k != "-")
 
 
+@pytest.mark.core
 def test_zip_is_named_by_the_cut_minute_and_holds_the_csv_and_leeme(tmp_path: Path) -> None:
     build_cut(SIM, 2, T0, tmp_path / "cut")
     zip_file = tmp_path / "cut" / "datos" / "20210606_2030_PREP_AYUN_COAH.zip"
@@ -286,10 +291,12 @@ def test_deliver_sftp_reports_a_failed_upload(tmp_path: Path, key: sshkeys.Priva
         ("difusor", ("difusor", "")),
     ],
 )
+@pytest.mark.core
 def test_split_target(target: str, expected: tuple[str, str]) -> None:
     assert delivery.split_target(target) == expected
 
 
+@pytest.mark.core
 def test_split_target_rejects_a_missing_host() -> None:
     with pytest.raises(Error, match="USER@HOST:DIR"):
         delivery.split_target(":inbox")

@@ -11,7 +11,12 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from sshsig_openssh import (
+
+from prep_agent.core import sshkeys, sshsig
+from prep_agent.core.allowed_signers import parse_allowed_signers
+from prep_agent.core.errors import SignatureFormatError
+from prep_agent.core.protocol import NAMESPACE_CUT
+from tests.sshsig_openssh import (
     MESSAGE,
     NOW,
     SK_TYPE,
@@ -27,13 +32,8 @@ from sshsig_openssh import (
     ssh_fingerprint,
     ssh_sign,
     ssh_string,
-    ssh_verify,
+    ssh_verify_status,
 )
-
-from prep_agent.core import sshkeys, sshsig
-from prep_agent.core.allowed_signers import parse_allowed_signers
-from prep_agent.core.errors import SignatureFormatError
-from prep_agent.core.protocol import NAMESPACE_CUT
 
 ACCEPTED_KEYS = ["ed25519", "ecdsa256", "ecdsa384", "ecdsa521", "rsa3072", "rsa4096"]
 HASHES = ["sha256", "sha512"]
@@ -204,7 +204,9 @@ def test_differential_against_ssh_keygen(
         signatures[name, hashalg, "prep-health"],
     )
     case = build(inputs)
-    status = ssh_verify(case.allowed, keys[name].principal, case.armored, case.message, tmp_path)
+    status = ssh_verify_status(
+        case.allowed, keys[name].principal, case.armored, case.message, tmp_path
+    )
     counts, reason = our_decision(case.armored, case.message, case.allowed)
     ours = COUNTS if counts else MALFORMED if reason.startswith("malformed:") else IGNORED
     assert (status == 0) is (outcome == COUNTS), f"ssh-keygen exit {status}"
@@ -215,7 +217,9 @@ def test_time_window_edges_are_inclusive(keys: dict[str, KeyPair], signatures, t
     armored = signatures["ed25519", "sha512", "prep-cut"]
     for options in ('valid-after="20240601120000Z"', 'valid-before="20240601120000Z"'):
         allowed = keys["ed25519"].allowed_line(options) + "\n"
-        assert ssh_verify(allowed, keys["ed25519"].principal, armored, MESSAGE, tmp_path) == 0
+        assert (
+            ssh_verify_status(allowed, keys["ed25519"].principal, armored, MESSAGE, tmp_path) == 0
+        )
         assert our_decision(armored, MESSAGE, allowed) == (True, "")
 
 
@@ -229,7 +233,9 @@ def test_time_without_z_is_local_time(
     """08:00 local is 08:00Z in UTC but 14:00Z at UTC-6, after NOW (12:00Z)."""
     armored = signatures["ed25519", "sha512", "prep-cut"]
     allowed = keys["ed25519"].allowed_line('valid-after="202406010800"') + "\n"
-    status = ssh_verify(allowed, keys["ed25519"].principal, armored, MESSAGE, tmp_path, tz=tz)
+    status = ssh_verify_status(
+        allowed, keys["ed25519"].principal, armored, MESSAGE, tmp_path, tz=tz
+    )
     assert (status == 0) is expected
     sig = sshsig.parse_armored(armored)[0]
     signers = parse_allowed_signers(allowed, local_tz=local_tz)
@@ -284,7 +290,7 @@ def test_stricter_than_ssh_keygen(
     keys: dict[str, KeyPair], signatures, tmp_path: Path, kind: str, reason: str
 ) -> None:
     armored, allowed, principal = _stricter_case(keys, signatures, tmp_path, kind)
-    assert ssh_verify(allowed + "\n", principal, armored, MESSAGE, tmp_path) == 0
+    assert ssh_verify_status(allowed + "\n", principal, armored, MESSAGE, tmp_path) == 0
     assert our_decision(armored, MESSAGE, allowed) == (False, reason)
 
 
@@ -296,7 +302,7 @@ def test_sha1_rsa_signature_type_is_rejected(keys, signatures, tmp_path: Path) -
     relabelled = ssh_string("ssh-rsa") + ssh_string(raw)
     armored = rearmor(blob.with_(signature=relabelled).join())
     allowed = keys["rsa3072"].allowed_line()
-    assert ssh_verify(allowed, keys["rsa3072"].principal, armored, MESSAGE, tmp_path) != 0
+    assert ssh_verify_status(allowed, keys["rsa3072"].principal, armored, MESSAGE, tmp_path) != 0
     assert our_decision(armored, MESSAGE, allowed) == (
         False,
         "key type ssh-rsa signature (SHA-1) not allowed",
@@ -316,7 +322,7 @@ def test_ssh_keygen_accepts_our_signatures(
     blob = sshsig.sign(private, MESSAGE, NAMESPACE_CUT, hashalg)
     assert sshkeys.public_key_of(private) == sshkeys.parse_public_key(key.public_line)
     armored = sshsig.armor(blob)
-    assert ssh_verify(key.allowed_line(), key.principal, armored, MESSAGE, tmp_path) == 0
+    assert ssh_verify_status(key.allowed_line(), key.principal, armored, MESSAGE, tmp_path) == 0
     assert our_decision(armored, MESSAGE, key.allowed_line()) == (True, "")
     assert sshsig.parse_blob(blob).signature_type == (
         "rsa-sha2-512" if name.startswith("rsa") else key.public_line.split()[0]
@@ -362,7 +368,9 @@ def test_embedded_trusted_key_signed_by_rogue_key_does_not_count(
 ) -> None:
     blob = forge(keys[rogue], keys[trusted].public_blob(), MESSAGE)
     allowed = trusted_file(keys, ACCEPTED_KEYS, {})
-    assert ssh_verify(allowed, keys[trusted].principal, rearmor(blob), MESSAGE, tmp_path) != 0
+    assert (
+        ssh_verify_status(allowed, keys[trusted].principal, rearmor(blob), MESSAGE, tmp_path) != 0
+    )
     assert our_decision(rearmor(blob), MESSAGE, allowed) == (False, "signature does not verify")
 
 
@@ -556,7 +564,9 @@ def test_mangled_blobs_raise_only_format_errors(keys, signatures, tmp_path, name
         if signer is not None:
             counted.append(bytes(data))
     for data in counted:
-        status = ssh_verify(signers_text, keys[name].principal, rearmor(data), MESSAGE, tmp_path)
+        status = ssh_verify_status(
+            signers_text, keys[name].principal, rearmor(data), MESSAGE, tmp_path
+        )
         assert status == 0
 
 
@@ -576,6 +586,7 @@ def test_mangled_blobs_raise_only_format_errors(keys, signatures, tmp_path, name
         "ssh-foo AAAAB3NzaC1mb28=",
     ],
 )
+@pytest.mark.core
 def test_parse_public_key_rejects(text: str) -> None:
     with pytest.raises(SignatureFormatError):
         sshkeys.parse_public_key(text)
@@ -618,6 +629,7 @@ UTC = timezone.utc
         ),
     ],
 )
+@pytest.mark.core
 def test_allowed_signers_lines(line, principals, namespaces, after, before) -> None:
     (signer,) = parse_allowed_signers(f"# comment\n\n   \n{line}\n")
     assert signer.principals == principals
@@ -629,6 +641,7 @@ def test_allowed_signers_lines(line, principals, namespaces, after, before) -> N
     )
 
 
+@pytest.mark.core
 def test_allowed_signers_skips_cert_authority_lines() -> None:
     text = f'*@x cert-authority {ED}\n*@x namespaces="n",CERT-AUTHORITY {ED}\nb@x {ED}\n'
     assert [s.principals for s in parse_allowed_signers(text)] == [("b@x",)]
@@ -658,7 +671,7 @@ def test_principal_patterns(
     assert signer.matches_principal(principal) is expected
     key = keys["ed25519"]
     allowed = f"{principals} {key.public_line}\n"
-    status = ssh_verify(
+    status = ssh_verify_status(
         allowed, principal, signatures["ed25519", "sha512", "prep-cut"], MESSAGE, tmp_path
     )
     assert (status == 0) is expected
@@ -684,11 +697,13 @@ def test_principal_patterns(
         ("a@x ssh-ed25519", "malformed public key"),
     ],
 )
+@pytest.mark.core
 def test_allowed_signers_malformed_line(line: str, message: str) -> None:
     with pytest.raises(SignatureFormatError, match=f"^allowed_signers line 3: .*{message}"):
         parse_allowed_signers(f"# header\n\n{line}\nb@x {ED}\n")
 
 
+@pytest.mark.core
 def test_local_tz_reads_times_without_suffix() -> None:
     zone = ZoneInfo("America/Mexico_City")
     (signer,) = parse_allowed_signers(f'a@x valid-after="20240601" {ED}', local_tz=zone)

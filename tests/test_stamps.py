@@ -25,6 +25,8 @@ from prep_agent.core.stamps import (
     parse_zip_name_stamp,
 )
 
+pytestmark = pytest.mark.core
+
 REAL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "prep-real"
 CAMPECHE_CUTS = REAL / "campeche-2021-cuts"
 CAMPECHE_ZIP = REAL / "campeche-2021-20210601_1852_PREP_CAMP.zip"

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cutkit import Institute, make_config
-from test_rejections import CASES, GOOD_TIME, Case
 
 from prep_agent import cli
 from prep_agent.core.verify import MAX_SIGNATURE_BYTES
+from tests.kit import Institute, make_config
+from tests.test_rejections import CASES, GOOD_TIME, Case
 
 SMALL = {"max_files": 4, "max_file_bytes": 200_000}
 """The limits of the agent in tests/test_rejections.py."""

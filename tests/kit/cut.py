@@ -1,7 +1,8 @@
 """A fake institute for tests: makes, mutates and signs cuts with the real ssh-keygen.
 
 Signing goes through ``ssh-keygen -Y sign`` (not our own signer), so the agent
-is always tested against signatures OpenSSH itself produced.
+is always tested against signatures OpenSSH itself produced; ``ssh_verify``
+checks what was published with ``ssh-keygen -Y verify``.
 """
 
 from __future__ import annotations
@@ -9,21 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prep_agent.agent.config import Config, load, render_template
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 """The read-only shared folder beside the project."""
-PREP_AGENT = str(Path(sys.executable).parent / "prep-agent")
-"""The installed command of the venv running the tests."""
 OFFSET = timezone(timedelta(hours=-6))
 ELECTION = "coah-ayun-2021"
 
@@ -59,57 +55,31 @@ def ssh_sign(key: Path, data: bytes, namespace: str = "prep-cut", hashalg: str =
     return proc.stdout
 
 
-def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 15) -> int | None:
-    """SIGTERM and wait (SIGKILL after ``timeout``); return the exit status."""
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-    return proc.returncode
+def ssh_verify(
+    allowed_signers: Path,
+    sig: Path,
+    data: bytes,
+    principal: str = "iec",
+    *,
+    options: Sequence[str] = (),
+    tz: str = "UTC",
+    check: bool = True,
+) -> int:
+    """Check ``sig`` over ``data`` with the real ``ssh-keygen -Y verify``; return its exit status.
 
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
-    """Poll ``predicate`` until it holds; AssertionError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met in {timeout} s {what}".rstrip())
-
-
-def ssh_verify(allowed_signers: Path, sig: Path, data: bytes, principal: str = "iec") -> None:
-    """Check ``sig`` over ``data`` with the real ``ssh-keygen -Y verify`` (raises if refused)."""
-    subprocess.run(
-        [
-            "ssh-keygen",
-            "-Y",
-            "verify",
-            "-f",
-            str(allowed_signers),
-            "-I",
-            principal,
-            "-n",
-            "prep-cut",
-            "-s",
-            str(sig),
-        ],
-        input=data,
-        check=True,
-        capture_output=True,
-    )
+    ``options`` are ``-O`` options (``verify-time=...``); ssh-keygen runs in a
+    clean environment in ``tz``. Raises AssertionError, with ssh-keygen's output,
+    if it refuses the signature and ``check`` is set.
+    """
+    args = ["ssh-keygen", "-Y", "verify", "-f", str(allowed_signers), "-I", principal]
+    args += ["-n", "prep-cut", "-s", str(sig)]
+    for option in options:
+        args += ["-O", option]
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(sig.parent), "LC_ALL": "C", "TZ": tz}
+    done = subprocess.run(args, input=data, capture_output=True, env=env, check=False)
+    if check:
+        assert done.returncode == 0, f"ssh-keygen -Y verify refused {sig}: {done.stderr!r}"
+    return done.returncode
 
 
 def minute_ago(minutes: int = 1) -> datetime:
