@@ -539,6 +539,8 @@ def test_check_file_on_real_campeche_csv() -> None:
 
 def test_check_file_needs_line_2_within_head_bytes() -> None:
     late = b"x" * HEAD_BYTES + b"\n" + b"06/06/2021 22:30 (UTC-5)\n"
-    check_file("GOB.csv", io.BytesIO(late), CUT)
+    # Not read, so not checked: a stamp that cannot be located is a mismatch.
+    error = rejection(check_file, "GOB.csv", io.BytesIO(late), CUT, reason=STAMP_MISMATCH)
+    assert "cannot be checked" in error.detail
     early = b"x" * (HEAD_BYTES - 100) + b"\n" + b"06/06/2021 22:30 (UTC-5)\n"
     rejection(check_file, "GOB.csv", io.BytesIO(early), CUT, reason=STAMP_MISMATCH)

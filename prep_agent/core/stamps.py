@@ -24,7 +24,12 @@ from typing import BinaryIO
 from prep_agent.core.errors import STAMP_MISMATCH, ZIP_INVALID, Rejection
 
 HEAD_BYTES = 4096
-"""Bytes of a CSV read for its stamp; line 2 must end within them."""
+"""Bytes of a CSV read for its stamp; line 2 must end within them.
+
+A file at least this long whose line 2 does not end within them (a long line 1)
+has a stamp that cannot be located: a mismatch, never a file without a stamp.
+A file shorter than this is read whole, so its last line needs no line end.
+"""
 
 _CHUNK = 64 * 1024
 """Bytes asked of a zip member per read."""
@@ -87,7 +92,8 @@ DEFAULT_ZIP_LIMITS = ZipLimits()
 
 
 class InvalidStampError(ValueError):
-    """A text has the shape of a cut stamp but denotes no valid date, time or offset."""
+    """A stamp that cannot be trusted: it has the shape of a cut stamp but denotes no
+    valid date, time or offset, or (a CSV's) it cannot be located within the bytes read."""
 
 
 def parse_csv_stamp(head: bytes) -> datetime | None:
@@ -99,7 +105,9 @@ def parse_csv_stamp(head: bytes) -> datetime | None:
     the stamp entirely. Only ASCII matters, so Latin-1 or UTF-8 bytes elsewhere
     are harmless. Raises :class:`InvalidStampError` if line 2 has the shape of a
     stamp but its date, time or offset does not exist (``32/13/2021 22:40
-    (UTC-5)``): a broken stamp is a mismatch, not a file without a stamp.
+    (UTC-5)``), or if ``head`` holds :data:`HEAD_BYTES` or more and line 2 does
+    not end within its first :data:`HEAD_BYTES`: a broken or hidden stamp is a
+    mismatch, not a file without a stamp.
     """
     found = _match_csv_stamp(head)
     return None if found is None else _csv_stamp_instant(found)
@@ -126,15 +134,17 @@ def parse_zip_name_stamp(name: str, tz: tzinfo) -> datetime | None:
 def check_csv(path: str, head: bytes, cut_time: datetime) -> None:
     """Check the stamp on line 2 of the CSV whose start is ``head`` (spec §4.7).
 
+    ``head`` is the first :data:`HEAD_BYTES` of the file, or all of it if shorter.
     A CSV without a stamp passes. Raises :class:`Rejection` ``STAMP_MISMATCH``
-    if the stamp is invalid or is not ``cut_time`` truncated to the minute, and
+    if the stamp is invalid, cannot be located (line 2 does not end within
+    :data:`HEAD_BYTES`) or is not ``cut_time`` truncated to the minute, and
     ValueError if ``cut_time`` is naive.
     """
     expected = _truncate_to_minute(cut_time)
-    found = _match_csv_stamp(head)
-    if found is None:
-        return
     try:
+        found = _match_csv_stamp(head)
+        if found is None:
+            return
         stamp = _csv_stamp_instant(found)
     except InvalidStampError as exc:
         raise Rejection(STAMP_MISMATCH, f"{_printable(path)}: {exc}") from None
@@ -178,15 +188,37 @@ def check_file(
 
 
 def _match_csv_stamp(head: bytes) -> re.Match[str] | None:
-    """Line 2 of ``head``, without whitespace and quotes, matched as a stamp; or None."""
+    """Line 2 of ``head``, without whitespace and quotes, matched as a stamp; or None.
+
+    Raises InvalidStampError if line 2 cannot be located (see :func:`_line_2`).
+    """
     # A BOM can only precede line 1, so it never touches line 2.
-    lines = head.splitlines()
-    if len(lines) < 2:
+    line = _line_2(head)
+    if line is None:
         return None
-    text = lines[1].decode("ascii", errors="replace").strip()
+    text = line.decode("ascii", errors="replace").strip()
     if len(text) >= 2 and text[0] == text[-1] == '"':
         text = text[1:-1].strip()
     return _CSV_STAMP.fullmatch(text)
+
+
+def _line_2(head: bytes) -> bytes | None:
+    """Line 2 of the CSV that starts with ``head``; None if the file has no line 2.
+
+    A ``head`` shorter than :data:`HEAD_BYTES` is the whole file. A longer one
+    may have been cut off, so line 2 must end (LF, CR or CRLF) within its first
+    :data:`HEAD_BYTES`; otherwise raises InvalidStampError: the stamp, if any,
+    lies where it was not read.
+    """
+    lines = head[:HEAD_BYTES].splitlines(keepends=True)
+    if len(head) < HEAD_BYTES:
+        return lines[1] if len(lines) >= 2 else None
+    if len(lines) >= 3 or (len(lines) == 2 and lines[1].endswith((b"\n", b"\r"))):
+        return lines[1]
+    raise InvalidStampError(
+        f"line 2 does not end within the first {HEAD_BYTES} bytes, "
+        "so its cut stamp cannot be checked"
+    )
 
 
 def _csv_stamp_instant(found: re.Match[str]) -> datetime:
