@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from prep_agent.core.csvcell import csv_safe
 from prep_agent.report import charts as report_charts
 
 REASONS_ES = {
@@ -240,7 +241,11 @@ TABLES = (
 
 
 def write_csvs(doc: dict[str, Any], out: Path) -> list[str]:
-    """Write one CSV (UTF-8, header row of column keys) per table; return the names."""
+    """Write one CSV (UTF-8, header row of column keys) per table; return the names.
+
+    Text cells that could run as spreadsheet formulas (log lines, journal details)
+    are prefixed with ``'`` (``csv_safe``); numbers are written as numbers.
+    """
     names = []
     for table in TABLES:
         with open(out / table.csv, "w", encoding="utf-8", newline="") as fh:
@@ -248,7 +253,7 @@ def write_csvs(doc: dict[str, Any], out: Path) -> list[str]:
             writer.writerow([c.key for c in table.columns])
             for row in table.rows(doc):
                 values = [row.get(c.key) for c in table.columns]
-                writer.writerow(["" if v is None else v for v in values])
+                writer.writerow([csv_safe("" if v is None else v) for v in values])
         names.append(table.csv)
     return names
 

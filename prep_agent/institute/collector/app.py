@@ -28,6 +28,7 @@ import requests  # type: ignore[import-untyped]  # no stubs in Debian 12
 from flask import Flask, Response, abort, render_template_string, request
 
 from prep_agent.core.allowed_signers import AllowedSigner, parse_allowed_signers
+from prep_agent.core.csvcell import csv_safe
 from prep_agent.core.cuttime import format_cut_time
 from prep_agent.core.errors import ConfigError, Error, Rejection, SignatureFormatError
 from prep_agent.core.manifest import MANIFEST_NAME, Limits, parse_manifest, parse_rfc3339
@@ -371,13 +372,14 @@ def board_json(board: Board, rejections: list[dict[str, Any]]) -> dict[str, Any]
 
 
 def board_csv(board: Board) -> str:
-    """The rows as CSV (UTF-8, header line, RFC 4180 quoting)."""
+    """The rows as CSV (UTF-8, header line, RFC 4180 quoting); text that could run as a
+    spreadsheet formula is prefixed with ``'`` (``csv_safe``)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(CSV_COLUMNS)
     for row in board.rows:
         values = row.as_dict()
-        writer.writerow(["" if values[c] is None else values[c] for c in CSV_COLUMNS])
+        writer.writerow([csv_safe("" if values[c] is None else values[c]) for c in CSV_COLUMNS])
     return out.getvalue()
 
 
