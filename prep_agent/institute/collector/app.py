@@ -167,8 +167,12 @@ class Collector:
         self.registered = set(self.names) | set(literal_principals(signers))
         self.store.register(sorted(self.registered), self.clock())
 
-    def receive(self, body: bytes, header: str | None) -> Report:
-        """Accept one pushed report or raise ``ReportRejected`` (counted)."""
+    def receive(self, body: bytes, header: str | None, sender: str = "") -> Report:
+        """Accept one pushed report or raise ``ReportRejected`` (counted).
+
+        A refusal is counted under the difusor only if its signature verified;
+        otherwise under ``sender`` (the client's address), whatever the body claims.
+        """
         now = self.clock()
         try:
             return self.store.accept_push(
@@ -185,8 +189,11 @@ class Collector:
                 now,
             )
         except ReportRejected as exc:
-            sid = exc.service_id if exc.service_id in self.registered else ""
-            self.store.count_rejection(exc.reason, sid or "", exc.detail, now)
+            sid = exc.service_id if exc.service_id in self.registered else None
+            if sid:
+                self.store.count_rejection(exc.reason, sid, exc.detail, now)
+            else:
+                self.store.count_rejection(exc.reason, "", exc.detail, now, sender=sender)
             raise
 
     def board(self) -> Board:
@@ -408,13 +415,15 @@ def create_collector_app(collector: Collector) -> Flask:
     @app.post("/reports")
     def reports() -> Response:
         length = request.content_length
+        sender = request.remote_addr or "?"
         if length is not None and length > MAX_REPORT_BYTES:
-            collector.store.count_rejection(TOO_LARGE, "", f"{length} bytes", collector.clock())
+            now = collector.clock()
+            collector.store.count_rejection(TOO_LARGE, "", f"{length} bytes", now, sender=sender)
             doc = {"accepted": False, "reason": TOO_LARGE}
             return reply(json.dumps(doc), "application/json", 413)
         body = request.stream.read(MAX_REPORT_BYTES + 1)
         try:
-            report = collector.receive(body, request.headers.get(SIGNATURE_HEADER))
+            report = collector.receive(body, request.headers.get(SIGNATURE_HEADER), sender)
         except ReportRejected as exc:
             code = _HTTP_CODE.get(exc.reason, 403)
             doc = {"accepted": False, "reason": exc.reason, "detail": exc.detail}

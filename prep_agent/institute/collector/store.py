@@ -25,7 +25,21 @@ PRUNE_EVERY = 100
 """Reports inserted between two trims of the history to ``history_rows``."""
 MAX_SIGNED_CUTS = 5000
 """Signed cuts remembered (an election day has about 150)."""
+MAX_SENDER_ROWS = 200
+"""Rejection rows kept for unverified senders, the most recent first: anyone can
+send from many addresses, and each (reason, address) is one row."""
 
+_REJECTION_TABLE = """
+CREATE TABLE IF NOT EXISTS rejection (
+    reason TEXT NOT NULL,
+    difusor TEXT NOT NULL,
+    sender TEXT NOT NULL DEFAULT '',
+    count INTEGER NOT NULL,
+    last_at REAL NOT NULL,
+    last_detail TEXT,
+    PRIMARY KEY (reason, difusor, sender)
+)"""
+"""Refused pushes: ``difusor`` when the signature verified, else ``sender``."""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS difusor (
     id TEXT PRIMARY KEY,
@@ -49,14 +63,6 @@ CREATE TABLE IF NOT EXISTS report (
     doc_time TEXT
 );
 CREATE INDEX IF NOT EXISTS report_difusor ON report (difusor, id);
-CREATE TABLE IF NOT EXISTS rejection (
-    reason TEXT NOT NULL,
-    difusor TEXT NOT NULL,
-    count INTEGER NOT NULL,
-    last_at REAL NOT NULL,
-    last_detail TEXT,
-    PRIMARY KEY (reason, difusor)
-);
 CREATE TABLE IF NOT EXISTS signed_cut (
     sequence INTEGER PRIMARY KEY,
     election TEXT NOT NULL,
@@ -96,6 +102,30 @@ class SignedCut:
     recorded_at: float
 
 
+def _create_rejection_table(db: sqlite3.Connection) -> None:
+    """Create ``rejection``; one from before senders were recorded is rebuilt with the
+    ``sender`` column in its key (SQLite cannot change a primary key in place)."""
+    db.execute("BEGIN IMMEDIATE")  # a --record-cut process may open it at the same time
+    try:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(rejection)")}
+        old = bool(columns) and "sender" not in columns
+        if old:
+            db.execute("ALTER TABLE rejection RENAME TO rejection_before_senders")
+        db.execute(_REJECTION_TABLE)
+        if old:
+            db.execute(
+                "INSERT INTO rejection (reason, difusor, count, last_at, last_detail) "
+                "SELECT reason, difusor, count, last_at, last_detail "
+                "FROM rejection_before_senders"
+            )
+            db.execute("DROP TABLE rejection_before_senders")
+        db.execute("COMMIT")
+    except sqlite3.Error:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
 def check_value(doc: dict[str, Any], key: str) -> Any:
     """``observedValue`` of the first element of ``checks[key]``, or None."""
     checks = doc.get("checks")
@@ -118,6 +148,7 @@ class CollectorDatabase:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            _create_rejection_table(self._db)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot open database {path}: {exc}") from None
 
@@ -210,32 +241,44 @@ class CollectorDatabase:
                 (self.history_rows,),
             )
 
-    def count_rejection(self, reason: str, service_id: str, detail: str, now: datetime) -> None:
-        """Count one refused push (``service_id`` "" when not a registered difusor)."""
+    def count_rejection(
+        self, reason: str, service_id: str, detail: str, now: datetime, sender: str = ""
+    ) -> None:
+        """Count one refused push under the difusor ``service_id`` if its signature
+        verified, else (``service_id`` "") under ``sender``, the client's address;
+        only the :data:`MAX_SENDER_ROWS` most recent sender rows are kept."""
         with self._tx() as db:
             db.execute(
-                "INSERT INTO rejection (reason, difusor, count, last_at, last_detail) "
-                "VALUES (?, ?, 1, ?, ?) ON CONFLICT (reason, difusor) DO UPDATE SET "
-                "count = count + 1, last_at = excluded.last_at, "
+                "INSERT INTO rejection (reason, difusor, sender, count, last_at, last_detail) "
+                "VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (reason, difusor, sender) DO UPDATE "
+                "SET count = count + 1, last_at = excluded.last_at, "
                 "last_detail = excluded.last_detail",
-                (reason, service_id, now.timestamp(), detail[:300]),
+                (reason, service_id, sender, now.timestamp(), detail[:300]),
             )
+            if sender:
+                db.execute(
+                    "DELETE FROM rejection WHERE sender != '' AND rowid NOT IN (SELECT rowid "
+                    "FROM rejection WHERE sender != '' ORDER BY last_at DESC LIMIT ?)",
+                    (MAX_SENDER_ROWS,),
+                )
 
     def rejections(self) -> list[dict[str, Any]]:
-        """Every rejection counter: reason, difusor, count, last time and detail."""
+        """Every rejection counter: reason, difusor (None if unverified), sender (None
+        if verified), count, last time and detail."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT reason, difusor, count, last_at, last_detail FROM rejection "
-                "ORDER BY reason, difusor"
+                "SELECT reason, difusor, sender, count, last_at, last_detail FROM rejection "
+                "ORDER BY reason, difusor, sender"
             ).fetchall()
         return [
             {
                 "reason": r[0],
                 "serviceId": r[1] or None,
-                "count": r[2],
-                "last": datetime.fromtimestamp(r[3], timezone.utc).isoformat(timespec="seconds"),
-                "last_ts": r[3],
-                "detail": r[4],
+                "sender": r[2] or None,
+                "count": r[3],
+                "last": datetime.fromtimestamp(r[4], timezone.utc).isoformat(timespec="seconds"),
+                "last_ts": r[4],
+                "detail": r[5],
             }
             for r in rows
         ]

@@ -55,7 +55,11 @@ REASONS = (
 
 
 class ReportRejected(Error):
-    """A pushed report is refused; ``reason`` is one of ``REASONS``."""
+    """A pushed report is refused; ``reason`` is one of ``REASONS``.
+
+    ``service_id`` is set only once the signature verified (``TIME_WINDOW``,
+    ``REPLAY``): before that, the body's ``serviceId`` is a claim anyone can make.
+    """
 
     def __init__(self, reason: str, detail: str, service_id: str | None = None) -> None:
         super().__init__(f"{reason}: {detail}")
@@ -87,7 +91,7 @@ def parse_document(body: bytes) -> Report:
     try:
         moment = parse_rfc3339(doc.get("time"), "time")
     except Rejection as exc:
-        raise ReportRejected(REPORT_INVALID, exc.detail, service_id) from None
+        raise ReportRejected(REPORT_INVALID, exc.detail) from None
     return Report(service_id, moment, doc)
 
 
@@ -127,7 +131,7 @@ def check_report(
     lines = [s for s in signers if s.matches_principal(sid)]
     signer, why = sshsig.check_signature(sig, body, lines, NAMESPACE_HEALTH, now)
     if signer is None:
-        raise ReportRejected(SIGNATURE_UNTRUSTED, f"{sid}: {why}", sid)
+        raise ReportRejected(SIGNATURE_UNTRUSTED, f"claims to be {sid[:64]!r}: {why}")
     skew = abs((report.time - now).total_seconds())
     if skew > max_skew:
         detail = f"time is {skew:.0f} s from ours (max {max_skew:.0f})"
