@@ -66,8 +66,9 @@ def signed_report(
 ) -> tuple[bytes, str, datetime]:
     """The body, the ``PREP-Signature`` value and the ``time`` written.
 
-    ``time`` gets millisecond precision and is kept strictly after ``previous``,
-    so two reports in the same second are not mistaken for a replay.
+    ``time`` gets millisecond precision and is kept strictly after ``previous``
+    (the last report the institute accepted), so two reports in the same second
+    are not mistaken for a replay.
     """
     moment = now if previous is None or now > previous else previous + timedelta(milliseconds=1)
     report = dict(doc)
@@ -87,6 +88,9 @@ class _Target:
         self.failures = 0
         self.failing_since: datetime | None = None
         self.retry_at = 0.0
+        # Only accepted reports bind later times: one refused for a clock far ahead
+        # must not hold the next ones back once the clock is right again.
+        self.accepted_time: datetime | None = None
         self.thread = threading.Thread(target=self.loop, name=f"push {url}", daemon=True)
 
     def loop(self) -> None:
@@ -117,8 +121,9 @@ class _Target:
     def attempt(self, session: requests.Session) -> bool:
         """POST the newest document once; True if the institute accepted it."""
         p = self.pusher
+        moment = None
         try:
-            body, signature = p.render()
+            body, signature, moment = p.render(self.accepted_time)
             response = session.post(
                 self.url,
                 data=body,
@@ -134,6 +139,7 @@ class _Target:
             log.error("report to %s failed unexpectedly", self.url, exc_info=True)
             problem = f"internal error: {exc!r}"
         if problem is None:
+            self.accepted_time = moment
             self.delivered()
             return True
         self.failed(problem)
@@ -187,18 +193,13 @@ class Pusher:
         self.read_timeout = read_timeout
         self.stop_event = threading.Event()
         self._lock = threading.Lock()
-        self._last_time: datetime | None = None
         self._accepted_at: float | None = None
         self._targets = [_Target(self, url) for url in urls]
 
-    def render(self) -> tuple[bytes, str]:
-        """The newest document, signed (thread-safe; ``time`` strictly increasing)."""
-        doc = self.document()
-        with self._lock:
-            body, signature, self._last_time = signed_report(
-                doc, self.key, self._last_time, self.clock()
-            )
-        return body, signature
+    def render(self, after: datetime | None = None) -> tuple[bytes, str, datetime]:
+        """The newest document, signed, and its ``time``: now, or 1 ms after ``after``
+        (the last report the institute accepted) if the clock is not past it."""
+        return signed_report(self.document(), self.key, after, self.clock())
 
     def mark_accepted(self) -> None:
         """Record that an institute accepted a report now."""
