@@ -24,7 +24,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-import requests  # type: ignore[import-untyped]  # no stubs in Debian 12
 from flask import Flask, Response, abort, render_template_string, request
 
 from prep_agent.core.allowed_signers import AllowedSigner, parse_allowed_signers
@@ -35,6 +34,7 @@ from prep_agent.core.manifest import MANIFEST_NAME, Limits, parse_manifest, pars
 from prep_agent.core.protocol import SIGNATURE_HEADER
 from prep_agent.institute.collector.board import LABELS, Board, make_board
 from prep_agent.institute.collector.config import CollectorConfig
+from prep_agent.institute.collector.poll import CONNECTION_FAILED, TIMEOUT, get_health
 from prep_agent.institute.collector.store import CollectorDatabase
 from prep_agent.institute.collector.verify import (
     MAX_REPORT_BYTES,
@@ -70,7 +70,7 @@ REASON_TEXT = {
     TOO_LARGE: "demasiado grande",
 }
 """Dashboard text of each rejection reason."""
-POLL_ERROR_TEXT = {"timeout": "sin respuesta a tiempo", "connection failed": "no se pudo conectar"}
+POLL_ERROR_TEXT = {TIMEOUT: "sin respuesta a tiempo", CONNECTION_FAILED: "no se pudo conectar"}
 """Dashboard text of the usual poll failures (others are shown as recorded)."""
 _HTTP_CODE = {TOO_LARGE: 413, REPORT_INVALID: 400, REPLAY: 409, TIME_WINDOW: 422}
 CSV_COLUMNS = (
@@ -256,28 +256,23 @@ class Collector:
                 log.warning("manifest %s not recorded: %s", path, exc)
 
     def poll_one(self, service_id: str, url: str, token: str | None) -> None:
-        """GET one difusor's /health and record the document (or the error)."""
+        """GET one difusor's /health and record the document (or the error).
+
+        The body may hold at most ``MAX_REPORT_BYTES`` (as a pushed report) and the
+        whole poll ends within ``connect_timeout + read_timeout`` seconds.
+        """
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        c = self.config
         try:
-            response = requests.get(
-                url,
-                headers=headers,
-                timeout=(self.config.connect_timeout, self.config.read_timeout),
-                allow_redirects=False,
+            status, body = get_health(
+                url, headers, c.connect_timeout, c.read_timeout, MAX_REPORT_BYTES
             )
-            body = response.content[:MAX_REPORT_BYTES]
-            if response.status_code not in (200, 503):
-                raise Error(f"HTTP {response.status_code}")
+            if status not in (200, 503):
+                raise Error(f"HTTP {status}")
             report = parse_document(body)
             if report.service_id != service_id:
                 raise Error(f"serviceId {report.service_id[:64]!r} is not {service_id!r}")
-        except requests.Timeout:
-            self.store.record_poll_error(service_id, "timeout", self.clock())
-            return
-        except requests.ConnectionError:
-            self.store.record_poll_error(service_id, "connection failed", self.clock())
-            return
-        except (requests.RequestException, Error) as exc:
+        except Error as exc:
             self.store.record_poll_error(service_id, str(exc), self.clock())
             return
         self.store.record_poll(service_id, report.doc, self.clock())
@@ -335,7 +330,7 @@ class Poller:
         self.thread.start()
 
     def stop(self) -> None:
-        """Stop the thread and the poll workers (polls in flight end by their timeouts)."""
+        """Stop the thread and the poll workers (a poll in flight ends by its deadline)."""
         self.stop_event.set()
         self.thread.join(timeout=5)
         self.pool.shutdown(wait=True, cancel_futures=True)

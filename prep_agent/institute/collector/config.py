@@ -80,7 +80,8 @@ manifests =
 report_period = 60
 # Seconds without any report (push or poll) before a difusor is "sin reportes".
 silent_after = 180
-# Seconds between polls of every difusor's /health, and their timeouts.
+# Seconds between polls of every difusor's /health, and their timeouts: a whole
+# poll ends within connect_timeout + read_timeout, and reads at most 256 KiB.
 poll_interval = 60
 connect_timeout = 5
 read_timeout = 10
