@@ -191,11 +191,21 @@ def sequence_hint(manifest_bytes: bytes | None) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+DELIVERY_EVENTS = frozenset(("created", "modified", "attrib", "moved", "deleted", "closed"))
+"""watchdog event types that can change a delivery: a file made, written (``closed`` is a
+close after writing), renamed, removed, or its mode or times changed (``attrib`` from
+watchdog 7, ``modified`` before). watchdog 2.3 added opens (``opened``) and 5.0 read-only
+closes (``closed_no_write``): those are the agent's own reads of the drop folder, and waking
+on them made every step wake the next one."""
+
+
 class _Wake(FileSystemEventHandler):  # type: ignore[misc]
     def __init__(self, watcher: Watcher) -> None:
         self._watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in DELIVERY_EVENTS:
+            return
         paths = (event.src_path, getattr(event, "dest_path", ""))
         if any(str(p).endswith(SIGNATURE_NAME) for p in paths):
             # The signature is uploaded last (§1.2): act at once, no quiet period.
