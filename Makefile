@@ -1,9 +1,14 @@
-.PHONY: deps check test test-core lint demo bench deb rpm
+.PHONY: deps deps-latest check test test-latest test-core lint demo bench deb rpm
 
 VENV := .venv/bin
+LATEST := .venv-latest/bin
 
 deps:
 	scripts/install-deps
+
+# .venv-latest: the newest PyPI releases of the runtime dependencies (scripts/install-deps).
+deps-latest: deps
+	scripts/install-deps --latest
 
 lint: deps
 	$(VENV)/ruff check prep_agent tests benchmarks
@@ -13,14 +18,19 @@ lint: deps
 test: deps
 	$(VENV)/python -m pytest
 
+# The second leg: the suite on the newest PyPI releases, except the packaging tests
+# (the .deb and .rpm are built and installed on Debian's packages; the first leg runs them).
+test-latest: deps-latest
+	$(LATEST)/python -m pytest -m "not packaging"
+
 # Only the tests marked core: they need Python and the runtime dependencies, no
 # system tools, so no deps (any venv will do: make test-core PYTHON=venv/bin/python).
 PYTHON ?= $(VENV)/python
 test-core:
 	$(PYTHON) -m pytest -m core
 
-# The README's test command: everything CI runs.
-check: lint test
+# The README's test command: everything CI runs, on Debian's packages and on the newest releases.
+check: lint test test-latest
 
 # The README's run command: agent + simulated institute on localhost.
 demo: deps

@@ -358,7 +358,7 @@ class Agent:
         if once:
             return self.step(settle=False)
         pusher = self._make_pusher()
-        watcher = Watcher(self.config.inbox)
+        watcher = Watcher(self.config.inbox, on_change=self._watcher_changed)
         self._watcher = watcher
         watcher.start()
         self._running = True
@@ -388,6 +388,10 @@ class Agent:
             watcher.stop()
             self.journal.write("agent-stopped")
         return outcome
+
+    def _watcher_changed(self, event: str, detail: str) -> None:
+        """Journal a watch lost or re-armed (``watcher-lost``, ``watcher-rearmed``)."""
+        self.journal.write(event, detail=detail)
 
     def _safe_step(self) -> Outcome:
         """``step()`` for the daemon: a failure of ours (disk full, I/O error) is

@@ -51,7 +51,7 @@ from tests.packagingkit import (
 )
 from tests.sftpkit import Batch, Cut, make_cut
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.packaging]
 
 UNIT = ROOT / "packaging" / "systemd" / "prep-agent.service"
 MAX_EXPOSURE = 2.0

@@ -6,11 +6,13 @@ only if they are regular files (§4.5). ``Watcher`` wakes the agent on any
 change in the drop folder: file events are hints, periodic rescans the truth
 (§1.3). If inotify cannot be used (no watches or instances left: ENOSPC /
 EMFILE), it says so and the agent runs on its periodic rescans alone
-(``mode == "polling"``).
+(``mode == "polling"``). A watch lost because the folder was replaced, deleted
+or mounted over is reported the same way until it is re-armed.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -20,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -191,11 +193,26 @@ def sequence_hint(manifest_bytes: bytes | None) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+DELIVERY_EVENTS = frozenset(("created", "modified", "attrib", "moved", "deleted", "closed"))
+"""watchdog event types that can change a delivery: a file made, written (``closed`` is a
+close after writing), renamed, removed, or its mode or times changed (``attrib`` from
+watchdog 7, ``modified`` before). watchdog 2.3 added opens (``opened``) and 5.0 read-only
+closes (``closed_no_write``): those are the agent's own reads of the drop folder, and waking
+on them made every step wake the next one."""
+
+WATCH_CHECK_INTERVAL = 1.0
+"""Seconds between checks, while waiting, that the inotify watch still covers the drop
+folder: a folder replaced (renamed, deleted and made again) or mounted over leaves the watch
+on the old folder, or ends it, without a word."""
+
+
 class _Wake(FileSystemEventHandler):  # type: ignore[misc]
     def __init__(self, watcher: Watcher) -> None:
         self._watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in DELIVERY_EVENTS:
+            return
         paths = (event.src_path, getattr(event, "dest_path", ""))
         if any(str(p).endswith(SIGNATURE_NAME) for p in paths):
             # The signature is uploaded last (§1.2): act at once, no quiet period.
@@ -204,28 +221,113 @@ class _Wake(FileSystemEventHandler):  # type: ignore[misc]
 
 
 class Watcher:
-    """Sets ``wake`` on drop-folder events; falls back to polling on failure."""
+    """Sets ``wake`` on drop-folder events; falls back to polling on failure.
 
-    def __init__(self, inbox: Path) -> None:
+    ``mode`` is ``inotify`` while a watch covers the drop folder, else ``polling``;
+    ``failure`` says why it does not. A watch lost to the folder being replaced,
+    deleted or remounted is noticed within ``check_interval`` seconds of waiting and
+    re-armed on the folder now at that path; ``on_change(event, detail)`` is told
+    (``watcher-lost``, ``watcher-rearmed``).
+    """
+
+    def __init__(
+        self,
+        inbox: Path,
+        check_interval: float = WATCH_CHECK_INTERVAL,
+        on_change: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.inbox = inbox
         self.wake = threading.Event()
         self.signature = threading.Event()
         self.mode = "polling"
         self.failure: str | None = None
+        self.check_interval = check_interval
+        self._on_change = on_change
         self._observer: Any | None = None
+        self._watched: tuple[int, int] | None = None
+        self._rearm = False
 
     def start(self) -> None:
-        """Start the inotify observer, or record why polling is used instead."""
-        observer = Observer()
+        """Start the inotify observer, or record why polling is used instead.
+
+        When inotify itself refuses (no instances or watches left) polling stays;
+        when the folder is missing, ``check`` arms the watch once it exists.
+        """
         try:
-            observer.schedule(_Wake(self), str(self.inbox), recursive=True)
-            observer.start()
+            self._arm()
         except OSError as exc:
+            self._rearm = isinstance(exc, (FileNotFoundError, NotADirectoryError))
             self.failure = f"inotify unavailable ({exc.strerror or exc}); polling the drop folder"
             log.warning("%s", self.failure)
-            return
+
+    def _arm(self) -> None:
+        """Watch the folder now at ``inbox`` (its identity read first, so that a folder
+        replaced meanwhile shows at the next check). Raises ``OSError``."""
+        st = os.stat(self.inbox)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self.inbox))
+        observer = Observer()
+        observer.schedule(_Wake(self), str(self.inbox), recursive=True)
+        observer.start()
         self._observer = observer
+        self._watched = (st.st_dev, st.st_ino)
         self.mode = "inotify"
+        self.failure = None
+
+    def _lost(self) -> str | None:
+        """Why the watch no longer covers the drop folder, None if it does."""
+        observer = self._observer
+        if observer is None or not observer.is_alive():
+            return "the inotify observer stopped"
+        emitters = list(observer.emitters)
+        if not emitters or not all(emitter.is_alive() for emitter in emitters):
+            return "the inotify watch ended"
+        try:
+            st = os.stat(self.inbox)
+        except OSError as exc:
+            return f"the drop folder is gone ({exc.strerror})"
+        if (st.st_dev, st.st_ino) != self._watched:
+            return "the drop folder was replaced or mounted over"
+        return None
+
+    def check(self) -> bool:
+        """Re-arm the watch if it no longer covers the drop folder.
+
+        True if a watch was armed just now: the agent should look at the folder at
+        once, since what arrived meanwhile made no event. While the folder is
+        missing, polling stays and the next check tries again; if inotify itself
+        refuses (no watches left), polling stays for good.
+        """
+        if self._observer is not None:
+            reason = self._lost()
+            if reason is None:
+                return False
+            self.stop()
+            self.mode = "polling"
+            self.failure = f"inotify watch lost ({reason}); polling the drop folder"
+            self._rearm = True
+            log.warning("%s", self.failure)
+            self._tell("watcher-lost", self.failure)
+        if not self._rearm:
+            return False
+        try:
+            self._arm()
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            self._rearm = False
+            self.failure = f"inotify unavailable ({exc.strerror or exc}); polling the drop folder"
+            log.warning("%s", self.failure)
+            self._tell("watcher-lost", self.failure)
+            return False
+        self._rearm = False
+        log.info("inotify watch re-armed on %s", self.inbox)
+        self._tell("watcher-rearmed", str(self.inbox))
+        return True
+
+    def _tell(self, event: str, detail: str) -> None:
+        if self._on_change is not None:
+            self._on_change(event, detail)
 
     def alive(self) -> bool:
         """False if the observer thread died (then rescans still find cuts)."""
@@ -241,11 +343,13 @@ class Watcher:
     def wait(self, timeout: float, quiet: float = 0.05) -> bool:
         """Wait for an event or the timeout; True if woken by an event.
 
-        After an event, waits until ``quiet`` seconds pass with no further
-        event (at most one rescan interval), so bursts coalesce; an event on
-        the signature file returns at once.
+        While waiting, checks every ``check_interval`` seconds that the watch still
+        covers the drop folder (``check``); a watch re-armed counts as an event.
+        After an event, waits until ``quiet`` seconds pass with no further event (at
+        most one rescan interval), so bursts coalesce; an event on the signature
+        file returns at once.
         """
-        woke = self.wake.wait(timeout)
+        woke = self._wait_event(timeout)
         deadline = time.monotonic() + timeout
         while woke and time.monotonic() < deadline and not self.signature.is_set():
             self.wake.clear()
@@ -254,6 +358,16 @@ class Watcher:
         self.wake.clear()
         self.signature.clear()
         return woke
+
+    def _wait_event(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for an event, checking the watch meanwhile."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self.wake.wait(min(left, self.check_interval)) or self.check():
+                return True
 
 
 @dataclass

@@ -45,6 +45,9 @@ _RSA_SIGNATURE_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "rsa-sha2-512": hashes.SHA512,
 }
 _CERT_SUFFIX = "-cert-v01@openssh.com"
+_PRIVATE_BEGIN = b"-----BEGIN OPENSSH PRIVATE KEY-----"
+_PRIVATE_END = b"-----END OPENSSH PRIVATE KEY-----"
+_PRIVATE_MAGIC = b"openssh-key-v1\0"
 _REJECTED_KEY_TYPES = {
     "ssh-dss": "DSA keys are not allowed",
     "sk-ssh-ed25519@openssh.com": "security-key (sk-*) keys are not allowed",
@@ -279,12 +282,40 @@ def _as_private_key(key: object) -> PrivateKey:
     raise ValueError(f"unsupported private key type {type(key).__name__}")
 
 
+def _private_key_type(data: bytes) -> str | None:
+    """The key type in the public part of an OpenSSH private key file (PROTOCOL.key),
+    which is never encrypted; None if that part cannot be read."""
+    begin, end = data.find(_PRIVATE_BEGIN), data.find(_PRIVATE_END)
+    if begin < 0 or end < begin:
+        return None
+    try:
+        raw = base64.b64decode(b"".join(data[begin + len(_PRIVATE_BEGIN) : end].split()))
+    except ValueError:
+        return None
+    if not raw.startswith(_PRIVATE_MAGIC):
+        return None
+    reader = Reader(raw[len(_PRIVATE_MAGIC) :], "private key")
+    try:
+        for _field in ("cipher", "KDF", "KDF options"):
+            reader.string()
+        if reader.u32() < 1:
+            return None
+        return Reader(reader.string(), "public key").text()
+    except SignatureFormatError:
+        return None
+
+
 def load_private_key(data: bytes) -> PrivateKey:
     """Load an unencrypted ``-----BEGIN OPENSSH PRIVATE KEY-----`` key.
 
     Raise SignatureFormatError if it does not parse, is encrypted, or is not
-    Ed25519, ECDSA P-256/384/521 or RSA.
+    Ed25519, ECDSA P-256/384/521 or RSA. A key of a type that never counts
+    (DSA, ``sk-*``) is refused from its public part, before ``cryptography``
+    loads it (from cryptography 40, loading a DSA key warns that it is deprecated).
     """
+    problem = _rejected_key_type(_private_key_type(data) or "")
+    if problem:
+        raise SignatureFormatError(problem)
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:

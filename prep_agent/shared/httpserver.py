@@ -106,7 +106,7 @@ class Server:
             shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             raise ConfigError(f"cannot listen on {shown}: {exc.strerror}") from None
         # _Channel reads waitress's output-buffer bookkeeping (waitress >= 1.4; tested
-        # with 2.1.2). A waitress without it keeps its own, slower, channel.
+        # with 2.1.2 and 3.0.2). A waitress without it keeps its own, slower, channel.
         if hasattr(HTTPChannel, "total_outbufs_len"):
             self._server.channel_class = _Channel
         self.address = f"{host}:{self._server.effective_port}"
