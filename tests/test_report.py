@@ -233,3 +233,14 @@ def test_progress_display_on_request(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_chromium_is_installed() -> None:
     assert shutil.which("chromium") and shutil.which("pdftoppm") and Path(rk.GOACCESS).exists()
+
+
+@pytest.mark.core
+def test_a_lost_inbox_watch_is_an_incident() -> None:
+    s = rk.ELECTION_START
+    events = [
+        {"time": (s + timedelta(minutes=m)).astimezone(UTC).isoformat(), "event": name}
+        for m, name in ((1, "watcher-lost"), (2, "watcher-rearmed"), (3, "cut-seen"))
+    ]
+    inc = read_incidents(events, OP)
+    assert [o["event"] for o in inc.other] == ["watcher-lost", "watcher-rearmed"]

@@ -85,6 +85,8 @@ OTHER_EVENTS = frozenset(
         "agent-error",
         "trust-error",
         "stamp-warning",
+        "watcher-lost",
+        "watcher-rearmed",
         "operator-rollback",
         "operator-reset-sequence",
     )
