@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import unquote
 
 from prep_agent.agent.config import Config
 from prep_agent.shared.fsutil import atomic_write
@@ -95,11 +94,26 @@ def content_type(path: str) -> str:
     return f"{mime}; charset=utf-8" if mime.startswith(_TEXT_TYPES) else mime
 
 
+def request_path(environ: dict[str, Any]) -> str | None:
+    """The request's path as text, or None if it is not UTF-8.
+
+    The WSGI server has already percent-decoded the path and handed over its bytes
+    as latin-1 text (PEP 3333), so they are re-encoded and read as UTF-8, strictly,
+    and never unquoted again: ``Torre%C3%B3n.txt`` is ``Torreón.txt``, and
+    ``a%2541.txt`` is the file ``a%41.txt`` (nginx reads URLs the same way).
+    """
+    raw = environ.get("PATH_INFO", "/")
+    try:
+        return str(raw.encode("latin-1").decode("utf-8"))
+    except UnicodeError:
+        return None
+
+
 def safe_relative(path: str) -> str | None:
-    """A decoded URL path below a folder, or None if it could escape it."""
-    decoded = unquote(path)
-    parts = decoded.split("/")
-    if "\0" in decoded or "\\" in decoded or any(p in ("..", ".") for p in parts):
+    """A URL path below a folder, as ``request_path`` decoded it (never decoded
+    again), or None if it could escape the folder."""
+    parts = path.split("/")
+    if "\0" in path or "\\" in path or any(p in ("..", ".") for p in parts):
         return None
     return "/".join(p for p in parts if p)
 
@@ -146,7 +160,9 @@ class PublicApp:
     def __call__(
         self, environ: dict[str, Any], start_response: Callable[..., Any]
     ) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "/")
+        path = request_path(environ)
+        if path is None:  # no file has a name that is not UTF-8
+            return _not_found(start_response)
         routed = self.route(path)
         if routed is None:
             if path.startswith(("/static/", f"/{RELEASES_URL}/")) or path in ("/", "/status.json"):
