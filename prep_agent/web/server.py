@@ -323,7 +323,13 @@ def make_server(config: Config, app: WSGIApp, threads: int = 8) -> Server:
     Raises ``ConfigError`` if the address is malformed or cannot be listened on.
     """
     host, port = parse_listen(config.listen)
-    return Server(host, port, app, ServerLimits(threads=threads), trusted_proxy=NGINX_PROXY)
+    limits = ServerLimits(
+        threads=threads,
+        connection_limit=config.max_connections,
+        client_limit=config.max_client_connections,
+        header_timeout=config.header_timeout,
+    )
+    return Server(host, port, app, limits, trusted_proxy=NGINX_PROXY)
 
 
 def build_app(config: Config, snapshot: Callable[[bool], Snapshot], metrics: Metrics) -> PublicApp:
