@@ -39,6 +39,8 @@ class Config:
     max_connections: int = MAX_CONNECTIONS
     max_client_connections: int = ServerLimits.client_limit
     header_timeout: float = ServerLimits.header_timeout
+    trusted_proxy: str = ""
+    """Empty: the loopback address of ``listen``'s family; ``none``; or an address."""
     rescan_interval: float = 5.0
     settle_timeout: float = 120.0
     max_clock_skew: timedelta = timedelta(seconds=300)
@@ -158,6 +160,10 @@ max_client_connections = 64
 # Seconds a client may take to send a request line and headers, from its first
 # byte (for a new connection: from its opening); slower connections are closed.
 header_timeout = 10
+# Address of the reverse proxy whose X-Forwarded-For names the client (for
+# [health] allow). Empty: the loopback address of listen's family (127.0.0.1, or
+# ::1 when listen is an IPv6 address such as [::1]:8080); none: no proxy.
+trusted_proxy =
 
 [frame]
 # Identifier of this difusor in health reports (serviceId).
@@ -322,12 +328,21 @@ def _server(parser: configparser.ConfigParser) -> dict[str, Any]:
         raise ConfigError("[server] header_timeout must be a number of seconds") from None
     if not timeout > 0:
         raise ConfigError("[server] header_timeout must be positive")
+    proxy = parser.get("server", "trusted_proxy", fallback="").strip()
+    if proxy and proxy != "none":
+        try:
+            proxy = str(ipaddress.ip_address(proxy))
+        except ValueError:
+            raise ConfigError(
+                f"[server] trusted_proxy: {proxy!r} is not an IP address (or none)"
+            ) from None
     return {
         "max_connections": connections,
         "max_client_connections": _positive(
             parser, "server", "max_client_connections", ServerLimits.client_limit
         ),
         "header_timeout": timeout,
+        "trusted_proxy": proxy,
     }
 
 

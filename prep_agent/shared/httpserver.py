@@ -16,6 +16,7 @@ it are many clients). Both hook into waitress's connection class and the server'
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
@@ -56,6 +57,20 @@ def parse_listen(listen: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not host:
         raise ConfigError(f"listen {listen!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def loopback_for(host: str) -> str:
+    """The loopback address of ``host``'s family: where a reverse proxy on this host
+    connects from (``::1`` for an IPv6 address, ``127.0.0.1`` otherwise)."""
+    try:
+        family = ipaddress.ip_address(host).version
+    except ValueError:
+        family = 4  # a host name: waitress resolves it, IPv4 first
+    return "::1" if family == 6 else "127.0.0.1"
 
 
 class _Channel(HTTPChannel):  # type: ignore[misc]
@@ -215,7 +230,8 @@ class Server:
 
     ``trusted_proxy`` is the one address whose ``X-Forwarded-For`` gives the
     client address (a reverse proxy), and the one address exempt from
-    ``limits.client_limit``; None trusts no one.
+    ``limits.client_limit``; None trusts no one. ``address`` is ``HOST:PORT``
+    (``[HOST]:PORT`` for IPv6), as ``parse_listen`` reads it.
     Raises ``ConfigError`` if the address cannot be listened on.
     """
 
@@ -249,12 +265,13 @@ class Server:
                 **proxy,
             )
         except OSError as exc:
-            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            raise ConfigError(f"cannot listen on {shown}: {exc.strerror}") from None
+            raise ConfigError(
+                f"cannot listen on {_host_port(host, port)}: {exc.strerror}"
+            ) from None
         self._server.channel_class = _Admission(
             limits.client_limit, trusted_proxy, limits.header_timeout
         )
-        self.address = f"{host}:{self._server.effective_port}"
+        self.address = _host_port(host, int(self._server.effective_port))
         self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
 
     def start(self) -> None:

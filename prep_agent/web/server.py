@@ -22,7 +22,13 @@ from typing import Any, Callable
 
 from prep_agent.agent.config import Config
 from prep_agent.shared.fsutil import atomic_write
-from prep_agent.shared.httpserver import Server, ServerLimits, WSGIApp, parse_listen
+from prep_agent.shared.httpserver import (
+    Server,
+    ServerLimits,
+    WSGIApp,
+    loopback_for,
+    parse_listen,
+)
 from prep_agent.web.frame import RELEASES_URL
 from prep_agent.web.health import Metrics, Snapshot, create_app
 
@@ -38,9 +44,6 @@ ASSETS = "public, max-age=300, stale-while-revalidate=60, stale-if-error=86400"
 SMALL_FILE = 256 * 1024
 """Files up to this size are answered from one read: waitress's file wrapper costs
 about ten times more per response for small files (measured with wrk)."""
-
-NGINX_PROXY = "127.0.0.1"
-"""Behind the packaged nginx, the client address comes in its X-Forwarded-For."""
 
 _TEXT_TYPES = ("text/", "application/json", "application/javascript", "image/svg+xml")
 
@@ -317,6 +320,22 @@ def _answer(
     return [b""] if _is_head(environ) else [body]
 
 
+def trusted_proxy(config: Config) -> str | None:
+    """The address whose X-Forwarded-For names the client (None: nobody's).
+
+    ``[server] trusted_proxy``, else the loopback address of ``listen``'s family:
+    a reverse proxy on this host (the packaged nginx) connects to ``[::1]:8080``
+    from ::1, never from 127.0.0.1, and a proxy that is not trusted would make
+    every client look like the proxy, an allowed address. Raises ``ConfigError``
+    if ``listen`` is malformed.
+    """
+    if config.trusted_proxy == "none":
+        return None
+    if config.trusted_proxy:
+        return config.trusted_proxy
+    return loopback_for(parse_listen(config.listen)[0])
+
+
 def make_server(config: Config, app: WSGIApp, threads: int = 8) -> Server:
     """The shared waitress server for ``app`` on the configured ``listen`` address.
 
@@ -329,7 +348,7 @@ def make_server(config: Config, app: WSGIApp, threads: int = 8) -> Server:
         client_limit=config.max_client_connections,
         header_timeout=config.header_timeout,
     )
-    return Server(host, port, app, limits, trusted_proxy=NGINX_PROXY)
+    return Server(host, port, app, limits, trusted_proxy=trusted_proxy(config))
 
 
 def build_app(config: Config, snapshot: Callable[[bool], Snapshot], metrics: Metrics) -> PublicApp:
