@@ -14,6 +14,7 @@ from typing import Any
 from prep_agent.agent.layout import Layout
 from prep_agent.core.errors import ConfigError
 from prep_agent.core.manifest import Limits
+from prep_agent.shared.httpserver import MAX_CONNECTIONS, ServerLimits
 from prep_agent.shared.ini import read_ini
 
 STAMP_MODES = ("reject", "warn", "off")
@@ -35,6 +36,11 @@ class Config:
     trust: Path
     threshold: int = 1
     listen: str = "127.0.0.1:8080"
+    max_connections: int = MAX_CONNECTIONS
+    max_client_connections: int = ServerLimits.client_limit
+    header_timeout: float = ServerLimits.header_timeout
+    trusted_proxy: str = ""
+    """Empty: the loopback address of ``listen``'s family; ``none``; or an address."""
     rescan_interval: float = 5.0
     settle_timeout: float = 120.0
     max_clock_skew: timedelta = timedelta(seconds=300)
@@ -142,6 +148,22 @@ keep_replaced_seconds = 60
 stale_periods = 3
 # Stamps inside CSV/zip files that disagree with cut_time: reject, warn or off.
 stamp_check = reject
+
+[server]
+# The embedded web server at listen. On its own it suits a demo or a small install;
+# public traffic belongs behind nginx (packaging/nginx serves the files itself and
+# passes only /health, /livez, /readyz and /metrics to this server).
+# Open connections at most (1000 at most: waitress watches them with select()).
+max_connections = 1000
+# Open connections per client address; the trusted proxy is not limited.
+max_client_connections = 64
+# Seconds a client may take to send a request line and headers, from its first
+# byte (for a new connection: from its opening); slower connections are closed.
+header_timeout = 10
+# Address of the reverse proxy whose X-Forwarded-For names the client (for
+# [health] allow). Empty: the loopback address of listen's family (127.0.0.1, or
+# ::1 when listen is an IPv6 address such as [::1]:8080); none: no proxy.
+trusted_proxy =
 
 [frame]
 # Identifier of this difusor in health reports (serviceId).
@@ -260,6 +282,7 @@ def load(path: Path) -> Config:
         stale_periods=_positive(parser, "agent", "stale_periods", 3),
         stamp_check=stamp,
         limits=_limits(parser),
+        **_server(parser),
         **_frame(parser, base),
         **_health(parser, base),
         **_push(parser, base),
@@ -292,6 +315,34 @@ def _frame(parser: configparser.ConfigParser, base: Path) -> dict[str, Any]:
         "opening_text": get("opening_text", fallback=OPENING_TEXT).strip() or OPENING_TEXT,
         "frame_ancestors": ancestors,
         "poll_seconds": poll,
+    }
+
+
+def _server(parser: configparser.ConfigParser) -> dict[str, Any]:
+    connections = _positive(parser, "server", "max_connections", MAX_CONNECTIONS)
+    if connections > MAX_CONNECTIONS:
+        raise ConfigError(f"[server] max_connections must be at most {MAX_CONNECTIONS}")
+    try:
+        timeout = parser.getfloat("server", "header_timeout", fallback=10.0)
+    except ValueError:
+        raise ConfigError("[server] header_timeout must be a number of seconds") from None
+    if not timeout > 0:
+        raise ConfigError("[server] header_timeout must be positive")
+    proxy = parser.get("server", "trusted_proxy", fallback="").strip()
+    if proxy and proxy != "none":
+        try:
+            proxy = str(ipaddress.ip_address(proxy))
+        except ValueError:
+            raise ConfigError(
+                f"[server] trusted_proxy: {proxy!r} is not an IP address (or none)"
+            ) from None
+    return {
+        "max_connections": connections,
+        "max_client_connections": _positive(
+            parser, "server", "max_client_connections", ServerLimits.client_limit
+        ),
+        "header_timeout": timeout,
+        "trusted_proxy": proxy,
     }
 
 

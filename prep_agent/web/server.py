@@ -19,11 +19,16 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import unquote
 
 from prep_agent.agent.config import Config
 from prep_agent.shared.fsutil import atomic_write
-from prep_agent.shared.httpserver import Server, ServerLimits, WSGIApp, parse_listen
+from prep_agent.shared.httpserver import (
+    Server,
+    ServerLimits,
+    WSGIApp,
+    loopback_for,
+    parse_listen,
+)
 from prep_agent.web.frame import RELEASES_URL
 from prep_agent.web.health import Metrics, Snapshot, create_app
 
@@ -39,9 +44,6 @@ ASSETS = "public, max-age=300, stale-while-revalidate=60, stale-if-error=86400"
 SMALL_FILE = 256 * 1024
 """Files up to this size are answered from one read: waitress's file wrapper costs
 about ten times more per response for small files (measured with wrk)."""
-
-NGINX_PROXY = "127.0.0.1"
-"""Behind the packaged nginx, the client address comes in its X-Forwarded-For."""
 
 _TEXT_TYPES = ("text/", "application/json", "application/javascript", "image/svg+xml")
 
@@ -95,11 +97,26 @@ def content_type(path: str) -> str:
     return f"{mime}; charset=utf-8" if mime.startswith(_TEXT_TYPES) else mime
 
 
+def request_path(environ: dict[str, Any]) -> str | None:
+    """The request's path as text, or None if it is not UTF-8.
+
+    The WSGI server has already percent-decoded the path and handed over its bytes
+    as latin-1 text (PEP 3333), so they are re-encoded and read as UTF-8, strictly,
+    and never unquoted again: ``Torre%C3%B3n.txt`` is ``Torreón.txt``, and
+    ``a%2541.txt`` is the file ``a%41.txt`` (nginx reads URLs the same way).
+    """
+    raw = environ.get("PATH_INFO", "/")
+    try:
+        return str(raw.encode("latin-1").decode("utf-8"))
+    except UnicodeError:
+        return None
+
+
 def safe_relative(path: str) -> str | None:
-    """A decoded URL path below a folder, or None if it could escape it."""
-    decoded = unquote(path)
-    parts = decoded.split("/")
-    if "\0" in decoded or "\\" in decoded or any(p in ("..", ".") for p in parts):
+    """A URL path below a folder, as ``request_path`` decoded it (never decoded
+    again), or None if it could escape the folder."""
+    parts = path.split("/")
+    if "\0" in path or "\\" in path or any(p in ("..", ".") for p in parts):
         return None
     return "/".join(p for p in parts if p)
 
@@ -146,7 +163,9 @@ class PublicApp:
     def __call__(
         self, environ: dict[str, Any], start_response: Callable[..., Any]
     ) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "/")
+        path = request_path(environ)
+        if path is None:  # no file has a name that is not UTF-8
+            return _not_found(start_response)
         routed = self.route(path)
         if routed is None:
             if path.startswith(("/static/", f"/{RELEASES_URL}/")) or path in ("/", "/status.json"):
@@ -301,13 +320,35 @@ def _answer(
     return [b""] if _is_head(environ) else [body]
 
 
+def trusted_proxy(config: Config) -> str | None:
+    """The address whose X-Forwarded-For names the client (None: nobody's).
+
+    ``[server] trusted_proxy``, else the loopback address of ``listen``'s family:
+    a reverse proxy on this host (the packaged nginx) connects to ``[::1]:8080``
+    from ::1, never from 127.0.0.1, and a proxy that is not trusted would make
+    every client look like the proxy, an allowed address. Raises ``ConfigError``
+    if ``listen`` is malformed.
+    """
+    if config.trusted_proxy == "none":
+        return None
+    if config.trusted_proxy:
+        return config.trusted_proxy
+    return loopback_for(parse_listen(config.listen)[0])
+
+
 def make_server(config: Config, app: WSGIApp, threads: int = 8) -> Server:
     """The shared waitress server for ``app`` on the configured ``listen`` address.
 
     Raises ``ConfigError`` if the address is malformed or cannot be listened on.
     """
     host, port = parse_listen(config.listen)
-    return Server(host, port, app, ServerLimits(threads=threads), trusted_proxy=NGINX_PROXY)
+    limits = ServerLimits(
+        threads=threads,
+        connection_limit=config.max_connections,
+        client_limit=config.max_client_connections,
+        header_timeout=config.header_timeout,
+    )
+    return Server(host, port, app, limits, trusted_proxy=trusted_proxy(config))
 
 
 def build_app(config: Config, snapshot: Callable[[bool], Snapshot], metrics: Metrics) -> PublicApp:

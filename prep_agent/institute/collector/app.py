@@ -51,7 +51,7 @@ from prep_agent.institute.collector.verify import (
     check_report,
     parse_document,
 )
-from prep_agent.shared.httpserver import Server, ServerLimits, parse_listen
+from prep_agent.shared.httpserver import Server, ServerLimits, loopback_for, parse_listen
 
 log = logging.getLogger(__name__)
 
@@ -480,8 +480,10 @@ def serve(config: CollectorConfig, stop: threading.Event) -> None:
     collector.scan_manifests()
     host, port = parse_listen(config.listen)
     app = create_collector_app(collector).wsgi_app
-    # Like the agent: a reverse proxy on this host may pass the client in X-Forwarded-For.
-    server = Server(host, port, app, ServerLimits(threads=16), trusted_proxy="127.0.0.1")
+    # Like the agent: a reverse proxy on this host (connecting from the loopback
+    # address of the listen address's family) may pass the client in X-Forwarded-For.
+    proxy = loopback_for(host)
+    server = Server(host, port, app, ServerLimits(threads=16), trusted_proxy=proxy)
     poller = Poller(collector)
     server.start()
     poller.start()
