@@ -134,16 +134,19 @@ def install_static(config: Config) -> None:
 
 
 def write_public(config: Config, release: Release | None, now: datetime) -> None:
-    """Rewrite ``status.json`` then ``index.html`` (each atomically) for ``release``
+    """Rewrite ``index.html`` then ``status.json`` (each atomically) for ``release``
     as of ``now`` (the caller's clock: it decides ``current`` or ``stale``).
+
+    ``status.json`` is the pointer pages and tools follow, so it goes last: once
+    it names a cut, the frame on disk shows that cut too.
 
     Raises ``OSError``.
     """
     config.public.mkdir(parents=True, exist_ok=True)
     status = public_status(config, release, now)
     body = json.dumps(status, ensure_ascii=False, indent=1).encode("utf-8") + b"\n"
-    atomic_write(config.public / "status.json", body)
     atomic_write(config.public / "index.html", render_frame(config, status, release).encode())
+    atomic_write(config.public / "status.json", body)
 
 
 def stale_deadline(release: Release | None, stale_periods: int) -> datetime | None:
