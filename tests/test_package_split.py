@@ -26,7 +26,7 @@ RUNTIME = {
     "python3-waitress",
     "python3-watchdog",
 }
-"""The agent's Debian dependencies besides python3 and systemd (for sysusers)."""
+"""The agent's Debian dependencies besides python3 and adduser (its users, without systemd)."""
 PYDIST = {"cryptography", "flask", "psutil", "requests", "waitress", "watchdog"}
 """The same, as the RPM's python3dist() requirements."""
 SOURCES = sorted(
@@ -96,7 +96,7 @@ def test_deb_agent_depends_on_its_runtime_only(debs: dict[str, Path]) -> None:
     python = {alt for item in depends for alt in item if alt.startswith("python3-")}
     assert python == RUNTIME
     others = sorted(item[0] for item in depends if not item[0].startswith("python3-"))
-    assert others == ["python3:any", "systemd"], depends
+    assert others == ["adduser", "python3:any"], depends
     fields = check(["dpkg-deb", "-f", str(debs["agent"]), "Recommends", "Suggests"])
     assert "Recommends: nginx | httpd, openssh-server" in fields
     assert "prep-agent-report" in fields.split("Suggests:", 1)[1]
