@@ -322,6 +322,7 @@ def install(instance: Instance, files: dict[Path, str], trust: Path, force: bool
     for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, text.encode("utf-8"), 0o644)
+    instance.folder.mkdir(mode=0o755, parents=True, exist_ok=True)
     atomic_write(instance.trust, trust.read_bytes(), 0o644)
     if not instance.upload_keys.exists():
         header = UPLOAD_KEYS_HEADER.format(user=instance.upload_user, name=instance.name)

@@ -97,9 +97,11 @@ def init_instance(args: argparse.Namespace) -> int:
         server_name=args.server_name,
         service_id=args.service_id or instance.name,
     )
+    # The institute's keys are checked before anything is written.
+    load_policy(Config(instance.root, instance.inbox, args.election, trust, args.threshold))
     files = instances.render(instance, settings, instances.find_templates())
     instances.install(instance, files, trust, args.force)
-    load_policy(load(instance.config))
+    load(instance.config)
     i = instance
     print(f"wrote {i.config} and the files of {i.unit} (sshd, nginx, sysusers.d, tmpfiles.d)")
     print(
