@@ -66,7 +66,7 @@ def deb() -> Path:
     require_tools()
     paths, seconds = build("deb")
     print(f"make deb: {seconds:.1f} s")
-    (path,) = [p for p in paths if p.name.startswith("prep-agent_")]  # and prep-agent-report
+    (path,) = (p for p in paths if p.name.startswith("prep-agent_"))  # and prep-agent-report
     assert path.name == f"prep-agent_{version()}-1_all.deb"
     return path
 
