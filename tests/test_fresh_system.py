@@ -260,6 +260,21 @@ def test_two_instances_have_distinct_paths(fresh: Fresh, instances: dict[str, st
     assert verify.returncode == 0 and not ours, verify.stderr
 
 
+def test_init_instance_again(fresh: Fresh, instances: dict[str, str]) -> None:
+    """Refused without --force; with it, the address and the upload keys are kept."""
+    system = fresh.system
+    keys = system.path("/etc/prep-agent/federal/upload_authorized_keys")
+    line = 'from="192.0.2.10",restrict ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE instituto\n'
+    keys.write_text(keys.read_text() + line)
+    argv = ["prep-agent", "init", "--instance", "federal", "--election", "federal-2024"]
+    argv += ["--trust", "/root/allowed_signers", "--server-name", "prep-federal.example.mx"]
+    again = system.run(argv, check=False)
+    assert again.returncode == 2 and "exists (use --force" in again.stderr, again.stderr
+    system.run([*argv, "--force"])
+    assert load(system.path("/etc/prep-agent/federal.conf")).listen == "127.0.0.1:8081"
+    assert keys.read_text().endswith(line)
+
+
 @pytest.fixture(scope="module")
 def report_installed(fresh: Fresh) -> dict[str, int]:
     system = fresh.system

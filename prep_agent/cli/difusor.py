@@ -86,8 +86,10 @@ def init_instance(args: argparse.Namespace) -> int:
         raise ConfigError(f"allowed_signers file {trust} does not exist")
     if os.geteuid() != 0:
         raise ConfigError("init --instance writes /etc and creates a system account: run as root")
-    listen = args.listen or instances.free_listen()
-    owner = instances.listen_addresses().get(listen)
+    taken = instances.listen_addresses()
+    mine = [address for address, path in taken.items() if path == instance.config]
+    listen = args.listen or (mine[0] if mine else instances.free_listen())
+    owner = taken.get(listen)
     if owner is not None and owner != instance.config:
         raise ConfigError(f"{listen} is the listen address of {owner}: choose another --listen")
     settings = instances.Settings(
@@ -98,7 +100,14 @@ def init_instance(args: argparse.Namespace) -> int:
         service_id=args.service_id or instance.name,
     )
     # The institute's keys are checked before anything is written.
-    load_policy(Config(instance.root, instance.inbox, args.election, trust, args.threshold))
+    checked = Config(
+        root=instance.root,
+        inbox=instance.inbox,
+        election=args.election,
+        trust=trust,
+        threshold=args.threshold,
+    )
+    load_policy(checked)
     files = instances.render(instance, settings, instances.find_templates())
     instances.install(instance, files, trust, args.force)
     load(instance.config)
