@@ -104,7 +104,7 @@ class Agent:
         self.stop_event = threading.Event()
         self._watcher: Watcher | None = None
         self._stale_written: str | None = None
-        self.metrics = Metrics()
+        self.metrics = Metrics(instance=config.instance)
         self.system = SystemProbe(config.root)
         self.pusher: Pusher | None = None
         self._running = False

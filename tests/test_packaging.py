@@ -66,7 +66,7 @@ def deb() -> Path:
     require_tools()
     paths, seconds = build("deb")
     print(f"make deb: {seconds:.1f} s")
-    (path,) = paths
+    (path,) = (p for p in paths if p.name.startswith("prep-agent_"))  # and prep-agent-report
     assert path.name == f"prep-agent_{version()}-1_all.deb"
     return path
 
@@ -440,7 +440,8 @@ def rpms() -> dict[str, Path]:
     require_tools()
     paths, seconds = build("rpm")
     print(f"make rpm: {seconds:.1f} s")
-    found = {("src" if p.name.endswith(".src.rpm") else "bin"): p for p in paths}
+    kinds = {"src": ".src.rpm", "report": "prep-agent-report-", "bin": "prep-agent-"}
+    found = {next(k for k, v in kinds.items() if v in p.name): p for p in paths}
     assert found["bin"].name == f"prep-agent-{version()}-1.noarch.rpm"
     assert found["src"].name == f"prep-agent-{version()}-1.src.rpm"
     return found

@@ -170,7 +170,7 @@ def test_report_files_and_summary(made: Path) -> None:
 def test_html_is_self_contained_escaped_and_spanish(made: Path) -> None:
     page = (made / "memoria-tecnica.html").read_text()
     assert '<html lang="es-MX">' in page and "Reporte de incidencias" in page
-    assert page.count("<svg") == 3  # matplotlib charts, inline
+    assert page.count("<svg") == 3  # the charts, inline SVG
     assert "<script" not in page and "<link" not in page and "<img" not in page
     assert re.findall(r'(?:src|href)="(?!#)', page) == []  # only links inside the SVGs
     assert "&lt;script&gt;" in page  # the garbage sample, escaped

@@ -24,6 +24,11 @@ OPENING_TEXT = (
     "Instituto envíe el primer corte de información."
 )
 """Text the frame shows before the first cut."""
+INSTANCE_NAME = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
+"""An instance name (``prep-agent@NAME``): lowercase letters, digits, inner dashes."""
+INSTANCE_NAME_MAX = 20
+"""Longest instance name: its upload account ``prep-upload-NAME`` must fit the 32
+characters of a user name."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class Config:
     header_timeout: float = ServerLimits.header_timeout
     trusted_proxy: str = ""
     """Empty: the loopback address of ``listen``'s family; ``none``; or an address."""
+    instance: str = ""
     rescan_interval: float = 5.0
     settle_timeout: float = 120.0
     max_clock_skew: timedelta = timedelta(seconds=300)
@@ -132,6 +138,9 @@ trust = {trust}
 threshold = {threshold}
 # Address of the embedded web server (frame, health).
 listen = {listen}
+# Name of this agent among several on one host (prep-agent@NAME, written by
+# `prep-agent init --instance NAME`): its metrics carry the label prep_instance.
+instance = {instance}
 # Seconds between full rescans of the drop folder (file events are only hints).
 rescan_interval = 5
 # Seconds a cut may keep failing while its upload is still arriving.
@@ -213,6 +222,7 @@ def render_template(**values: object) -> str:
         "service_id": "difusor",
         "difusor_name": "Difusor oficial del PREP",
         "opening_text": OPENING_TEXT,
+        "instance": "",
     }
     return TEMPLATE.format(**{**defaults, **values})
 
@@ -273,6 +283,7 @@ def load(path: Path) -> Config:
         trust=_path(parser, "trust", base),
         threshold=_positive(parser, "agent", "threshold", 1),
         listen=parser.get("agent", "listen", fallback="127.0.0.1:8080").strip(),
+        instance=_instance(parser.get("agent", "instance", fallback="").strip()),
         rescan_interval=_seconds(parser, "rescan_interval", 5.0) or 5.0,
         settle_timeout=_seconds(parser, "settle_timeout", 120.0),
         max_clock_skew=timedelta(seconds=_seconds(parser, "max_clock_skew", 300.0)),
@@ -390,6 +401,25 @@ def _push(parser: configparser.ConfigParser, base: Path) -> dict[str, Any]:
         "push_connect_timeout": _push_seconds(parser, "connect_timeout", 5.0),
         "push_read_timeout": _push_seconds(parser, "read_timeout", 10.0),
     }
+
+
+def check_instance_name(name: str) -> str:
+    """Return ``name`` if it is a valid instance name. Raises ``ConfigError``."""
+    if len(name) > INSTANCE_NAME_MAX or not INSTANCE_NAME.fullmatch(name):
+        raise ConfigError(
+            f"instance name {name!r}: use up to {INSTANCE_NAME_MAX} lowercase letters, "
+            "digits and inner dashes, starting with a letter (e.g. federal, coah-2024)"
+        )
+    return name
+
+
+def _instance(value: str) -> str:
+    if not value:
+        return ""
+    try:
+        return check_instance_name(value)
+    except ConfigError as exc:
+        raise ConfigError(f"[agent] instance: {exc}") from None
 
 
 def _missing(key: str) -> str:

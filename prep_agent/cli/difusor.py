@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from dataclasses import asdict, replace
@@ -26,9 +27,19 @@ from prep_agent.daemon import Agent, load_policy, published_view, serving
 from prep_agent.shared.clock import utc_now
 from prep_agent.web.frame import write_public
 
+DEFAULT_LISTEN = "127.0.0.1:8080"
+"""The agent's address when ``init`` is not told one (the packaged nginx site's upstream)."""
+
 
 def cmd_init(args: argparse.Namespace) -> int:
-    """Write a commented config file and create the folder layout."""
+    """Write a commented config file and create the folder layout; with
+    ``--instance``, write a whole agent instance of this host (``init_instance``)."""
+    if args.instance is not None:
+        return init_instance(args)
+    if args.root is None:
+        raise ConfigError("--root is required (or --instance NAME)")
+    if args.server_name is not None:
+        raise ConfigError("--server-name goes with --instance")
     root = Path(args.root).resolve()
     inbox = Path(args.inbox).resolve() if args.inbox else root / "inbox"
     trust = Path(args.trust).resolve()
@@ -43,7 +54,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         inbox=inbox,
         trust=trust,
         threshold=args.threshold,
-        listen=args.listen,
+        listen=args.listen or DEFAULT_LISTEN,
+        service_id=args.service_id or "difusor",
     )
     Layout(root).create()
     inbox.mkdir(parents=True, exist_ok=True)
@@ -52,6 +64,64 @@ def cmd_init(args: argparse.Namespace) -> int:
     config = load(config_path)
     load_policy(config)
     print(f"wrote {config_path}; drop folder {inbox}")
+    return EXIT_OK
+
+
+def init_instance(args: argparse.Namespace) -> int:
+    """``init --instance NAME``: the config, folders, upload account, sshd snippet and
+    nginx site of ``prep-agent@NAME`` (``agent/instance.py``). Run as root.
+
+    Raises ConfigError for bad or conflicting options, Error if writing fails.
+    """
+    from prep_agent.agent import instance as instances
+
+    given = [f"--{k}" for k in ("root", "inbox", "config") if getattr(args, k) is not None]
+    if given:
+        raise ConfigError(f"--instance names its own paths: drop {', '.join(given)}")
+    if not args.server_name:
+        raise ConfigError("--instance needs --server-name (the public host name of its site)")
+    instance = instances.Instance(args.instance)
+    trust = Path(args.trust).resolve()
+    if not trust.is_file():
+        raise ConfigError(f"allowed_signers file {trust} does not exist")
+    if os.geteuid() != 0:
+        raise ConfigError("init --instance writes /etc and creates a system account: run as root")
+    taken = instances.listen_addresses()
+    mine = [address for address, path in taken.items() if path == instance.config]
+    listen = args.listen or (mine[0] if mine else instances.free_listen())
+    owner = taken.get(listen)
+    if owner is not None and owner != instance.config:
+        raise ConfigError(f"{listen} is the listen address of {owner}: choose another --listen")
+    settings = instances.Settings(
+        election=args.election,
+        threshold=args.threshold,
+        listen=listen,
+        server_name=args.server_name,
+        service_id=args.service_id or instance.name,
+    )
+    # The institute's keys are checked before anything is written.
+    checked = Config(
+        root=instance.root,
+        inbox=instance.inbox,
+        election=args.election,
+        trust=trust,
+        threshold=args.threshold,
+    )
+    load_policy(checked)
+    files = instances.render(instance, settings, instances.find_templates())
+    instances.install(instance, files, trust, args.force)
+    load(instance.config)
+    i = instance
+    print(f"wrote {i.config} and the files of {i.unit} (sshd, nginx, sysusers.d, tmpfiles.d)")
+    print(
+        f"instance {i.name}: root {i.root}, drop folder {i.inbox} (upload account "
+        f"{i.upload_user}, session starts in /inbox), agent on {listen}, site {args.server_name}"
+    )
+    print(
+        f"next: the institute's key in {i.upload_keys}, then `sshd -t && systemctl reload ssh`; "
+        f"`systemctl enable --now {i.unit}`; `ln -s {i.site} /etc/nginx/sites-enabled/ "
+        "&& nginx -t && systemctl reload nginx`"
+    )
     return EXIT_OK
 
 
@@ -228,7 +298,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def add_commands(add: AddCommand) -> None:
     """Register these commands with the parser's ``add`` function."""
     p = add("init", cmd_init, "write a commented config file and the folder layout")
-    p.add_argument("--root", required=True, metavar="DIR", help="agent-owned storage folder")
+    p.add_argument("--root", metavar="DIR", help="agent-owned storage folder")
     p.add_argument("--inbox", metavar="DIR", help="drop folder (default ROOT/inbox)")
     p.add_argument(
         "--election", required=True, metavar="ID", help="election id, e.g. coah-ayun-2021"
@@ -248,11 +318,25 @@ def add_commands(add: AddCommand) -> None:
     )
     p.add_argument(
         "--listen",
-        default="127.0.0.1:8080",
         metavar="HOST:PORT",
-        help="web server address (default 127.0.0.1:8080)",
+        help=f"web server address (default {DEFAULT_LISTEN}; with --instance the first "
+        "127.0.0.1 port from 8081 no other config in /etc/prep-agent uses)",
     )
     p.add_argument("--config", metavar="FILE", help="config path (default ROOT/prep-agent.conf)")
+    p.add_argument(
+        "--service-id", metavar="ID", help="serviceId in health reports (default difusor, or NAME)"
+    )
+    p.add_argument(
+        "--instance",
+        metavar="NAME",
+        help="as root: one of several agents on this host (prep-agent@NAME.service): writes "
+        "/etc/prep-agent/NAME.conf, its root, drop folder, upload account, sshd and nginx files",
+    )
+    p.add_argument(
+        "--server-name",
+        metavar="HOST",
+        help="with --instance: the public host name of the instance's nginx site",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing config file")
 
     p = add("run", cmd_run, "watch the drop folder and publish cuts (the daemon)")

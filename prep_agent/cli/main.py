@@ -14,6 +14,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Callable
 
 from prep_agent import __version__
@@ -23,11 +24,36 @@ from prep_agent.core.errors import EXIT_ERROR, EXIT_INTERNAL, Error
 log = logging.getLogger("prep_agent")
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    """The post-election technical report (memoria técnica) for the institute."""
-    from prep_agent.report import generate
+REPORT_PACKAGE = "prep-agent-report"
+"""The package (.deb and .rpm) that holds ``prep_agent.report``, the memoria técnica."""
 
-    return generate.cmd_report(args)
+
+def report_module() -> ModuleType | None:
+    """``prep_agent.report.generate``, or None when the report package is not installed.
+
+    Raises ModuleNotFoundError if the report is there but one of its own imports is not.
+    """
+    try:
+        from prep_agent.report import generate
+    except ModuleNotFoundError as exc:
+        if exc.name in ("prep_agent.report", "prep_agent.report.generate"):
+            return None
+        raise
+    return generate
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The post-election technical report (memoria técnica) for the institute.
+
+    Raises Error naming the package to install when the report is not installed.
+    """
+    generate = report_module()
+    if generate is None:
+        raise Error(
+            f"the memoria técnica is in the package {REPORT_PACKAGE}: "
+            f"apt install {REPORT_PACKAGE} (EL9: dnf install {REPORT_PACKAGE})"
+        )
+    return int(generate.cmd_report(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,11 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     difusor.add_commands(add)
     institute.add_commands(add)
-    from prep_agent.report import generate
-
-    generate.add_arguments(
-        add("report", cmd_report, "write the memoria técnica (access logs + journal)")
-    )
+    generate = report_module()
+    if generate is not None:
+        generate.add_arguments(
+            add("report", cmd_report, "write the memoria técnica (access logs + journal)")
+        )
+    else:
+        p = add("report", cmd_report, f"write the memoria técnica (package {REPORT_PACKAGE})")
+        p.set_defaults(any_arguments=True)
     demo.add_commands(add)
     return parser
 
@@ -69,7 +98,10 @@ def _setup_logging(verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return its exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     _setup_logging(args.verbose)
     try:
         return int(args.func(args))

@@ -203,8 +203,13 @@ def health_document(s: Snapshot) -> dict[str, Any]:
 
 @dataclass
 class Metrics:
-    """Counters since the process started (thread-safe)."""
+    """Counters since the process started (thread-safe).
 
+    ``instance`` (the config's ``instance``, for ``prep-agent@NAME``) labels every
+    sample ``prep_instance="NAME"``, so the agents of one host stay apart.
+    """
+
+    instance: str = ""
     publish_buckets: list[int] = field(default_factory=lambda: [0] * len(PUBLISH_BUCKETS))
     publish_count: int = 0
     publish_sum: float = 0.0
@@ -225,32 +230,40 @@ class Metrics:
         with self.lock:
             self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
+    def _sample(self, name: str, value: object, labels: str = "") -> str:
+        """``name{labels} value``, with this instance's label first when it has one."""
+        own = f'prep_instance="{self.instance}"' if self.instance else ""
+        every = ",".join(x for x in (own, labels) if x)
+        return f"{name}{{{every}}} {value}" if every else f"{name} {value}"
+
     def render(self, s: Snapshot) -> str:
         """Prometheus text format 0.0.4."""
         m = s.manifest
+        sample = self._sample
         lines = [
             "# HELP prep_cut_sequence Sequence of the published cut (0 before the first).",
             "# TYPE prep_cut_sequence gauge",
-            f"prep_cut_sequence {m.sequence if m else 0}",
+            sample("prep_cut_sequence", m.sequence if m else 0),
             "# HELP prep_cut_timestamp_seconds cut_time of the published cut (Unix time).",
             "# TYPE prep_cut_timestamp_seconds gauge",
-            f"prep_cut_timestamp_seconds {m.cut_time.timestamp() if m else 0}",
+            sample("prep_cut_timestamp_seconds", m.cut_time.timestamp() if m else 0),
             "# HELP prep_cut_age_seconds Seconds since the published cut_time.",
             "# TYPE prep_cut_age_seconds gauge",
-            f"prep_cut_age_seconds {(s.now - m.cut_time).total_seconds() if m else 0}",
+            sample("prep_cut_age_seconds", (s.now - m.cut_time).total_seconds() if m else 0),
             "# HELP prep_publish_duration_seconds Agent time from decision to current swapped.",
             "# TYPE prep_publish_duration_seconds histogram",
         ]
+        bucket = "prep_publish_duration_seconds_bucket"
         with self.lock:
             for bound, count in zip(PUBLISH_BUCKETS, self.publish_buckets):
-                lines.append(f'prep_publish_duration_seconds_bucket{{le="{bound}"}} {count}')
-            lines.append(f'prep_publish_duration_seconds_bucket{{le="+Inf"}} {self.publish_count}')
-            lines.append(f"prep_publish_duration_seconds_sum {self.publish_sum}")
-            lines.append(f"prep_publish_duration_seconds_count {self.publish_count}")
+                lines.append(sample(bucket, count, f'le="{bound}"'))
+            lines.append(sample(bucket, self.publish_count, 'le="+Inf"'))
+            lines.append(sample("prep_publish_duration_seconds_sum", self.publish_sum))
+            lines.append(sample("prep_publish_duration_seconds_count", self.publish_count))
             lines.append("# HELP prep_cuts_rejected_total Rejected cuts by reason class.")
             lines.append("# TYPE prep_cuts_rejected_total counter")
             for reason, count in sorted(self.rejected.items()):
-                lines.append(f'prep_cuts_rejected_total{{reason="{reason}"}} {count}')
+                lines.append(sample("prep_cuts_rejected_total", count, f'reason="{reason}"'))
         return "\n".join(lines) + "\n"
 
 
