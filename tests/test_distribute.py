@@ -1,0 +1,181 @@
+"""``prep-agent distribute`` against real sshd/sftp targets on loopback.
+
+Each test starts its own sshd; targets are folders it serves. Cuts are signed
+with the real ``ssh-keygen`` (the kit's institute). Faults are real: a closed
+port, a pinned key that is not the server's, a key the server does not
+authorize, a missing or immutable folder, a full tmpfs, a black-holed address.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME
+from tests.distkit import Sshd, Target, distribute, write_config
+from tests.kit import OFFSET, Institute, free_port, keygen
+from tests.sftpkit import Cut, make_cut
+
+T0 = datetime.now(OFFSET).replace(microsecond=0) - timedelta(hours=1)
+
+
+@dataclass
+class World:
+    tmp: Path
+    institute: Institute
+    sshd: Sshd
+    upload_key: Path
+    outbox: Path
+
+    def target(self, service_id: str, **settings: object) -> Target:
+        inbox = self.tmp / "targets" / service_id
+        inbox.mkdir(parents=True)
+        values: dict[str, object] = {
+            "port": self.sshd.port,
+            "host_key": self.sshd.known_hosts_line(),
+            "identity": self.upload_key,
+        }
+        values.update(settings)
+        return Target(service_id, inbox, **values)  # type: ignore[arg-type]
+
+    def config(self, targets: list[Target], **distribute: object) -> Path:
+        return write_config(
+            self.tmp / "institute.conf", self.institute.allowed_signers, targets, **distribute
+        )
+
+    def cut(self, sequence: int, files: dict[str, bytes] | None = None) -> Cut:
+        return make_cut(
+            self.institute, self.outbox, sequence, T0 + timedelta(minutes=sequence), files
+        )
+
+    def attempts(self) -> list[dict[str, object]]:
+        with sqlite3.connect(self.tmp / "collector.sqlite") as db:
+            db.row_factory = sqlite3.Row
+            return [dict(r) for r in db.execute("SELECT * FROM delivery_attempt ORDER BY id")]
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    upload_key = tmp_path / "institute_upload"
+    public = keygen(upload_key)
+    sshd = Sshd(tmp_path / "sshd", [public]).start()
+    try:
+        yield World(tmp_path, Institute(tmp_path / "institute"), sshd, upload_key, tmp_path / "out")
+    finally:
+        sshd.stop()
+
+
+def holds(target: Target, cut: Cut) -> bool:
+    """The target's folder holds the cut's exact files, manifest and signature."""
+    try:
+        same = all((target.inbox / rel).read_bytes() == data for rel, data in cut.files.items())
+        return (
+            same
+            and (target.inbox / MANIFEST_NAME).read_bytes() == cut.manifest
+            and (target.inbox / SIGNATURE_NAME).read_bytes() == cut.signature
+        )
+    except OSError:
+        return False
+
+
+def test_delivers_every_target_and_then_only_changed_files(world: World) -> None:
+    targets = [world.target(f"diario-{c}") for c in "abc"]
+    conf = world.config(targets)
+    first = world.cut(1)
+    proc = distribute(conf, "--no-confirm", str(first.local))
+    assert proc.returncode == 0, proc.stderr
+    assert all(holds(t, first) for t in targets)
+    assert "cut 1: 3/3 targets hold it" in proc.stdout
+    files = dict(first.files)
+    files["index.html"] = b"<h1>Corte 2</h1>"
+    second = world.cut(2, files)
+    dry = distribute(conf, "--dry-run", str(second.local))
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.count(": 1 of 3 files") == 3, dry.stdout
+    proc = distribute(conf, "--no-confirm", str(second.local))
+    assert proc.returncode == 0, proc.stderr
+    assert all(holds(t, second) for t in targets)
+    rows = world.attempts()
+    assert [(r["sequence"], r["files"], r["result"]) for r in rows] == [(1, 3, "delivered")] * 3 + [
+        (2, 1, "delivered")
+    ] * 3
+    assert all(r["bytes"] == len(files["index.html"]) for r in rows[3:])
+
+
+def last_errors(world: World) -> dict[str, str]:
+    return {str(r["difusor"]): str(r["error"]) for r in world.attempts() if r["error"]}
+
+
+def test_faults_are_reported_and_never_block_healthy_targets(world: World) -> None:
+    stranger = world.tmp / "stranger"
+    keygen(stranger)
+    wrong_host = world.tmp / "wrong_host"
+    keygen(wrong_host)
+    healthy = world.target("sano")
+    refused = world.target("cerrado", port=free_port())
+    wrong_key = world.target(
+        "llave-ajena", host_key=f"x {(wrong_host.with_suffix('.pub')).read_text()}"
+    )
+    auth = world.target("sin-acceso", identity=stranger)
+    missing = world.target("sin-carpeta")
+    missing.inbox.rmdir()
+    readonly = world.target("solo-lectura")
+    full = world.target("lleno")
+    subprocess.run(["chattr", "+i", str(readonly.inbox)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full.inbox)], check=True)
+    try:
+        targets = [healthy, refused, wrong_key, auth, missing, readonly, full]
+        conf = world.config(targets)
+        files = {"index.html": b"<h1>Corte 1</h1>", "datos/grande.bin": bytes(range(256)) * 1024}
+        first = world.cut(1, files)
+        started = time.monotonic()
+        proc = distribute(conf, "--no-confirm", str(first.local))
+        took = time.monotonic() - started
+        assert proc.returncode == 5, proc.stdout + proc.stderr
+        assert holds(healthy, first)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 6, proc.stderr
+        reasons = dict(line.removeprefix("prep-agent: ").split(": cut 1: ") for line in lines)
+        assert reasons == {
+            "cerrado": "connection refused",
+            "llave-ajena": "host key does not match the pinned host_key (refused)",
+            "sin-acceso": "authentication refused",
+            "sin-carpeta": "remote folder missing",
+            "solo-lectura": "remote folder not writable",
+            "lleno": "remote write failed (disk full?)",
+        }, proc.stderr
+        assert took < 20, f"faults took {took:.1f} s"
+        rows = world.attempts()
+        ok = [r for r in rows if r["difusor"] == "sano"]
+        assert [r["result"] for r in ok] == ["delivered"]
+        assert float(ok[0]["ended"]) - float(ok[0]["started"]) < 3  # type: ignore[arg-type]
+        # refused host key and login are not retried; the others are, with backoff
+        counts = {sid: sum(1 for r in rows if r["difusor"] == sid) for sid in reasons}
+        assert (counts["llave-ajena"], counts["sin-acceso"]) == (1, 1)
+        assert counts["cerrado"] >= 2
+        assert last_errors(world)["lleno"] == "remote write failed (disk full?)"
+        # recovered targets receive the newest cut, not the backlog
+        missing.inbox.mkdir()
+        subprocess.run(["chattr", "-i", str(readonly.inbox)], check=True)
+        second = world.cut(2, {**files, "index.html": b"<h1>Corte 2</h1>"})
+        proc = distribute(conf, "--no-confirm", str(second.local))
+        assert proc.returncode == 5
+        assert all(holds(t, second) for t in (healthy, missing, readonly))
+        sent = [r for r in world.attempts() if r["result"] == "delivered"]
+        assert {(r["difusor"], r["sequence"]) for r in sent} == {
+            ("sano", 1),
+            ("sano", 2),
+            ("sin-carpeta", 2),
+            ("solo-lectura", 2),
+        }
+        assert [r["files"] for r in sent if r["difusor"] == "sano"] == [2, 1]
+    finally:
+        subprocess.run(["chattr", "-i", str(readonly.inbox)], check=False)
+        subprocess.run(["umount", str(full.inbox)], check=False)
