@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME
-from tests.distkit import Sshd, Target, distribute, write_config
+from tests.distkit import BlackHole, Sshd, Target, distribute, write_config
 from tests.kit import OFFSET, Institute, free_port, keygen
 from tests.sftpkit import Cut, make_cut
 
@@ -179,3 +179,64 @@ def test_faults_are_reported_and_never_block_healthy_targets(world: World) -> No
     finally:
         subprocess.run(["chattr", "-i", str(readonly.inbox)], check=False)
         subprocess.run(["umount", str(full.inbox)], check=False)
+
+
+def test_a_cut_any_difusor_would_reject_never_leaves(world: World) -> None:
+    target = world.target("diario-a")
+    conf = world.config([target])
+    unsigned = world.cut(5)
+    (unsigned.local / SIGNATURE_NAME).unlink()
+    proc = distribute(conf, str(unsigned.local))
+    assert proc.returncode == 3, proc.stderr
+    assert "incomplete: no prep-manifest.json.sig" in proc.stderr
+    forger = Institute(world.tmp / "forger")
+    forged = make_cut(forger, world.tmp / "forged", 5, T0 + timedelta(minutes=5))
+    proc = distribute(conf, str(forged.local))
+    assert proc.returncode == 3
+    assert "signature-untrusted: signed by 0/1" in proc.stderr
+    tampered = world.cut(6)
+    (tampered.local / "index.html").write_bytes(b"<h1>otro</h1>")
+    proc = distribute(conf, str(tampered.local))
+    assert proc.returncode == 3
+    assert "file-mismatch: index.html" in proc.stderr
+    assert list(target.inbox.iterdir()) == []
+    assert world.attempts() == []
+    newer = world.cut(7)
+    assert distribute(conf, "--no-confirm", str(newer.local)).returncode == 0
+    older = world.cut(4)
+    proc = distribute(conf, str(older.local))
+    assert proc.returncode == 3
+    assert "rollback: sequence 4 < accepted 7" in proc.stderr
+    assert holds(target, newer)
+    assert [r["sequence"] for r in world.attempts()] == [7]
+
+
+def test_key_signs_here_and_the_same_cut_again_is_a_no_op(world: World) -> None:
+    target = world.target("diario-a")
+    conf = world.config([target])
+    cut = world.cut(3)
+    (cut.local / SIGNATURE_NAME).unlink()
+    proc = distribute(conf, "--no-confirm", "--key", str(world.institute.key), str(cut.local))
+    assert proc.returncode == 0, proc.stderr
+    assert (target.inbox / SIGNATURE_NAME).read_bytes() == (cut.local / SIGNATURE_NAME).read_bytes()
+    again = distribute(conf, "--no-confirm", str(cut.local))
+    assert again.returncode == 0, again.stderr
+    assert len(world.attempts()) == 1  # it already holds it: nothing sent
+
+
+def test_a_black_holed_target_does_not_delay_the_others(world: World) -> None:
+    healthy = [world.target(f"sano-{i}") for i in range(3)]
+    with BlackHole() as hole:
+        dark = world.target("sin-respuesta", host=hole.address)
+        conf = world.config([*healthy, dark], connect_timeout=3, retry_for=2)
+        cut = world.cut(1)
+        proc = distribute(conf, "--no-confirm", str(cut.local))
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == "prep-agent: sin-respuesta: cut 1: connection timed out"
+    rows = world.attempts()
+    dark_rows = [r for r in rows if r["difusor"] == "sin-respuesta"]
+    assert dark_rows and all(r["result"] == "failed" for r in dark_rows)
+    assert float(dark_rows[0]["ended"]) - float(dark_rows[0]["started"]) >= 2.5  # type: ignore[arg-type]
+    done = [float(r["ended"]) for r in rows if r["result"] == "delivered"]  # type: ignore[arg-type]
+    assert len(done) == 3 and all(holds(t, cut) for t in healthy)
+    assert max(done) - float(dark_rows[0]["started"]) < 2  # type: ignore[arg-type]
