@@ -17,10 +17,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+import requests
 
 from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from tests.distkit import BlackHole, Sshd, Target, distribute, write_config
-from tests.kit import OFFSET, Institute, free_port, keygen
+from tests.kit import OFFSET, Daemon, Institute, free_port, keygen
 from tests.sftpkit import Cut, make_cut
 
 T0 = datetime.now(OFFSET).replace(microsecond=0) - timedelta(hours=1)
@@ -240,3 +241,38 @@ def test_a_black_holed_target_does_not_delay_the_others(world: World) -> None:
     done = [float(r["ended"]) for r in rows if r["result"] == "delivered"]  # type: ignore[arg-type]
     assert len(done) == 3 and all(holds(t, cut) for t in healthy)
     assert max(done) - float(dark_rows[0]["started"]) < 2  # type: ignore[arg-type]
+
+
+def test_the_collector_shows_deliveries_and_the_good_standing_list(world: World) -> None:
+    healthy = world.target("sano")
+    refused = world.target("cerrado", port=free_port())
+    conf = world.config([healthy, refused], retry_for=1)
+    fresh = make_cut(world.institute, world.outbox, 1, datetime.now(OFFSET) - timedelta(minutes=1))
+    assert distribute(conf, "--no-confirm", str(fresh.local)).returncode == 5
+    port = free_port()
+    text = conf.read_text().replace("[collector]\n", f"[collector]\nlisten = 127.0.0.1:{port}\n")
+    conf.write_text(text)
+    base = f"http://127.0.0.1:{port}"
+    collector = Daemon(
+        ["collector", "--config", str(conf)], world.tmp / "collector.log", livez=base + "/livez"
+    )
+    collector.start()
+    try:
+        rows = {
+            r["service_id"]: r
+            for r in requests.get(base + "/api/difusores", timeout=5).json()["difusores"]
+        }
+        assert rows["sano"]["delivered_sequence"] == 1
+        assert isinstance(rows["sano"]["delivery_latency"], float)
+        assert rows["sano"]["contact"] == "Mesa de sano, 844 000 0000"
+        assert rows["cerrado"]["delivered_sequence"] is None
+        assert rows["cerrado"]["delivery_error"] == "connection refused"
+        assert rows["sano"]["latest_sequence"] == 1  # distribute recorded the signed cut
+        page = requests.get(base + "/", timeout=5).text
+        assert "última falla: connection refused" in page
+        standing = requests.get(base + "/difusores-vigentes.json", timeout=5).json()
+        assert {d["serviceId"] for d in standing["difusores"]} == {"sano", "cerrado"}
+        fragment = requests.get(base + "/difusores-vigentes.html", timeout=5)
+        assert fragment.text.startswith('<ul class="prep-difusores"')
+    finally:
+        collector.stop()
