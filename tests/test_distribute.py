@@ -8,6 +8,7 @@ authorize, a missing or immutable folder, a full tmpfs, a black-holed address.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import time
@@ -21,7 +22,7 @@ import requests
 
 from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from tests.distkit import BlackHole, Sshd, Target, distribute, write_config
-from tests.kit import OFFSET, Daemon, Institute, free_port, keygen
+from tests.kit import OFFSET, PREP_AGENT, Daemon, Institute, free_port, keygen, wait_for
 from tests.sftpkit import Cut, make_cut
 
 T0 = datetime.now(OFFSET).replace(microsecond=0) - timedelta(hours=1)
@@ -276,3 +277,37 @@ def test_the_collector_shows_deliveries_and_the_good_standing_list(world: World)
         assert fragment.text.startswith('<ul class="prep-difusores"')
     finally:
         collector.stop()
+
+
+def test_threshold_two_signed_here_with_a_key_file_and_an_agent_key(world: World) -> None:
+    second = world.tmp / "second_signer"
+    public = keygen(second)
+    signers = world.institute.allowed_signers
+    signers.write_text(signers.read_text() + f'iec2 namespaces="prep-cut" {public}\n')
+    target = world.target("diario-a")
+    conf = world.config([target], threshold=2)
+    cut = world.cut(1)
+    (cut.local / SIGNATURE_NAME).unlink()
+    one = distribute(conf, "--key", str(world.institute.key), str(cut.local))
+    assert one.returncode == 3 and "signed by 1/2" in one.stderr, one.stderr
+    socket = world.tmp / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket)], stdout=subprocess.DEVNULL)
+    try:
+        wait_for(socket.exists, 10, "ssh-agent socket")
+        env = {**os.environ, "SSH_AUTH_SOCK": str(socket)}
+        subprocess.run(["ssh-add", "-q", str(second)], env=env, check=True, capture_output=True)
+        proc = subprocess.run(
+            [
+                *(PREP_AGENT, "distribute", "--config", str(conf), "--no-confirm"),
+                *("--key", str(world.institute.key), "--agent", f"{second}.pub", str(cut.local)),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+    assert proc.returncode == 0, proc.stderr
+    assert (target.inbox / SIGNATURE_NAME).read_bytes().count(b"BEGIN SSH SIGNATURE") == 2

@@ -113,6 +113,16 @@ def test_watch_publishes_confirms_and_supersedes(tmp_path: Path, sshd: tuple[Ssh
         assert (late.inbox / "prep-manifest.json").read_bytes() == (
             outbox / "000002" / "prep-manifest.json"
         ).read_bytes()
+        wait_for(
+            lambda: rows(db, "SELECT acked_sequence FROM delivery_target "
+                         "WHERE difusor = 'con-agente'") == [(2,)],
+            10,
+            "cut 2 on the agent's target",
+            alive=watch,
+        )  # fmt: skip
+        # ControlMaster/ControlPersist: one login per target for every cut and retry
+        logins = server.log.read_text().count("Accepted publickey")
+        assert logins == 2, f"{logins} ssh logins for 2 targets, {len(attempts)} attempts"
         latency = rows(db, "SELECT delivered_at - ready_at, published_at - delivered_at "
                        "FROM delivery_target WHERE difusor = 'con-agente'")  # fmt: skip
         assert latency and all(isinstance(v, float) and 0 <= v < 20 for v in latency[0])
