@@ -8,6 +8,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.distkit import Sshd, Target, write_config
+from tests.distkit import BlackHole, Sshd, Target, write_config
 from tests.kit import PREP_AGENT, AgentDaemon, Institute, free_port, keygen, make_config, wait_for
 from tests.sftpkit import make_cut
 from tests.test_distribute import T0
@@ -135,3 +136,61 @@ def test_watch_publishes_confirms_and_supersedes(tmp_path: Path, sshd: tuple[Ssh
             agent.stop()
     assert watch.returncode == 0, out
     assert "delivered cut 2 tardio" in out
+
+
+def test_a_newer_cut_stops_an_upload_still_in_flight(
+    tmp_path: Path, sshd: tuple[Sshd, Path]
+) -> None:
+    server, upload_key = sshd
+    institute = Institute(tmp_path / "institute")
+    with BlackHole(2) as hole:
+        dark = Target(
+            "sin-respuesta",
+            tmp_path / "dark",
+            host=hole.address,
+            host_key=server.known_hosts_line(),
+            identity=upload_key,
+        )
+        conf = write_config(
+            tmp_path / "institute.conf", institute.allowed_signers, [dark], connect_timeout=30
+        )
+        db = tmp_path / "collector.sqlite"
+        outbox, staging = tmp_path / "salida", tmp_path / "staging"
+        outbox.mkdir()
+        watch = subprocess.Popen(
+            [PREP_AGENT, "distribute", "--config", str(conf), "--watch", str(outbox)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            for sequence in (1, 2):
+                cut = make_cut(institute, staging, sequence, T0 + timedelta(minutes=sequence))
+                os.rename(cut.local, outbox / f"{sequence:06d}")
+                wait_for(
+                    lambda n=sequence: rows(  # type: ignore[misc]
+                        db, f"SELECT 1 FROM distributed_cut WHERE sequence = {n}"
+                    ),
+                    10,
+                    f"cut {sequence} offered",
+                    alive=watch,
+                )  # fmt: skip
+                time.sleep(1)
+            wait_for(
+                lambda: rows(db, "SELECT result, ended - started FROM delivery_attempt"),
+                10,
+                "the first attempt to end",
+                alive=watch,
+            )
+            (result, seconds), *_ = rows(db, "SELECT result, ended - started FROM delivery_attempt")
+            assert result == "superseded"
+            assert 0.5 < float(seconds) < 5  # type: ignore[arg-type]
+        finally:
+            watch.send_signal(signal.SIGTERM)
+            try:
+                out, _ = watch.communicate(timeout=20)
+            finally:
+                watch.kill()
+    assert watch.returncode == 0, out
+    assert "superseded cut 1 sin-respuesta" in out
