@@ -30,7 +30,7 @@ from prep_agent.institute.distribution.transport import Link, make_link
 
 log = logging.getLogger(__name__)
 
-WATCH_INTERVAL = 1.0
+WATCH_INTERVAL = 0.25
 """Seconds between two scans of the watched folder."""
 
 
