@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         print("the benchmark needs root (sshd, network namespace)", file=sys.stderr)
         return 2
     scale = QUICK if args.quick else FULL
-    a_runs, b_runs = (1, 3) if args.quick else (2, 7)
+    a_runs, b_runs = (1, 3) if args.quick else (1, 5)
     with workdir() as work:
         bench = Bench(work, scale)
         bench.start()
