@@ -1,4 +1,4 @@
-"""The institute's commands: sign, simulate, collector."""
+"""The institute's commands: sign, distribute, simulate, collector."""
 
 from __future__ import annotations
 
@@ -66,6 +66,34 @@ def cmd_collector(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_distribute(args: argparse.Namespace) -> int:
+    """Check a cut locally and deliver it to every difusor (or follow a folder of cuts)."""
+    from prep_agent.institute.collector import config as collector_config
+    from prep_agent.institute.distribution import command
+
+    if (args.cut is None) == (args.watch is None):
+        raise ConfigError("give either CUT_DIR or --watch DIR")
+    if args.watch is not None and (args.key or args.agent):
+        raise ConfigError("--key and --agent sign one CUT_DIR; --watch sends signed cuts")
+    options = command.Options(
+        cut=Path(args.cut) if args.cut else None,
+        watch=Path(args.watch) if args.watch else None,
+        keys=command.key_paths(args.key),
+        agent_keys=command.key_paths(args.agent),
+        dry_run=args.dry_run,
+        confirm=not args.no_confirm,
+    )
+    config = collector_config.load_collector(Path(args.config))
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    return command.main(config, options, stop)
+
+
 def add_commands(add: AddCommand) -> None:
     """Register these commands with the parser's ``add`` function."""
     p = add("sign", cmd_sign, "write and sign prep-manifest.json for DIR (institute side)")
@@ -90,6 +118,28 @@ def add_commands(add: AddCommand) -> None:
     p.add_argument("--entry", metavar="PATH", help="page to embed (default index.html)")
     p.add_argument("--period", type=int, metavar="SECONDS", help="period_seconds (60-3600)")
     p.add_argument("dir", metavar="DIR", help="folder of the publication tree")
+
+    p = add(
+        "distribute",
+        cmd_distribute,
+        "check a signed cut and deliver it to every difusor by sftp (institute side)",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="institute (collector) config")
+    p.add_argument("--watch", metavar="DIR", help="distribute each new cut subfolder of DIR")
+    p.add_argument(
+        "--key", action="append", metavar="KEY", help="sign CUT_DIR's manifest with this key here"
+    )
+    p.add_argument(
+        "--agent",
+        action="append",
+        metavar="PUBKEY",
+        help="sign CUT_DIR's manifest with the ssh-agent key of this public key",
+    )
+    p.add_argument("--dry-run", action="store_true", help="show what would be sent where")
+    p.add_argument(
+        "--no-confirm", action="store_true", help="do not wait for each difusor's status.json"
+    )
+    p.add_argument("cut", nargs="?", metavar="CUT_DIR", help="a cut folder (manifest + signature)")
 
     p = add("simulate", cmd_simulate, "run a simulated institute that signs and delivers PREP cuts")
     p.add_argument(

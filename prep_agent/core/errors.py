@@ -14,6 +14,8 @@ EXIT_REJECTED = 3
 """``verify``: the cut would be rejected."""
 EXIT_LOCKED = 4
 """Another agent already holds the lock on this root."""
+EXIT_UNDELIVERED = 5
+"""``distribute``: some enabled difusor does not hold the cut."""
 EXIT_INTERNAL = 70
 """Unexpected failure (a bug); the traceback is in the log."""
 

@@ -34,7 +34,9 @@ from prep_agent.core.manifest import MANIFEST_NAME, Limits, parse_manifest, pars
 from prep_agent.core.protocol import SIGNATURE_HEADER
 from prep_agent.institute.collector.board import LABELS, Board, make_board
 from prep_agent.institute.collector.config import CollectorConfig
+from prep_agent.institute.collector.deliveries import DeliveryLog, target_summary
 from prep_agent.institute.collector.poll import CONNECTION_FAILED, TIMEOUT, get_health
+from prep_agent.institute.collector.standing import standing_html, standing_json
 from prep_agent.institute.collector.store import CollectorDatabase
 from prep_agent.institute.collector.verify import (
     MAX_REPORT_BYTES,
@@ -138,7 +140,9 @@ class Collector:
         self.config = config
         self.clock = clock
         self.store = CollectorDatabase(config.database, config.history_rows)
+        self.deliveries = DeliveryLog(config.database)
         self.names = {d.service_id: d.name for d in config.difusores}
+        self.entries = {d.service_id: d for d in config.difusores}
         self.signers: list[AllowedSigner] = []
         self.registered: set[str] = set()
         self._trust_stamp: tuple[int, int, int] | None = None
@@ -206,6 +210,8 @@ class Collector:
             self.config.silent_after,
             self.config.unlink_periods,
             self.config.period_seconds,
+            {sid: target_summary(r) for sid, r in self.deliveries.targets().items()},
+            {sid: e.contact for sid, e in self.entries.items()},
         )
 
     def record_cut_file(self, path: Path) -> int:
@@ -467,6 +473,19 @@ def create_collector_app(collector: Collector) -> Flask:
         response.headers["Content-Disposition"] = 'attachment; filename="difusores.csv"'
         return response
 
+    @app.get("/difusores-vigentes.json")
+    def standing() -> Response:
+        doc = standing_json(collector.board(), collector.entries)
+        response = reply(json.dumps(doc, ensure_ascii=False), "application/json")
+        response.headers["Access-Control-Allow-Origin"] = "*"
+        return response
+
+    @app.get("/difusores-vigentes.html")
+    def standing_fragment() -> Response:
+        response = reply(standing_html(collector.board(), collector.entries), "text/html")
+        response.headers["Access-Control-Allow-Origin"] = "*"
+        return response
+
     @app.get("/livez")
     def livez() -> Response:
         return reply("ok\n", "text/plain")
@@ -495,3 +514,4 @@ def serve(config: CollectorConfig, stop: threading.Event) -> None:
         poller.stop()
         server.stop()
         collector.store.close()
+        collector.deliveries.close()

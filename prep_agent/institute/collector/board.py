@@ -9,13 +9,15 @@ States (dashboard labels in Spanish):
 
 A difusor not ``al-dia`` has been failing since the earliest of: its last report
 (when silent), its first ``fail`` report in a row, and the signing of the first
-cut it has not published. When that lasts ``unlink_periods`` cut periods it is
-flagged: the convocatoria says to unlink it.
+cut it has not published, and the first failed delivery of a cut it does not hold
+(``prep-agent distribute``). When that lasts ``unlink_periods`` cut periods it
+is flagged: the convocatoria says to unlink it, and it drops out of the list of
+difusores in good standing until it is current again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -59,6 +61,12 @@ class Row:
     unlink: bool
     output: str | None
     poll_error: str | None
+    contact: str | None = None
+    delivered_sequence: int | None = None
+    delivery_latency: float | None = None
+    published_sequence: int | None = None
+    publish_latency: float | None = None
+    delivery_error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The row as a JSON object."""
@@ -130,8 +138,11 @@ def make_row(
     now: datetime,
     silent_after: float,
     unlink_after: float,
+    delivery: Mapping[str, Any] | None = None,
+    contact: str | None = None,
 ) -> Row:
-    """The dashboard row of one difusor."""
+    """The dashboard row of one difusor; ``delivery`` is its
+    ``deliveries.target_summary`` (None when the institute never delivered to it)."""
     ts = now.timestamp()
     doc = rec.last_doc or {}
     raw_seq = check_value(doc, "cut:sequence")
@@ -149,6 +160,10 @@ def make_row(
         if latest is not None and (seq is None or seq < latest.sequence):
             behind = _behind_since(seq, cuts)
             since += [behind] if behind is not None else []
+    delivery = dict(delivery or {})
+    delivery_since = delivery.pop("delivery_failing_since", None)
+    if delivery_since is not None:
+        since.append(delivery_since)
     failing_since = min(since) if since else None
     failing_for = max(0.0, ts - failing_since) if failing_since is not None else None
     return Row(
@@ -171,6 +186,8 @@ def make_row(
         unlink=failing_for is not None and failing_for >= unlink_after,
         output=str(doc["output"])[:200] if doc.get("output") else None,
         poll_error=rec.poll_error,
+        contact=contact,
+        **delivery,
     )
 
 
@@ -182,13 +199,27 @@ def make_board(
     silent_after: float,
     unlink_periods: int,
     period_override: float | None = None,
+    deliveries: Mapping[str, Mapping[str, Any]] | None = None,
+    contacts: Mapping[str, str | None] | None = None,
 ) -> Board:
-    """Rows for ``records``, worst first (to unlink, silent, failing, behind, up to date)."""
+    """Rows for ``records``, worst first (to unlink, silent, failing, behind, up to date);
+    ``deliveries`` maps a difusor to its delivery summary."""
     latest = cuts[-1] if cuts else None
     period = period_override or (latest.period_seconds if latest else DEFAULT_PERIOD)
     unlink_after = unlink_periods * period
+    deliveries = deliveries or {}
+    contacts = contacts or {}
     rows = [
-        make_row(r, names.get(r.service_id, r.service_id), cuts, now, silent_after, unlink_after)
+        make_row(
+            r,
+            names.get(r.service_id, r.service_id),
+            cuts,
+            now,
+            silent_after,
+            unlink_after,
+            deliveries.get(r.service_id),
+            contacts.get(r.service_id),
+        )
         for r in records
     ]
     rows.sort(key=lambda r: (not r.unlink, _SEVERITY[r.state], r.service_id))

@@ -12,6 +12,13 @@ One INI file::
     name = Diario A
     health_url = https://prep.diario-a.mx/health
     token_file = diario-a.token
+    sftp = prep-upload@prep.diario-a.mx:22:/srv/prep-agent/inbox
+    host_key = prep.diario-a.mx ssh-ed25519 AAAA...
+    identity = institute_upload
+
+    [distribute]
+    allowed_signers = institute_allowed_signers
+    election = coah-ayun-2021
 """
 
 from __future__ import annotations
@@ -19,8 +26,9 @@ from __future__ import annotations
 import configparser
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prep_agent.core.errors import ConfigError
 from prep_agent.shared.ini import read_ini
@@ -28,6 +36,23 @@ from prep_agent.shared.ini import read_ini
 SECTION = "collector"
 DIFUSOR_PREFIX = "difusor:"
 """Sections ``[difusor:ID]`` register a difusor (ID is its serviceId)."""
+
+
+DISTRIBUTE = "distribute"
+"""Section ``[distribute]``: how ``prep-agent distribute`` checks and sends cuts."""
+
+
+@dataclass(frozen=True)
+class SftpTarget:
+    """Where a difusor receives cuts: ``user@host:port:/path``."""
+
+    user: str
+    host: str
+    port: int
+    path: str
+
+    def __str__(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}:{self.path}"
 
 
 @dataclass(frozen=True)
@@ -38,6 +63,32 @@ class DifusorEntry:
     name: str
     health_url: str | None = None
     token: str | None = None
+    sftp: SftpTarget | None = None
+    host_key: str | None = None
+    """The pinned host key: ``keytype base64`` from its known_hosts line."""
+    identity: Path | None = None
+    status_url: str | None = None
+    contact: str | None = None
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class DistributeSettings:
+    """The ``[distribute]`` section: the institute's own trust and the delivery limits."""
+
+    signers: Path | None = None
+    """The institute's allowed_signers (the file every difusor trusts)."""
+    election: str | None = None
+    threshold: int = 1
+    workers: int = 8
+    connect_timeout: float = 10.0
+    transfer_timeout: float = 300.0
+    retry_for: float = 540.0
+    """Seconds a cut is retried on a failing target (less than one period)."""
+    backoff_max: float = 60.0
+    confirm_timeout: float = 120.0
+    state: Path | None = None
+    """Folder for per-target known_hosts files (default: beside the database)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +111,7 @@ class CollectorConfig:
     history_rows: int = 100_000
     refresh_seconds: int = 10
     dashboard_allow: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    distribute: DistributeSettings = field(default_factory=DistributeSettings)
 
 
 TEMPLATE = """\
@@ -97,11 +149,36 @@ refresh_seconds = 10
 # Client networks that may see the dashboard, the API and the CSV.
 dashboard_allow = 127.0.0.1/32 ::1/128
 
+# `prep-agent distribute`: the institute checks every cut with the difusores' own rules
+# before sending it, against the allowed_signers every difusor trusts.
+[distribute]
+allowed_signers =
+election =
+threshold = 1
+# Difusores served at the same time, ssh ConnectTimeout, seconds for one upload,
+# seconds a cut is retried on a failing difusor, longest pause between retries.
+workers = 8
+connect_timeout = 10
+transfer_timeout = 300
+retry_for = 540
+backoff_max = 60
+# Seconds to wait for each difusor's status.json to show a delivered cut.
+confirm_timeout = 120
+
 # One section per difusor; the id is its serviceId.
 # [difusor:diario-a]
 # name = Diario A
+# contact = Ana Pérez, 844 123 4567, ana@diario-a.mx
 # health_url = https://prep.diario-a.mx/health
 # token_file = /etc/prep-collector/diario-a.token
+# Where `distribute` uploads: USER@HOST:PORT:/PATH, the host key pinned from its
+# known_hosts line (never learned on first use), and the institute's identity file.
+# sftp = prep-upload@prep.diario-a.mx:22:/srv/prep-agent/inbox
+# host_key = prep.diario-a.mx ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA...
+# identity = /etc/prep-collector/institute_upload
+# Public status the delivery is confirmed on (default: /status.json of health_url's site).
+# status_url = https://prep.diario-a.mx/status.json
+# enabled = yes
 """
 
 
@@ -129,6 +206,85 @@ def _read_token(path: Path | None, section: str) -> str | None:
         raise ConfigError(f"[{section}] cannot read token_file {path}: {exc.strerror}") from None
 
 
+def parse_sftp(text: str, section: str) -> SftpTarget:
+    """Parse ``user@host:port:/path`` (host may be ``[v6]``). Raises ``ConfigError``."""
+    found = re.fullmatch(r"([^@\s:/]+)@(\[[0-9A-Fa-f:.]+\]|[^:\s\[\]/@]+):(\d{1,5}):(/\S*)", text)
+    if found is None or not 0 < int(found.group(3)) < 65536:
+        raise ConfigError(f"[{section}] sftp {text!r} is not USER@HOST:PORT:/PATH")
+    return SftpTarget(
+        found.group(1), found.group(2).strip("[]"), int(found.group(3)), found.group(4)
+    )
+
+
+def parse_host_key(text: str, section: str) -> str:
+    """``keytype base64`` out of a known_hosts line (or of the bare key). Raises ``ConfigError``."""
+    fields = text.split()
+    for i, word in enumerate(fields[:-1]):
+        if re.fullmatch(r"(ssh|ecdsa|sk)-[a-z0-9@.-]+", word) and re.fullmatch(
+            r"[A-Za-z0-9+/]{40,}={0,2}", fields[i + 1]
+        ):
+            return f"{word} {fields[i + 1]}"
+    raise ConfigError(f"[{section}] host_key is not a known_hosts line")
+
+
+def _status_url(parser: configparser.ConfigParser, section: str, health: str | None) -> str | None:
+    url = parser.get(section, "status_url", fallback="").strip() or None
+    if url is None and health is not None:
+        origin = re.match(r"https?://[^/]+", health)
+        url = origin.group(0) + "/status.json" if origin else None
+    if url is not None and not re.fullmatch(r"https?://\S+", url):
+        raise ConfigError(f"[{section}] status_url {url!r} is not an http(s) URL")
+    return url
+
+
+def _delivery(parser: configparser.ConfigParser, section: str, base: Path) -> dict[str, Any]:
+    """The distribution keys of one ``[difusor:ID]`` section."""
+    sftp = parser.get(section, "sftp", fallback="").strip()
+    host_key = parser.get(section, "host_key", fallback="").strip()
+    identity = _path(parser, section, "identity", base)
+    if sftp and not host_key:
+        raise ConfigError(f"[{section}] sftp needs host_key (keys are never learned on first use)")
+    try:
+        enabled = parser.getboolean(section, "enabled", fallback=True)
+    except ValueError:
+        raise ConfigError(f"[{section}] enabled must be yes or no") from None
+    return {
+        "sftp": parse_sftp(sftp, section) if sftp else None,
+        "host_key": parse_host_key(host_key, section) if host_key else None,
+        "identity": identity,
+        "contact": parser.get(section, "contact", fallback="").strip() or None,
+        "enabled": enabled,
+    }
+
+
+def _distribute(parser: configparser.ConfigParser, base: Path) -> DistributeSettings:
+    if not parser.has_section(DISTRIBUTE):
+        return DistributeSettings()
+
+    def number(key: str, default: float) -> float:
+        try:
+            value = parser.getfloat(DISTRIBUTE, key, fallback=default)
+        except ValueError:
+            raise ConfigError(f"[{DISTRIBUTE}] {key} must be a number") from None
+        if value <= 0:
+            raise ConfigError(f"[{DISTRIBUTE}] {key} must be positive")
+        return value
+
+    election = parser.get(DISTRIBUTE, "election", fallback="").strip() or None
+    return DistributeSettings(
+        signers=_path(parser, DISTRIBUTE, "allowed_signers", base),
+        election=election,
+        threshold=int(number("threshold", 1)),
+        workers=int(number("workers", 8)),
+        connect_timeout=number("connect_timeout", 10.0),
+        transfer_timeout=number("transfer_timeout", 300.0),
+        retry_for=number("retry_for", 540.0),
+        backoff_max=number("backoff_max", 60.0),
+        confirm_timeout=number("confirm_timeout", 120.0),
+        state=_path(parser, DISTRIBUTE, "state", base),
+    )
+
+
 def _difusores(parser: configparser.ConfigParser, base: Path) -> tuple[DifusorEntry, ...]:
     entries = []
     for section in parser.sections():
@@ -146,6 +302,8 @@ def _difusores(parser: configparser.ConfigParser, base: Path) -> tuple[DifusorEn
                 name=parser.get(section, "name", fallback=service_id).strip() or service_id,
                 health_url=url,
                 token=_read_token(_path(parser, section, "token_file", base), section),
+                status_url=_status_url(parser, section, url),
+                **_delivery(parser, section, base),
             )
         )
     return tuple(entries)
@@ -186,6 +344,7 @@ def load_collector(path: Path) -> CollectorConfig:
         history_rows=int(_number(parser, "history_rows", 100_000)),
         refresh_seconds=max(1, int(_number(parser, "refresh_seconds", 10))),
         dashboard_allow=allow,
+        distribute=_distribute(parser, base),
     )
 
 

@@ -1,0 +1,7 @@
+"""``prep-agent distribute``: the institute delivers every signed cut to every difusor.
+
+``local`` checks a cut with the difusores' own core before anything leaves;
+``transport`` is one target's OpenSSH link (pinned host key, multiplexing,
+``sftp -b``); ``scheduler`` runs every target in parallel with retries and
+supersession; ``command`` is the command line's loop (one cut, or ``--watch``).
+"""
