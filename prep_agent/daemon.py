@@ -18,13 +18,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prep_agent.agent.config import Config
-from prep_agent.agent.intake import Pending, Watcher, read_delivery, sequence_hint
+from prep_agent.agent.intake import FileIdentity, Pending, Watcher, read_delivery, sequence_hint
 from prep_agent.agent.journal import Journal
 from prep_agent.agent.lock import LockFile
 from prep_agent.agent.state import Rejected, State, load_state, save_state
 from prep_agent.agent.store import Release, Store
 from prep_agent.core.allowed_signers import parse_allowed_signers
-from prep_agent.core.errors import ConfigError, Error, Rejection, SignatureFormatError
+from prep_agent.core.errors import (
+    SIGNATURE_MALFORMED,
+    SIGNATURE_UNTRUSTED,
+    ConfigError,
+    Error,
+    Rejection,
+    SignatureFormatError,
+)
 from prep_agent.core.verify import Policy, Published, decide
 from prep_agent.shared.clock import Clock, utc_now
 from prep_agent.shared.httpserver import Server
@@ -36,6 +43,10 @@ from prep_agent.web.server import build_app, make_server, write_nginx_snippets
 from prep_agent.web.system import SystemProbe
 
 log = logging.getLogger(__name__)
+
+UNVERIFIED_REASONS = (SIGNATURE_MALFORMED, SIGNATURE_UNTRUSTED)
+"""Failures found before the signature verified: the same signature and manifest
+files give the same verdict until the trust changes."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +179,8 @@ class Agent:
         if stamp == self._trust_stamp:
             return
         self._trust_stamp = stamp
+        if self.pending is not None:
+            self.pending.judged = None  # another trust may give another verdict
         try:
             self.policy = load_policy(self.config)
         except ConfigError as exc:
@@ -177,17 +190,35 @@ class Agent:
 
     def _step(self, settle: bool) -> Outcome:
         decided = self.state.last_decided_signature
-        delivery = read_delivery(self.config.inbox, self.config.limits, decided)
+        judged = self._judged(settle)
+        delivery = read_delivery(self.config.inbox, self.config.limits, decided, judged)
         sig_id = delivery.signature_id
         if sig_id is None or sig_id == decided:
             return Outcome("idle")
         if self.pending is None or self.pending.signature_sha256 != sig_id:
             self._supersede(sig_id)
+        if delivery.unchanged and self.pending is not None and self.pending.verdict:
+            return Outcome("waiting", rejection=self.pending.verdict)
         try:
             manifest_bytes, sig_bytes = delivery.contents()
             return self._accept(manifest_bytes, sig_bytes, sig_id)
         except Rejection as rejection:
+            if self.pending is not None and rejection.reason in UNVERIFIED_REASONS:
+                identity = delivery.manifest_identity
+                self.pending.judged = (sig_id, identity) if identity else None
+                self.pending.verdict = rejection
             return self._refuse(rejection, delivery.manifest, delivery.signature, settle)
+
+    def _judged(self, settle: bool) -> tuple[str, FileIdentity] | None:
+        """The unverified attempt whose verdict still holds while its files are
+        unchanged; None once the cut has settled: the final verdict is always
+        made on a fresh reading."""
+        pending = self.pending
+        if not settle or pending is None or pending.judged is None:
+            return None
+        if pending.settled(time.monotonic(), self.config.settle_timeout):
+            return None
+        return pending.judged
 
     def _supersede(self, sig_id: str) -> None:
         if self.pending is not None:
@@ -327,7 +358,12 @@ class Agent:
             return Outcome("waiting", rejection=rejection)
         sequence = sequence_hint(manifest_bytes)
         folder = self.store.quarantine(
-            rejection, manifest_bytes, sig_bytes, sequence, self.config.keep_quarantine
+            rejection,
+            manifest_bytes,
+            sig_bytes,
+            sequence,
+            self.config.keep_quarantine,
+            self.config.keep_quarantine_bytes,
         )
         now = self.clock().isoformat(timespec="seconds")
         self.state = replace(

@@ -374,10 +374,13 @@ class Store:
         sig_bytes: bytes | None,
         sequence: int | None,
         keep: int,
+        keep_bytes: int,
     ) -> Path:
-        """Keep a rejected cut's manifest, signature and reason (bounded count).
+        """Keep a rejected cut's manifest, signature and reason.
 
-        The folder is named after the store's clock and ``sequence``. Raises ``OSError``.
+        The folder is named after the store's clock and ``sequence``. The oldest
+        entries are dropped while more than ``keep`` or more than ``keep_bytes``
+        in all are kept; the new entry always stays. Raises ``OSError``.
         """
         stamp = self.clock().astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
         folder = self.quarantine_dir / f"{stamp}-{sequence if sequence is not None else 'unknown'}"
@@ -388,7 +391,21 @@ class Store:
             (folder / "prep-manifest.json").write_bytes(manifest_bytes)
         if sig_bytes is not None:
             (folder / "prep-manifest.json.sig").write_bytes(sig_bytes)
-        entries = sorted(self.quarantine_dir.iterdir())
-        for old in entries[: max(0, len(entries) - keep)]:
+        older = sorted(p for p in self.quarantine_dir.iterdir() if p != folder)
+        sizes = [_tree_bytes(p) for p in older]
+        count, total = len(older) + 1, sum(sizes) + _tree_bytes(folder)
+        for old, size in zip(older, sizes):
+            if count <= keep and total <= keep_bytes:
+                break
             remove_tree(old)
+            count, total = count - 1, total - size
         return folder
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the regular files under ``path`` (a quarantine entry)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
