@@ -119,6 +119,7 @@ class Agent:
         self.system = SystemProbe(config.root)
         self.pusher: Pusher | None = None
         self._running = False
+        self._failing: tuple[int, str | None] = (0, None)
         self.store.ensure_layout()
         self.state = self._reconcile(load_state(self.layout.state_file))
         install_static(config)
@@ -270,6 +271,7 @@ class Agent:
         current = self.store.current()
         watcher = self._watcher
         alive = self._running and (watcher is None or watcher.alive())
+        failing = self._failing
         return Snapshot(
             now=self.clock(),
             service_id=self.config.service_id,
@@ -284,6 +286,8 @@ class Agent:
             last_report_age=self.pusher.last_accepted_age() if self.pusher else None,
             push_configured=bool(self.config.push_urls),
             system=self.system.read() if full else None,
+            failed_steps=failing[0],
+            last_error=failing[1],
         )
 
     def _notify_push(self) -> None:
@@ -427,13 +431,20 @@ class Agent:
 
     def _safe_step(self) -> Outcome:
         """``step()`` for the daemon: a failure of ours (disk full, I/O error) is
-        journaled and retried on the next rescan; the published cut stays."""
+        journaled and retried on the next rescan; the published cut stays. Failures
+        in a row are counted for health (``agent:publication``)."""
         try:
-            return self.step()
+            outcome = self.step()
         except (OSError, Error) as exc:
             log.error("publication failed: %s", exc, exc_info=True)
-            self.journal.write("agent-error", detail=str(exc))
+            detail = " ".join(str(exc).split())
+            self.journal.write("agent-error", detail=detail)
+            self._failing = (self._failing[0] + 1, detail)
             return Outcome("error")
+        if self._failing[0]:
+            self.journal.write("agent-recovered", failed_steps=self._failing[0])
+            self._failing = (0, None)
+        return outcome
 
     def stop(self) -> None:
         """Ask ``run`` to return (thread- and signal-safe)."""
