@@ -18,10 +18,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prep_agent.agent.config import Config
+from prep_agent.agent.floor import JournalFloor, checked_state
 from prep_agent.agent.intake import FileIdentity, Pending, Watcher, read_delivery, sequence_hint
 from prep_agent.agent.journal import Journal
 from prep_agent.agent.lock import LockFile
-from prep_agent.agent.state import Rejected, State, load_state, save_state
+from prep_agent.agent.state import Rejected, State, save_state
 from prep_agent.agent.store import Release, Store
 from prep_agent.core.allowed_signers import parse_allowed_signers
 from prep_agent.core.errors import (
@@ -61,7 +62,7 @@ class Outcome:
 
 def published_view(store: Store, state: State) -> Published:
     """What is published (from ``current``) and the rollback floor (from the state,
-    raised to ``current`` if a crash lost the state write after a swap)."""
+    as ``floor.checked_state`` raised it, and never below ``current``)."""
     current = store.current()
     sequence = current.manifest.sequence if current else None
     return Published(
@@ -111,6 +112,7 @@ class Agent:
         self._trust_stamp = _file_stamp(config.trust)
         self.store = Store(self.layout, config.limits, clock)
         self.journal = Journal(self.layout.journal_file, clock)
+        self.journal_floor = JournalFloor(self.layout.journal_file)
         self.pending: Pending | None = None
         self.stop_event = threading.Event()
         self._watcher: Watcher | None = None
@@ -121,21 +123,25 @@ class Agent:
         self._running = False
         self._failing: tuple[int, str | None] = (0, None)
         self.store.ensure_layout()
-        self.state = self._reconcile(load_state(self.layout.state_file))
+        if not self.store.release_names() and not self.layout.state_file.exists():
+            # From the first release on, a missing state file means it was lost.
+            save_state(self.layout.state_file, State())
+        self.state = self._load_state()
         install_static(config)
         write_nginx_snippets(config)
         self.shown = self.store.current_name()
         write_public(config, self.store.current(), clock())
 
-    def _reconcile(self, state: State) -> State:
-        """After a crash between swap and state write, the release wins (§5)."""
-        current = self.store.current()
-        if current is not None and current.manifest.sequence > state.highest_sequence:
-            state = replace(
-                state,
-                highest_sequence=current.manifest.sequence,
-                highest_manifest_sha256=current.manifest_sha256,
-            )
+    def _load_state(self) -> State:
+        """Read the state; if ``current`` or the journal shows a higher floor (a crash
+        between swap and state write, §5; a state file older than the journal),
+        raise it and write it.
+
+        Raises ``Error`` (with the recovery command) if releases exist and the
+        state file is missing or unreadable, ``OSError``.
+        """
+        state, raised = checked_state(self.layout.state_file, self.store, self.journal_floor)
+        if raised:
             save_state(self.layout.state_file, state)
         return state
 
@@ -150,7 +156,7 @@ class Agent:
         reset-sequence) never interleave with a publication.
         """
         with LockFile(self.layout.publish_lock_file, blocking=True):
-            self.state = self._reconcile(load_state(self.layout.state_file))
+            self.state = self._load_state()
             self._refresh_policy()
             self._refresh_public()
             return self._step(settle)
