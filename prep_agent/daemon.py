@@ -209,7 +209,8 @@ class Agent:
         try:
             manifest_bytes, sig_bytes = delivery.contents()
             return self._accept(manifest_bytes, sig_bytes, sig_id)
-        except Rejection as rejection:
+        except Rejection as raised:
+            rejection = _verdict(raised)
             if self.pending is not None and rejection.reason in UNVERIFIED_REASONS:
                 identity = delivery.manifest_identity
                 self.pending.judged = (sig_id, identity) if identity else None
@@ -457,6 +458,15 @@ class Agent:
         self.stop_event.set()
         if self._watcher is not None:
             self._watcher.wake.set()
+
+
+def _verdict(rejection: Rejection) -> Rejection:
+    """``rejection`` without its traceback and context, to be kept as a verdict (the
+    pending cut, the step's outcome): its frames hold the manifest bytes and, through
+    ``_safe_step``'s frame, the outcome that holds it: a cycle that only the cyclic
+    garbage collector frees, 32 MiB at a time."""
+    rejection.__context__ = None
+    return rejection.with_traceback(None)
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int, int]:
