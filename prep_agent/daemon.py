@@ -8,6 +8,7 @@ events and periodic rescans until stopped.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -33,7 +34,7 @@ from prep_agent.core.errors import (
     Rejection,
     SignatureFormatError,
 )
-from prep_agent.core.verify import Policy, Published, decide
+from prep_agent.core.verify import Decision, Policy, Published, decide
 from prep_agent.shared.clock import Clock, utc_now
 from prep_agent.shared.httpserver import Server
 from prep_agent.shared.notify import sd_notify
@@ -187,7 +188,7 @@ class Agent:
             return
         self._trust_stamp = stamp
         if self.pending is not None:
-            self.pending.judged = None  # another trust may give another verdict
+            self.pending.judged = self.pending.decided = None  # the trust decides anew
         try:
             self.policy = load_policy(self.config)
         except ConfigError as exc:
@@ -234,9 +235,25 @@ class Agent:
         self.pending = Pending(sig_id, time.monotonic())
         self.journal.write("cut-seen", signature_sha256=sig_id)
 
+    def _decide(self, manifest_bytes: bytes, sig_bytes: bytes) -> Decision:
+        """``decide``, or the settling cut's last decision if its manifest bytes and
+        what is published are the same (and the trust was not reloaded since): a cut
+        waiting for its files is not verified and parsed again at every retry."""
+        pending = self.pending
+        published = self.published()
+        if pending is not None and pending.decided is not None:
+            before, decision = pending.decided
+            digest = hashlib.sha256(manifest_bytes).hexdigest()
+            if before == published and decision.manifest_sha256 == digest:
+                return decision
+        decision = decide(manifest_bytes, sig_bytes, self.policy, published, self.clock())
+        if pending is not None:
+            pending.decided = (published, decision)
+        return decision
+
     def _accept(self, manifest_bytes: bytes, sig_bytes: bytes, sig_id: str) -> Outcome:
         started = time.monotonic()
-        decision = decide(manifest_bytes, sig_bytes, self.policy, self.published(), self.clock())
+        decision = self._decide(manifest_bytes, sig_bytes)
         manifest = decision.manifest
         if decision.already_published:
             self.journal.write("cut-replay", sequence=manifest.sequence)

@@ -35,7 +35,7 @@ from prep_agent.core.errors import (
     Rejection,
 )
 from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Limits
-from prep_agent.core.verify import MAX_SIGNATURE_BYTES
+from prep_agent.core.verify import MAX_SIGNATURE_BYTES, Decision, Published
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +312,9 @@ class Pending:
     ``judged`` is the (signature, manifest) identity of its last attempt when
     that attempt failed before the signature verified, and ``verdict`` that
     failure: while neither file changes the manifest is not read again.
+    ``decided`` is the decision of its last attempt whose signature verified and
+    what was published then: while the manifest bytes and both stay the same, the
+    cut (still waiting for its files) is not verified and parsed again.
     """
 
     signature_sha256: str
@@ -319,6 +322,7 @@ class Pending:
     last_reason: str = ""
     judged: tuple[str, FileIdentity] | None = None
     verdict: Rejection | None = None
+    decided: tuple[Published, Decision] | None = None
 
     def settled(self, now: float, settle_timeout: float) -> bool:
         """True once the cut has had ``settle_timeout`` seconds to arrive."""
