@@ -267,6 +267,7 @@ class Agent:
             self.config.inbox,
             self.config.stamp_check,
             self._warn_stamp,
+            decision.manifest_sha256,
         )
         built = time.monotonic()
         self.store.swap(release.name)

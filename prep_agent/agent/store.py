@@ -294,14 +294,16 @@ class Store:
         inbox: Path,
         stamp_mode: str,
         warn: Callable[[str], None],
+        digest: str | None = None,
     ) -> tuple[Release, int]:
         """Build a verified release; return it and the number of bytes copied.
 
         Files already held by a retained release are hard-linked from it (never
         from the drop folder); others are copied from the inbox while hashed.
-        Raises ``Rejection``; nothing is left in ``releases/`` on failure.
+        ``digest`` is the manifest's SHA-256 if the caller has it. Raises
+        ``Rejection``; nothing is left in ``releases/`` on failure.
         """
-        digest = hashlib.sha256(manifest_bytes).hexdigest()
+        digest = digest or hashlib.sha256(manifest_bytes).hexdigest()
         name = release_name(manifest, digest)
         final = self.releases / name
         if final.exists():
