@@ -32,8 +32,8 @@ CHUNK = 1024 * 1024
 """Copy buffer: memory per copied file stays at this, whatever its size."""
 CACHED_RELEASES = 2
 """Parsed releases kept in memory at most: ``current`` and the one being built (only
-``current`` once it is swapped in). A manifest of 200,000 files takes ~130 MiB parsed;
-the reuse index keeps one entry per distinct file, not a parsed manifest per release."""
+``current`` once it is swapped in). A parsed manifest of 200,000 files takes ~63 MiB
+(benchmarks/RESULTS.md); the reuse index keeps one entry per distinct file instead."""
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
