@@ -8,6 +8,7 @@ events and periodic rescans until stopped.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -18,14 +19,22 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prep_agent.agent.config import Config
-from prep_agent.agent.intake import Pending, Watcher, read_delivery, sequence_hint
+from prep_agent.agent.floor import JournalFloor, checked_state
+from prep_agent.agent.intake import FileIdentity, Pending, Watcher, read_delivery, sequence_hint
 from prep_agent.agent.journal import Journal
 from prep_agent.agent.lock import LockFile
-from prep_agent.agent.state import Rejected, State, load_state, save_state
+from prep_agent.agent.state import Rejected, State, save_state
 from prep_agent.agent.store import Release, Store
 from prep_agent.core.allowed_signers import parse_allowed_signers
-from prep_agent.core.errors import ConfigError, Error, Rejection, SignatureFormatError
-from prep_agent.core.verify import Policy, Published, decide
+from prep_agent.core.errors import (
+    SIGNATURE_MALFORMED,
+    SIGNATURE_UNTRUSTED,
+    ConfigError,
+    Error,
+    Rejection,
+    SignatureFormatError,
+)
+from prep_agent.core.verify import Decision, Policy, Published, decide
 from prep_agent.shared.clock import Clock, utc_now
 from prep_agent.shared.httpserver import Server
 from prep_agent.shared.notify import sd_notify
@@ -36,6 +45,10 @@ from prep_agent.web.server import build_app, make_server, write_nginx_snippets
 from prep_agent.web.system import SystemProbe
 
 log = logging.getLogger(__name__)
+
+UNVERIFIED_REASONS = (SIGNATURE_MALFORMED, SIGNATURE_UNTRUSTED)
+"""Failures found before the signature verified: the same signature and manifest
+files give the same verdict until the trust changes."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +63,7 @@ class Outcome:
 
 def published_view(store: Store, state: State) -> Published:
     """What is published (from ``current``) and the rollback floor (from the state,
-    raised to ``current`` if a crash lost the state write after a swap)."""
+    as ``floor.checked_state`` raised it, and never below ``current``)."""
     current = store.current()
     sequence = current.manifest.sequence if current else None
     return Published(
@@ -100,6 +113,7 @@ class Agent:
         self._trust_stamp = _file_stamp(config.trust)
         self.store = Store(self.layout, config.limits, clock)
         self.journal = Journal(self.layout.journal_file, clock)
+        self.journal_floor = JournalFloor(self.layout.journal_file)
         self.pending: Pending | None = None
         self.stop_event = threading.Event()
         self._watcher: Watcher | None = None
@@ -108,22 +122,27 @@ class Agent:
         self.system = SystemProbe(config.root)
         self.pusher: Pusher | None = None
         self._running = False
+        self._failing: tuple[int, str | None] = (0, None)
         self.store.ensure_layout()
-        self.state = self._reconcile(load_state(self.layout.state_file))
+        if not self.store.release_names() and not self.layout.state_file.exists():
+            # From the first release on, a missing state file means it was lost.
+            save_state(self.layout.state_file, State())
+        self.state = self._load_state()
         install_static(config)
         write_nginx_snippets(config)
         self.shown = self.store.current_name()
         write_public(config, self.store.current(), clock())
 
-    def _reconcile(self, state: State) -> State:
-        """After a crash between swap and state write, the release wins (§5)."""
-        current = self.store.current()
-        if current is not None and current.manifest.sequence > state.highest_sequence:
-            state = replace(
-                state,
-                highest_sequence=current.manifest.sequence,
-                highest_manifest_sha256=current.manifest_sha256,
-            )
+    def _load_state(self) -> State:
+        """Read the state; if ``current`` or the journal shows a higher floor (a crash
+        between swap and state write, §5; a state file older than the journal),
+        raise it and write it.
+
+        Raises ``Error`` (with the recovery command) if releases exist and the
+        state file is missing or unreadable, ``OSError``.
+        """
+        state, raised = checked_state(self.layout.state_file, self.store, self.journal_floor)
+        if raised:
             save_state(self.layout.state_file, state)
         return state
 
@@ -138,7 +157,7 @@ class Agent:
         reset-sequence) never interleave with a publication.
         """
         with LockFile(self.layout.publish_lock_file, blocking=True):
-            self.state = self._reconcile(load_state(self.layout.state_file))
+            self.state = self._load_state()
             self._refresh_policy()
             self._refresh_public()
             return self._step(settle)
@@ -168,6 +187,8 @@ class Agent:
         if stamp == self._trust_stamp:
             return
         self._trust_stamp = stamp
+        if self.pending is not None:
+            self.pending.judged = self.pending.decided = None  # the trust decides anew
         try:
             self.policy = load_policy(self.config)
         except ConfigError as exc:
@@ -177,17 +198,36 @@ class Agent:
 
     def _step(self, settle: bool) -> Outcome:
         decided = self.state.last_decided_signature
-        delivery = read_delivery(self.config.inbox, self.config.limits, decided)
+        judged = self._judged(settle)
+        delivery = read_delivery(self.config.inbox, self.config.limits, decided, judged)
         sig_id = delivery.signature_id
         if sig_id is None or sig_id == decided:
             return Outcome("idle")
         if self.pending is None or self.pending.signature_sha256 != sig_id:
             self._supersede(sig_id)
+        if delivery.unchanged and self.pending is not None and self.pending.verdict:
+            return Outcome("waiting", rejection=self.pending.verdict)
         try:
             manifest_bytes, sig_bytes = delivery.contents()
             return self._accept(manifest_bytes, sig_bytes, sig_id)
-        except Rejection as rejection:
+        except Rejection as raised:
+            rejection = _verdict(raised)
+            if self.pending is not None and rejection.reason in UNVERIFIED_REASONS:
+                identity = delivery.manifest_identity
+                self.pending.judged = (sig_id, identity) if identity else None
+                self.pending.verdict = rejection
             return self._refuse(rejection, delivery.manifest, delivery.signature, settle)
+
+    def _judged(self, settle: bool) -> tuple[str, FileIdentity] | None:
+        """The unverified attempt whose verdict still holds while its files are
+        unchanged; None once the cut has settled: the final verdict is always
+        made on a fresh reading."""
+        pending = self.pending
+        if not settle or pending is None or pending.judged is None:
+            return None
+        if pending.settled(time.monotonic(), self.config.settle_timeout):
+            return None
+        return pending.judged
 
     def _supersede(self, sig_id: str) -> None:
         if self.pending is not None:
@@ -195,9 +235,25 @@ class Agent:
         self.pending = Pending(sig_id, time.monotonic())
         self.journal.write("cut-seen", signature_sha256=sig_id)
 
+    def _decide(self, manifest_bytes: bytes, sig_bytes: bytes) -> Decision:
+        """``decide``, or the settling cut's last decision if its manifest bytes and
+        what is published are the same (and the trust was not reloaded since): a cut
+        waiting for its files is not verified and parsed again at every retry."""
+        pending = self.pending
+        published = self.published()
+        if pending is not None and pending.decided is not None:
+            before, decision = pending.decided
+            digest = hashlib.sha256(manifest_bytes).hexdigest()
+            if before == published and decision.manifest_sha256 == digest:
+                return decision
+        decision = decide(manifest_bytes, sig_bytes, self.policy, published, self.clock())
+        if pending is not None:
+            pending.decided = (published, decision)
+        return decision
+
     def _accept(self, manifest_bytes: bytes, sig_bytes: bytes, sig_id: str) -> Outcome:
         started = time.monotonic()
-        decision = decide(manifest_bytes, sig_bytes, self.policy, self.published(), self.clock())
+        decision = self._decide(manifest_bytes, sig_bytes)
         manifest = decision.manifest
         if decision.already_published:
             self.journal.write("cut-replay", sequence=manifest.sequence)
@@ -211,6 +267,7 @@ class Agent:
             self.config.inbox,
             self.config.stamp_check,
             self._warn_stamp,
+            decision.manifest_sha256,
         )
         built = time.monotonic()
         self.store.swap(release.name)
@@ -239,6 +296,7 @@ class Agent:
         current = self.store.current()
         watcher = self._watcher
         alive = self._running and (watcher is None or watcher.alive())
+        failing = self._failing
         return Snapshot(
             now=self.clock(),
             service_id=self.config.service_id,
@@ -253,6 +311,8 @@ class Agent:
             last_report_age=self.pusher.last_accepted_age() if self.pusher else None,
             push_configured=bool(self.config.push_urls),
             system=self.system.read() if full else None,
+            failed_steps=failing[0],
+            last_error=failing[1],
         )
 
     def _notify_push(self) -> None:
@@ -327,7 +387,12 @@ class Agent:
             return Outcome("waiting", rejection=rejection)
         sequence = sequence_hint(manifest_bytes)
         folder = self.store.quarantine(
-            rejection, manifest_bytes, sig_bytes, sequence, self.config.keep_quarantine
+            rejection,
+            manifest_bytes,
+            sig_bytes,
+            sequence,
+            self.config.keep_quarantine,
+            self.config.keep_quarantine_bytes,
         )
         now = self.clock().isoformat(timespec="seconds")
         self.state = replace(
@@ -395,19 +460,35 @@ class Agent:
 
     def _safe_step(self) -> Outcome:
         """``step()`` for the daemon: a failure of ours (disk full, I/O error) is
-        journaled and retried on the next rescan; the published cut stays."""
+        journaled and retried on the next rescan; the published cut stays. Failures
+        in a row are counted for health (``agent:publication``)."""
         try:
-            return self.step()
+            outcome = self.step()
         except (OSError, Error) as exc:
             log.error("publication failed: %s", exc, exc_info=True)
-            self.journal.write("agent-error", detail=str(exc))
+            detail = " ".join(str(exc).split())
+            self.journal.write("agent-error", detail=detail)
+            self._failing = (self._failing[0] + 1, detail)
             return Outcome("error")
+        if self._failing[0]:
+            self.journal.write("agent-recovered", failed_steps=self._failing[0])
+            self._failing = (0, None)
+        return outcome
 
     def stop(self) -> None:
         """Ask ``run`` to return (thread- and signal-safe)."""
         self.stop_event.set()
         if self._watcher is not None:
             self._watcher.wake.set()
+
+
+def _verdict(rejection: Rejection) -> Rejection:
+    """``rejection`` without its traceback and context, to be kept as a verdict (the
+    pending cut, the step's outcome): its frames hold the manifest bytes and, through
+    ``_safe_step``'s frame, the outcome that holds it: a cycle that only the cyclic
+    garbage collector frees, 32 MiB at a time."""
+    rejection.__context__ = None
+    return rejection.with_traceback(None)
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int, int]:

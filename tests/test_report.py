@@ -236,11 +236,16 @@ def test_chromium_is_installed() -> None:
 
 
 @pytest.mark.core
-def test_a_lost_inbox_watch_is_an_incident() -> None:
+def test_a_lost_watch_and_a_recovery_are_incidents() -> None:
     s = rk.ELECTION_START
     events = [
         {"time": (s + timedelta(minutes=m)).astimezone(UTC).isoformat(), "event": name}
-        for m, name in ((1, "watcher-lost"), (2, "watcher-rearmed"), (3, "cut-seen"))
+        for m, name in (
+            (1, "watcher-lost"),
+            (2, "watcher-rearmed"),
+            (3, "cut-seen"),
+            (4, "agent-recovered"),
+        )
     ]
     inc = read_incidents(events, OP)
-    assert [o["event"] for o in inc.other] == ["watcher-lost", "watcher-rearmed"]
+    assert [o["event"] for o in inc.other] == ["watcher-lost", "watcher-rearmed", "agent-recovered"]

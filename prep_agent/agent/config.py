@@ -53,6 +53,7 @@ class Config:
     keep_releases: int = 10
     keep_replaced_seconds: float = 60.0
     keep_quarantine: int = 50
+    keep_quarantine_bytes: int = 256 * 1024**2
     stale_periods: int = 3
     stamp_check: str = "reject"
     limits: Limits = field(default_factory=Limits)
@@ -147,9 +148,11 @@ rescan_interval = 5
 settle_timeout = 120
 # Seconds the institute's clock may be ahead of ours.
 max_clock_skew = 300
-# Releases kept for rollback, and rejected cuts kept in quarantine.
+# Releases kept for rollback, and rejected cuts kept in quarantine (at most
+# keep_quarantine of them and keep_quarantine_bytes in all; the oldest go first).
 keep_releases = 10
 keep_quarantine = 50
+keep_quarantine_bytes = 268435456
 # Seconds a replaced release is kept even beyond keep_releases: pages, caches and
 # nginx (1 s) may still be loading the cut a status.json named a moment ago.
 keep_replaced_seconds = 60
@@ -290,6 +293,7 @@ def load(path: Path) -> Config:
         keep_releases=_positive(parser, "agent", "keep_releases", 10),
         keep_replaced_seconds=_seconds(parser, "keep_replaced_seconds", 60.0),
         keep_quarantine=_positive(parser, "agent", "keep_quarantine", 50),
+        keep_quarantine_bytes=_positive(parser, "agent", "keep_quarantine_bytes", 256 * 1024**2),
         stale_periods=_positive(parser, "agent", "stale_periods", 3),
         stamp_check=stamp,
         limits=_limits(parser),

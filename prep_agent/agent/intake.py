@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -36,9 +37,21 @@ from prep_agent.core.errors import (
     Rejection,
 )
 from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Limits
-from prep_agent.core.verify import MAX_SIGNATURE_BYTES
+from prep_agent.core.verify import MAX_SIGNATURE_BYTES, Decision, Published
 
 log = logging.getLogger(__name__)
+
+HINT_BYTES = 64 * 1024
+"""``sequence_hint`` looks at no more than this head of a rejected manifest: its
+bytes are not trusted, and parsing 32 MiB of hostile JSON takes ~900 MB."""
+STABLE_SECONDS = 1.0
+"""A manifest changed less than this long before it was looked at has no identity
+(``FileIdentity``): a rewrite within one tick of the file system's clock would not
+change its times, so it is read again on the next attempt."""
+
+FileIdentity = tuple[int, int, int, int, int]
+"""Device, inode, size, mtime and ctime (ns) of a file: what any rewrite changes."""
+_SEQUENCE_RE = re.compile(rb'(?<!\\)"sequence"\s*:\s*(\d{1,16})(?![\d.eE])')
 
 
 def open_in_inbox(inbox: Path, relpath: str) -> int:
@@ -94,9 +107,10 @@ def precheck_inbox(inbox: Path, files: list[FileEntry]) -> None:
 
     Raises a transient ``Rejection`` so a cut still uploading costs stats, not hashing.
     """
+    base = str(inbox)
     for entry in files:
         try:
-            st = os.lstat(inbox / entry.path)
+            st = os.lstat(f"{base}/{entry.path}")  # no Path per file: 200,000 of them
         except (FileNotFoundError, NotADirectoryError):
             raise Rejection(INCOMPLETE, f"{entry.path!r} is missing", transient=True) from None
         if not stat.S_ISREG(st.st_mode):
@@ -109,6 +123,14 @@ def precheck_inbox(inbox: Path, files: list[FileEntry]) -> None:
             )
 
 
+def file_identity(st: os.stat_result, now: float) -> FileIdentity | None:
+    """The identity of a file from its ``stat``, or None if it changed less than
+    ``STABLE_SECONDS`` before ``now`` (wall-clock seconds)."""
+    if now - st.st_ctime_ns / 1e9 < STABLE_SECONDS:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 @dataclass(frozen=True)
 class Delivery:
     """The signature and manifest of the drop folder, as read at one instant.
@@ -116,13 +138,17 @@ class Delivery:
     ``signature_id`` is None when there is no signature file: nothing was
     delivered. ``problem`` is the rejection that reading the delivery gave (a
     file missing, not a regular file or too large); then the bytes that could
-    not be read are None.
+    not be read are None. ``manifest_identity`` is the manifest file's identity
+    when it was opened (None if it just changed); ``unchanged`` says the manifest
+    was not read because it is the one the caller already judged.
     """
 
     signature_id: str | None
     signature: bytes | None
     manifest: bytes | None
     problem: Rejection | None
+    manifest_identity: FileIdentity | None = None
+    unchanged: bool = False
 
     def contents(self) -> tuple[bytes, bytes]:
         """The manifest and signature bytes.
@@ -137,17 +163,24 @@ class Delivery:
         return self.manifest, self.signature
 
 
-def read_delivery(inbox: Path, limits: Limits, decided: str | None = None) -> Delivery:
+def read_delivery(
+    inbox: Path,
+    limits: Limits,
+    decided: str | None = None,
+    judged: tuple[str, FileIdentity] | None = None,
+) -> Delivery:
     """Read the signature, then the manifest it signs, from the drop folder.
 
     The one reading of a delivery that the daemon and ``prep-agent verify``
     share, so that both give a cut the same reason. The manifest is not read
-    when the signature cannot be, nor when the signature's identity equals
-    ``decided`` (a cut already judged). A missing manifest beside its
-    signature is INCOMPLETE (transient), like any other missing file: the
-    signature is uploaded last (§1.2), so the delivery is still arriving or
-    was left unfinished (§1.3, §4.5). The delivery's own faults are returned
-    in ``problem``, not raised; raises ``OSError`` if the drop folder itself
+    when the signature cannot be, when the signature's identity equals
+    ``decided`` (a cut already judged), nor when the signature's identity and
+    the manifest file's identity equal ``judged`` (``unchanged``: the same files
+    give the same verdict). A missing manifest beside its signature is
+    INCOMPLETE (transient), like any other missing file: the signature is
+    uploaded last (§1.2), so the delivery is still arriving or was left
+    unfinished (§1.3, §4.5). The delivery's own faults are returned in
+    ``problem``, not raised; raises ``OSError`` if the drop folder itself
     cannot be opened.
     """
     path = inbox / SIGNATURE_NAME
@@ -158,11 +191,20 @@ def read_delivery(inbox: Path, limits: Limits, decided: str | None = None) -> De
     sig_id = signature_id(path, signature)
     if decided is not None and sig_id == decided:
         return Delivery(sig_id, signature, None, None)
+    limit = limits.max_manifest_bytes
     try:
-        manifest = read_inbox_file(inbox, MANIFEST_NAME, limits.max_manifest_bytes)
+        fd = open_in_inbox(inbox, MANIFEST_NAME)
     except Rejection as exc:
         return Delivery(sig_id, signature, None, exc)
-    return Delivery(sig_id, signature, manifest, None)
+    with os.fdopen(fd, "rb") as fh:
+        identity = file_identity(os.fstat(fd), time.time())
+        if identity is not None and judged == (sig_id, identity):
+            return Delivery(sig_id, signature, None, None, identity, unchanged=True)
+        manifest = fh.read(limit + 1)
+    if len(manifest) > limit:
+        problem = Rejection(LIMIT_EXCEEDED, f"{MANIFEST_NAME} is larger than {limit} bytes")
+        return Delivery(sig_id, signature, None, problem, identity)
+    return Delivery(sig_id, signature, manifest, None, identity)
 
 
 def signature_id(path: Path, data: bytes | None) -> str | None:
@@ -183,9 +225,17 @@ def signature_id(path: Path, data: bytes | None) -> str | None:
 
 
 def sequence_hint(manifest_bytes: bytes | None) -> int | None:
-    """Best-effort sequence of a rejected manifest, for the record only."""
+    """Best-effort sequence of a rejected manifest, for the record only.
+
+    The bytes are not trusted: a manifest of at most ``HINT_BYTES`` is parsed,
+    a larger one is only searched, in its first ``HINT_BYTES``, for a
+    ``"sequence": N`` member; nothing beyond that head is looked at.
+    """
     if not manifest_bytes:
         return None
+    if len(manifest_bytes) > HINT_BYTES:
+        found = _SEQUENCE_RE.search(manifest_bytes, 0, HINT_BYTES)
+        return int(found.group(1)) if found else None
     try:
         value = json.loads(manifest_bytes).get("sequence")
     except (ValueError, AttributeError, RecursionError):
@@ -372,11 +422,22 @@ class Watcher:
 
 @dataclass
 class Pending:
-    """A signature seen in the drop folder whose cut is not yet decided."""
+    """A signature seen in the drop folder whose cut is not yet decided.
+
+    ``judged`` is the (signature, manifest) identity of its last attempt when
+    that attempt failed before the signature verified, and ``verdict`` that
+    failure: while neither file changes the manifest is not read again.
+    ``decided`` is the decision of its last attempt whose signature verified and
+    what was published then: while the manifest bytes and both stay the same, the
+    cut (still waiting for its files) is not verified and parsed again.
+    """
 
     signature_sha256: str
     first_seen: float
     last_reason: str = ""
+    judged: tuple[str, FileIdentity] | None = None
+    verdict: Rejection | None = None
+    decided: tuple[Published, Decision] | None = None
 
     def settled(self, now: float, settle_timeout: float) -> bool:
         """True once the cut has had ``settle_timeout`` seconds to arrive."""

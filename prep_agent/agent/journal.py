@@ -29,8 +29,12 @@ class Journal:
         self.path = path
         self.clock = clock
 
-    def write(self, event: str, **fields: Any) -> dict[str, Any]:
-        """Append one event and return it as written."""
+    def write(self, event: str, strict: bool = False, **fields: Any) -> dict[str, Any]:
+        """Append one event and return it as written.
+
+        With ``strict`` (operator actions: the journal is the rollback floor's
+        second witness) raises ``OSError`` instead of logging a failed write.
+        """
         record = {"time": self.clock().isoformat(timespec="milliseconds")}
         record["event"] = event
         record.update(fields)
@@ -43,6 +47,8 @@ class Journal:
             finally:
                 os.close(fd)
         except OSError as exc:
+            if strict:
+                raise
             # Losing a journal line (disk full) must never stop publication.
             log.error("journal %s not written (%s): %s", self.path, exc.strerror, line.strip())
         log.info("%s %s", event, json.dumps(fields, ensure_ascii=False))

@@ -36,14 +36,17 @@ class State:
     last_decided_signature: str | None = None
 
 
-def load_state(path: Path) -> State:
-    """Read the state file; a missing file is the empty state.
+def load_state(path: Path, missing_ok: bool = True) -> State:
+    """Read the state file; a missing file is the empty state if ``missing_ok``.
 
-    Raises ``Error`` if the file exists but is unreadable or corrupt.
+    Raises ``Error`` if the file exists but is unreadable or corrupt, or is
+    missing and not ``missing_ok``.
     """
     try:
         raw: Any = json.loads(path.read_bytes())
     except FileNotFoundError:
+        if not missing_ok:
+            raise Error(f"state file {path} is missing") from None
         return State()
     except (OSError, ValueError) as exc:
         raise Error(f"state file {path} is unreadable: {exc}") from None

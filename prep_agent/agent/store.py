@@ -11,11 +11,14 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timezone
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 from prep_agent.agent.intake import open_in_inbox, precheck_inbox
 from prep_agent.agent.layout import Layout
@@ -27,6 +30,10 @@ from prep_agent.shared.fsutil import fsync_dir
 
 CHUNK = 1024 * 1024
 """Copy buffer: memory per copied file stays at this, whatever its size."""
+CACHED_RELEASES = 2
+"""Parsed releases kept in memory at most: ``current`` and the one being built (only
+``current`` once it is swapped in). A parsed manifest of 200,000 files takes ~63 MiB
+(benchmarks/RESULTS.md); the reuse index keeps one entry per distinct file instead."""
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -136,9 +143,22 @@ def check_stamps(
             _check_one_stamp(fh, entry, manifest, mode, warn)
 
 
-def _index_release(index: dict[tuple[str, int], tuple[str, str]], release: Release) -> None:
-    for entry in release.manifest.files:
-        index[(entry.sha256, entry.size)] = (release.name, entry.path)
+def _index_files(
+    index: dict[tuple[str, int], tuple[str, str]],
+    name: str,
+    files: Iterator[tuple[str, int, str]],
+    newest: bool,
+) -> None:
+    """Add a release's files to a reuse index. The ``newest`` release wins over every
+    one indexed before, and the index then keeps its strings (shared with its parsed
+    manifest); an older one only fills in what newer releases do not hold."""
+    for sha256, size, path in files:
+        key = (sha256, size)
+        if newest:
+            index.pop(key, None)
+        elif key in index:
+            continue
+        index[key] = (name, path)
 
 
 class Store:
@@ -153,7 +173,8 @@ class Store:
         self.staging = layout.staging
         self.quarantine_dir = layout.quarantine
         self.current_link = layout.current
-        self._cache: dict[str, Release] = {}
+        self._cache: OrderedDict[str, Release] = OrderedDict()
+        self._cache_lock = threading.Lock()  # health reads current() from web threads
         self._index: dict[tuple[str, int], tuple[str, str]] | None = None
 
     def ensure_layout(self) -> None:
@@ -181,22 +202,58 @@ class Store:
         return sorted(p.name for p in self.releases.iterdir() if not p.name.startswith("."))
 
     def load_release(self, name: str) -> Release:
-        """Read a release's manifest from its ``.well-known`` copy (cached).
+        """Read a release's manifest from its ``.well-known`` copy (the last
+        ``CACHED_RELEASES`` read or built are kept).
 
         Raises ``Error`` if the release is damaged.
         """
-        cached = self._cache.get(name)
-        if cached is not None:
-            return cached
+        with self._cache_lock:
+            cached = self._cache.get(name)
+            if cached is not None:
+                self._cache.move_to_end(name)
+                return cached
         path = self.releases / name
         try:
-            data = (path / WELL_KNOWN / "manifest.json").read_bytes()
+            data = self._manifest_bytes(name)
             manifest = parse_manifest(data, self.limits)
-        except (OSError, Rejection) as exc:
+        except Rejection as exc:
             raise Error(f"release {name} is damaged: {exc}") from None
         release = Release(name, path, manifest, hashlib.sha256(data).hexdigest())
-        self._cache[name] = release
+        self._remember(release)
         return release
+
+    def _remember(self, release: Release) -> None:
+        with self._cache_lock:
+            self._cache[release.name] = release
+            self._cache.move_to_end(release.name)
+            while len(self._cache) > CACHED_RELEASES:
+                self._cache.popitem(last=False)
+
+    def _forget_all_but(self, name: str) -> None:
+        with self._cache_lock:
+            for other in [n for n in self._cache if n != name]:
+                del self._cache[other]
+
+    def _manifest_bytes(self, name: str) -> bytes:
+        try:
+            return (self.releases / name / WELL_KNOWN / "manifest.json").read_bytes()
+        except OSError as exc:
+            raise Error(f"release {name} is damaged: {exc}") from None
+
+    def _release_files(self, name: str) -> Iterator[tuple[str, int, str]]:
+        """(SHA-256, size, path) of every file of a retained release, from the parsed
+        release if cached, else from its manifest's JSON (the agent's own verified
+        copy: not validated again, and not kept). Raises ``Error`` if damaged."""
+        with self._cache_lock:
+            cached = self._cache.get(name)
+        if cached is not None:
+            return ((f.sha256, f.size, f.path) for f in cached.manifest.files)
+        try:
+            doc: Any = json.loads(self._manifest_bytes(name))
+            files = [(str(f["sha256"]), int(f["size"]), str(f["path"])) for f in doc["files"]]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise Error(f"release {name} is damaged: {exc!r}") from None
+        return iter(files)
 
     def current(self) -> Release | None:
         """The published release, or None before the first cut."""
@@ -208,18 +265,20 @@ class Store:
 
         Built once, then kept up to date by ``build`` and ``prune``; the newest
         release holding a file wins, so pruning the oldest only drops the
-        entries nothing newer holds.
+        entries nothing newer holds. One entry per distinct file, not per
+        release: the retained releases' manifests are not kept parsed.
         """
         if self._index is None:
             index: dict[tuple[str, int], tuple[str, str]] = {}
-            for name in self.release_names():
-                _index_release(index, self.load_release(name))
+            for name in reversed(self.release_names()):
+                _index_files(index, name, self._release_files(name), newest=False)
             self._index = index  # kept only once complete
         return self._index
 
     def _add_to_index(self, release: Release) -> None:
         if self._index is not None:
-            _index_release(self._index, release)
+            files = self._release_files(release.name)
+            _index_files(self._index, release.name, files, newest=True)
 
     def _source(
         self, index: dict[tuple[str, int], tuple[str, str]], entry: FileEntry
@@ -235,14 +294,16 @@ class Store:
         inbox: Path,
         stamp_mode: str,
         warn: Callable[[str], None],
+        digest: str | None = None,
     ) -> tuple[Release, int]:
         """Build a verified release; return it and the number of bytes copied.
 
         Files already held by a retained release are hard-linked from it (never
         from the drop folder); others are copied from the inbox while hashed.
-        Raises ``Rejection``; nothing is left in ``releases/`` on failure.
+        ``digest`` is the manifest's SHA-256 if the caller has it. Raises
+        ``Rejection``; nothing is left in ``releases/`` on failure.
         """
-        digest = hashlib.sha256(manifest_bytes).hexdigest()
+        digest = digest or hashlib.sha256(manifest_bytes).hexdigest()
         name = release_name(manifest, digest)
         final = self.releases / name
         if final.exists():
@@ -264,7 +325,7 @@ class Store:
         os.chmod(final, 0o555)
         fsync_dir(self.releases)
         release = Release(name, final, manifest, digest)
-        self._cache[name] = release
+        self._remember(release)
         self._add_to_index(release)
         return release, copied
 
@@ -336,6 +397,7 @@ class Store:
         os.symlink(self.layout.current_target(name), tmp)
         os.replace(tmp, self.current_link)
         fsync_dir(self.root)
+        self._forget_all_but(name)
 
     def prune(self, keep: int, replaced_seconds: float = 0.0) -> list[str]:
         """Delete releases beyond the newest ``keep``, never the current one.
@@ -360,7 +422,8 @@ class Store:
             # under its own name (release_names skips dot names).
             trash = self.releases / f".trash-{name}"
             os.rename(self.releases / name, trash)
-            self._cache.pop(name, None)
+            with self._cache_lock:
+                self._cache.pop(name, None)
             remove_tree(trash)
         if doomed and self._index is not None:
             gone = set(doomed)
@@ -374,10 +437,13 @@ class Store:
         sig_bytes: bytes | None,
         sequence: int | None,
         keep: int,
+        keep_bytes: int,
     ) -> Path:
-        """Keep a rejected cut's manifest, signature and reason (bounded count).
+        """Keep a rejected cut's manifest, signature and reason.
 
-        The folder is named after the store's clock and ``sequence``. Raises ``OSError``.
+        The folder is named after the store's clock and ``sequence``. The oldest
+        entries are dropped while more than ``keep`` or more than ``keep_bytes``
+        in all are kept; the new entry always stays. Raises ``OSError``.
         """
         stamp = self.clock().astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
         folder = self.quarantine_dir / f"{stamp}-{sequence if sequence is not None else 'unknown'}"
@@ -388,7 +454,21 @@ class Store:
             (folder / "prep-manifest.json").write_bytes(manifest_bytes)
         if sig_bytes is not None:
             (folder / "prep-manifest.json.sig").write_bytes(sig_bytes)
-        entries = sorted(self.quarantine_dir.iterdir())
-        for old in entries[: max(0, len(entries) - keep)]:
+        older = sorted(p for p in self.quarantine_dir.iterdir() if p != folder)
+        sizes = [_tree_bytes(p) for p in older]
+        count, total = len(older) + 1, sum(sizes) + _tree_bytes(folder)
+        for old, size in zip(older, sizes):
+            if count <= keep and total <= keep_bytes:
+                break
             remove_tree(old)
+            count, total = count - 1, total - size
         return folder
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the regular files under ``path`` (a quarantine entry)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total

@@ -13,11 +13,12 @@ from types import FrameType
 from typing import Any
 
 from prep_agent.agent.config import Config, load, render_template
+from prep_agent.agent.floor import JournalFloor, checked_state, release_sequence
 from prep_agent.agent.intake import read_delivery
 from prep_agent.agent.journal import Journal
 from prep_agent.agent.layout import Layout
 from prep_agent.agent.lock import LockFile
-from prep_agent.agent.state import load_state, save_state
+from prep_agent.agent.state import State, load_state, save_state
 from prep_agent.agent.store import Store
 from prep_agent.cli.options import AddCommand, add_config, load_config, operator, positive_int
 from prep_agent.core.errors import EXIT_OK, EXIT_REJECTED, ConfigError, Error, Rejection
@@ -162,7 +163,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     store = Store(config.layout, config.limits)
     try:
         data, sig = read_delivery(folder, config.limits).contents()
-        published = published_view(store, load_state(config.layout.state_file))
+        journal = JournalFloor(config.layout.journal_file)
+        state, _raised = checked_state(config.layout.state_file, store, journal)
+        published = published_view(store, state)
         decision = decide(data, sig, policy, published, utc_now())
         if not decision.already_published:
             store.check(
@@ -222,7 +225,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         names = store.release_names()
         current = store.current_name()
         if args.to is not None:
-            matches = [n for n in names if store.load_release(n).manifest.sequence == args.to]
+            matches = [n for n in names if release_sequence(n) == args.to]
         else:
             matches = [n for n in names if current is not None and n < current][-1:]
         if not matches:
@@ -242,37 +245,61 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_reset_sequence(args: argparse.Namespace) -> int:
-    """Lower (or set) the highest accepted sequence (logged operator action)."""
+    """Lower (or set) the highest accepted sequence (logged operator action).
+
+    Also re-creates a missing or unreadable state file (the agent refuses to
+    start without it once releases exist).
+    """
     config = load_config(args)
     store = Store(config.layout, config.limits)
-    with LockFile(config.layout.publish_lock_file, blocking=True):
+    layout = config.layout
+    with LockFile(layout.publish_lock_file, blocking=True):
         current = store.current()
         if current is not None and args.to < current.manifest.sequence:
             raise Error(
                 f"sequence {args.to} is below the published {current.manifest.sequence}; "
                 "roll back first"
             )
-        state = load_state(config.layout.state_file)
-        digest = (
-            current.manifest_sha256 if current and current.manifest.sequence == args.to else None
-        )
-        save_state(
-            config.layout.state_file,
-            replace(
-                state,
-                highest_sequence=args.to,
-                highest_manifest_sha256=digest,
-                last_decided_signature=None,
-            ),
-        )
-        Journal(config.layout.journal_file).write(
-            "operator-reset-sequence",
-            sequence_from=state.highest_sequence,
-            sequence_to=args.to,
-            user=operator(),
-        )
+        try:
+            state, lost = load_state(layout.state_file, missing_ok=False), None
+        except Error as exc:
+            state, lost = State(), str(exc)
+        digest = _digest_of(store, args.to, JournalFloor(layout.journal_file).read().set_aside)
+        try:
+            Journal(layout.journal_file).write(
+                "operator-reset-sequence",
+                strict=True,
+                sequence_from=state.highest_sequence,
+                sequence_to=args.to,
+                manifest_sha256=digest,
+                user=operator(),
+                **({"state_lost": lost} if lost else {}),
+            )
+            save_state(
+                layout.state_file,
+                replace(
+                    state,
+                    highest_sequence=args.to,
+                    highest_manifest_sha256=digest,
+                    last_decided_signature=None,
+                ),
+            )
+        except OSError as exc:
+            raise Error(f"sequence not reset: {exc.filename}: {exc.strerror}") from None
     print(f"highest accepted sequence: {state.highest_sequence} -> {args.to}")
     return EXIT_OK
+
+
+def _digest_of(store: Store, sequence: int, set_aside: frozenset[str]) -> str | None:
+    """The manifest SHA-256 that goes with ``sequence`` as the new floor: the current
+    release's, else that of the one retained release with that sequence (a cut sent
+    again with the same bytes is then a replay, with others an equivocation)."""
+    current = store.current()
+    if current is not None and current.manifest.sequence == sequence:
+        return current.manifest_sha256
+    names = [n for n in store.release_names() if release_sequence(n) == sequence]
+    names = [n for n in names if n not in set_aside] or names
+    return store.load_release(names[0]).manifest_sha256 if len(names) == 1 else None
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

@@ -83,6 +83,7 @@ class Incidents:
 OTHER_EVENTS = frozenset(
     (
         "agent-error",
+        "agent-recovered",
         "trust-error",
         "stamp-warning",
         "watcher-lost",

@@ -46,6 +46,12 @@ institute's next cut is due), and for as long as the rejected cut is newer than 
 published one. The institute not sending good cuts is ``warn``, never ``fail``."""
 DEFAULT_PERIOD = 600
 """Cut period (seconds) before any cut is published (prep-cut-v1 §2 default)."""
+PUBLICATION_FAIL_STEPS = 3
+"""``agent:publication`` fails (and ``/readyz`` says not ready) once this many steps in
+a row failed with an error of the agent's own (state file unreadable, I/O error, disk
+full, drop folder gone): the next cut cannot be published. At the default
+``rescan_interval`` of 5 s that is within about 10 s; fewer failures in a row warn.
+One step that completes (a cut published, refused or none waiting) passes again."""
 
 Checks = dict[str, list[dict[str, Any]]]
 
@@ -83,6 +89,10 @@ class Snapshot:
     last_report_age: float | None = None
     push_configured: bool = False
     system: SystemReadings | None = None
+    failed_steps: int = 0
+    """Steps in a row that failed with an error of the agent's own (0: the last one ran)."""
+    last_error: str | None = None
+    """That error, in one line (None when ``failed_steps`` is 0)."""
 
 
 def _check(
@@ -109,6 +119,14 @@ def rejection_status(s: Snapshot) -> str:
         return "warn"  # a time we cannot read (or without offset) may be recent
     period = m.period_seconds if m else DEFAULT_PERIOD
     return "warn" if age < REJECTION_WARN_PERIODS * period else "pass"
+
+
+def publication_status(s: Snapshot) -> str:
+    """``fail`` after ``PUBLICATION_FAIL_STEPS`` failed steps in a row, ``warn`` after
+    fewer, ``pass`` once a step ran."""
+    if s.failed_steps >= PUBLICATION_FAIL_STEPS:
+        return "fail"
+    return "warn" if s.failed_steps else "pass"
 
 
 def cut_checks(s: Snapshot) -> Checks:
@@ -153,6 +171,7 @@ def all_checks(s: Snapshot) -> Checks:
     # Without push configured (health-v1 §3) there is nothing to deliver: not a warning.
     report_status = "warn" if s.push_configured and s.last_report_age is None else "pass"
     checks = {**cut_checks(s), "inbox:watcher": _check(watcher, now, s.watcher_mode)}
+    checks["agent:publication"] = _check(publication_status(s), now, s.last_error)
     if s.system is not None:
         checks.update(system_checks(s.system, now))
     checks["report:delivery"] = _check(report_status, now, s.last_report_age, "s")
@@ -166,6 +185,8 @@ def _overall(checks: Checks, s: Snapshot) -> tuple[str, str | None]:
         return "fail", "publisher is not running"
     if not s.storage_writable:
         return "fail", "release storage is not writable"
+    if publication_status(s) == "fail":
+        return "fail", f"cannot publish ({s.failed_steps} steps failed): {s.last_error}"
     failing = [k for k, v in checks.items() if v[0]["status"] == "fail"]
     if failing:
         return "fail", ", ".join(failing)
@@ -309,7 +330,7 @@ def create_app(
     @app.get("/readyz")
     def readyz() -> Response:
         s = snapshot(False)
-        ready = s.manifest is not None and s.agent_alive
+        ready = s.manifest is not None and s.agent_alive and publication_status(s) != "fail"
         return no_store("ok\n" if ready else "not ready\n", 200 if ready else 503, "text/plain")
 
     @app.get("/metrics")
