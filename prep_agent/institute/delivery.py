@@ -22,7 +22,14 @@ from pathlib import Path
 from prep_agent.core.errors import Error
 from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME
 
-__all__ = ["deliver_local", "deliver_sftp", "listed_files", "sftp_batch", "split_target"]
+__all__ = [
+    "batch_lines",
+    "deliver_local",
+    "deliver_sftp",
+    "listed_files",
+    "sftp_batch",
+    "split_target",
+]
 
 
 def listed_files(source: Path) -> list[str]:
@@ -88,21 +95,33 @@ def sftp_batch(source: Path, directory: str, previous: Path | None = None) -> li
     Files whose bytes equal the same path in ``previous`` (the cut delivered
     last to the same target) are not uploaded again. Raises ``Error``.
     """
+    send = [
+        rel
+        for rel in listed_files(source)
+        if previous is None or not _unchanged(source / rel, previous / rel)
+    ]
+    return batch_lines(source, directory, send)
+
+
+def batch_lines(folder: Path, directory: str, send: list[str]) -> list[str]:
+    """The sftp batch: ``cd directory`` (if given), the folders and the ``send``
+    files of the cut ``folder``, its manifest, then its signature under a
+    temporary name renamed into place. Raises ``Error`` for a path a batch
+    cannot carry.
+    """
     lines = [f"cd {_quote(directory)}"] if directory else []
     made: set[str] = set()
-    for rel in listed_files(source):
-        if previous is not None and _unchanged(source / rel, previous / rel):
-            continue
+    for rel in sorted(send):
         parts = rel.split("/")[:-1]
         for depth in range(1, len(parts) + 1):
-            folder = "/".join(parts[:depth])
-            if folder not in made:
-                made.add(folder)
-                lines.append(f"-mkdir {_quote(folder)}")
-        lines.append(f"put {_quote(str(source / rel))} {_quote(rel)}")
+            sub = "/".join(parts[:depth])
+            if sub not in made:
+                made.add(sub)
+                lines.append(f"-mkdir {_quote(sub)}")
+        lines.append(f"put {_quote(str(folder / rel))} {_quote(rel)}")
     temporary = f".{SIGNATURE_NAME}.part"
-    lines.append(f"put {_quote(str(source / MANIFEST_NAME))} {_quote(MANIFEST_NAME)}")
-    lines.append(f"put {_quote(str(source / SIGNATURE_NAME))} {_quote(temporary)}")
+    lines.append(f"put {_quote(str(folder / MANIFEST_NAME))} {_quote(MANIFEST_NAME)}")
+    lines.append(f"put {_quote(str(folder / SIGNATURE_NAME))} {_quote(temporary)}")
     # OpenSSH's sftp renames with posix-rename@openssh.com when the server has it
     # (sftp-server does), which replaces the previous signature atomically.
     lines.append(f"rename {_quote(temporary)} {_quote(SIGNATURE_NAME)}")

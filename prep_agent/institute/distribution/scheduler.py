@@ -31,12 +31,12 @@ from prep_agent.institute.collector.deliveries import (
     Attempt,
     DeliveryLog,
 )
+from prep_agent.institute.delivery import batch_lines
 from prep_agent.institute.distribution.local import LocalCut
 from prep_agent.institute.distribution.transport import (
     Cancelled,
     DeliveryError,
     Link,
-    batch_lines,
     close_master,
     run_batch,
 )

@@ -23,14 +23,12 @@ from pathlib import Path
 from typing import Callable
 
 from prep_agent.core.errors import Error
-from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from prep_agent.institute.collector.config import DifusorEntry, SftpTarget
 
 CONTROL_PERSIST = 900
 """Seconds an idle multiplexed connection stays open (longer than a cut period)."""
 POLL = 0.05
 """Seconds between checks of a running sftp for cancellation."""
-_UNQUOTABLE = re.compile(r'["\\*?\[\]\x00-\x1f\x7f]')
 
 
 class DeliveryError(Error):
@@ -120,32 +118,6 @@ def ssh_options(link: Link) -> list[str]:
     for name, value in options.items():
         result += ["-o", f"{name}={value}"]
     return result
-
-
-def _quote(path: str) -> str:
-    if _UNQUOTABLE.search(path):
-        raise Error(f"path {path!r} cannot be uploaded in an sftp batch")
-    return f'"{path}"'
-
-
-def batch_lines(folder: Path, directory: str, send: list[str]) -> list[str]:
-    """The sftp batch: ``cd``, folders, the ``send`` files, the manifest, the signature
-    last under a temporary name renamed into place (posix-rename). Raises ``Error``."""
-    lines = [f"cd {_quote(directory)}"]
-    made: set[str] = set()
-    for rel in sorted(send):
-        parts = rel.split("/")[:-1]
-        for depth in range(1, len(parts) + 1):
-            sub = "/".join(parts[:depth])
-            if sub not in made:
-                made.add(sub)
-                lines.append(f"-mkdir {_quote(sub)}")
-        lines.append(f"put {_quote(str(folder / rel))} {_quote(rel)}")
-    temporary = f".{SIGNATURE_NAME}.part"
-    lines.append(f"put {_quote(str(folder / MANIFEST_NAME))} {_quote(MANIFEST_NAME)}")
-    lines.append(f"put {_quote(str(folder / SIGNATURE_NAME))} {_quote(temporary)}")
-    lines.append(f"rename {_quote(temporary)} {_quote(SIGNATURE_NAME)}")
-    return lines
 
 
 _REASONS: tuple[tuple[str, str, bool], ...] = (
