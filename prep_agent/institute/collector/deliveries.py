@@ -11,15 +11,11 @@ distribute`` write while ``prep-agent collector`` serves the dashboard.
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prep_agent.core.errors import ConfigError
+from prep_agent.institute.collector.sqlite import SQLiteFile
 
 DELIVERED = "delivered"
 """The target holds the whole cut, signature last."""
@@ -120,29 +116,11 @@ class DistributedCut:
     ready_at: float
 
 
-class DeliveryLog:
+class DeliveryLog(SQLiteFile):
     """The delivery tables of the collector's database (thread-safe)."""
 
     def __init__(self, path: Path) -> None:
-        self._lock = threading.Lock()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(path), timeout=10, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"cannot open database {path}: {exc}") from None
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, self._db:
-            yield self._db
-
-    def close(self) -> None:
-        """Close the connection."""
-        with self._lock:
-            self._db.close()
+        super().__init__(path, _SCHEMA)
 
     def last_distributed(self) -> DistributedCut | None:
         """The highest sequence ever sent out, or None."""

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from prep_agent.core.errors import ConfigError
 from prep_agent.core.manifest import Manifest
+from prep_agent.institute.collector.sqlite import SQLiteFile
 from prep_agent.institute.collector.verify import Report
 
 PRUNE_EVERY = 100
@@ -135,32 +132,16 @@ def check_value(doc: dict[str, Any], key: str) -> Any:
     return None
 
 
-class CollectorDatabase:
+class CollectorDatabase(SQLiteFile):
     """The collector's database (thread-safe)."""
 
     def __init__(self, path: Path, history_rows: int = 100_000) -> None:
         self.history_rows = history_rows
-        self._lock = threading.Lock()
         self._inserted = 0
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(path), timeout=10, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            _create_rejection_table(self._db)
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"cannot open database {path}: {exc}") from None
+        super().__init__(path, _SCHEMA)
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, self._db:
-            yield self._db
-
-    def close(self) -> None:
-        """Close the database."""
-        with self._lock:
-            self._db.close()
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        _create_rejection_table(db)
 
     def register(self, service_ids: list[str], now: datetime) -> None:
         """Make sure every registered difusor has a row."""
