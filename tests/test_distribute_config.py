@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from prep_agent import cli
 from prep_agent.core.errors import ConfigError
 from prep_agent.institute.collector.config import SftpTarget, load_collector
-from tests.kit import PREP_AGENT
 
 pytestmark = pytest.mark.core
 
@@ -66,10 +65,9 @@ def test_bad_target_keys(tmp_path: Path, lines: str, message: str) -> None:
         load_collector(write(tmp_path, lines))
 
 
-def test_example_documents_the_keys() -> None:
-    out = subprocess.run(
-        [PREP_AGENT, "collector", "--example"], capture_output=True, text=True, check=True
-    ).stdout
+def test_example_documents_the_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["collector", "--example"]) == 0
+    out = capsys.readouterr().out
     for key in ("sftp =", "host_key =", "identity =", "status_url =", "contact =", "enabled ="):
         assert f"# {key}" in out, key
     assert "[distribute]" in out
