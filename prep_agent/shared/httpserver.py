@@ -16,6 +16,7 @@ it are many clients). Both hook into waitress's connection class and the server'
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import threading
@@ -285,5 +286,13 @@ class Server:
         keep waitress's loop running.
         """
         self._server.task_dispatcher.shutdown(cancel_pending=True, timeout=2)
-        wasyncore.close_all(self._server._map)
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            # Closed from the loop's own thread: closing its sockets from here can
+            # land between the loop's select() lists and the call (EBADF there).
+            with contextlib.suppress(OSError):  # a trigger already closed: see below
+                self._server.trigger.pull_trigger(self._close_all)
+            self._thread.join(timeout=5)
+        self._close_all()  # never started, or a loop that did not stop: close now
+
+    def _close_all(self) -> None:
+        wasyncore.close_all(self._server._map, ignore_all=True)
