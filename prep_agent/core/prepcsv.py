@@ -49,9 +49,9 @@ class PrepCsv:
 
     def summary_value(self, name: str) -> str | None:
         """The summary cell under header ``name`` (ignoring case and accents), or None."""
-        wanted = _fold(name)
+        wanted = fold_header(name)
         for header, value in self.summary:
-            if _fold(header) == wanted:
+            if fold_header(header) == wanted:
                 return value
         return None
 
@@ -86,7 +86,7 @@ def read_prep_csv(data: bytes) -> PrepCsv:
     index = 2
     while index < len(lines):
         cells = _cells(lines[index], separator)
-        first = _fold(cells[0]) if cells else ""
+        first = fold_header(cells[0]) if cells else ""
         if first == SUMMARY_FIRST_COLUMN and not summary:
             index, summary = _read_summary(lines, index, separator, warnings)
             continue
@@ -166,8 +166,8 @@ def _integer(cell: str | None) -> int | None:
     return int(text) if text.isascii() and text.isdigit() else None
 
 
-def _fold(name: str) -> str:
-    """A header name compared loosely: case, accents, spaces and ``_DE_`` ignored.
+def fold_header(name: str) -> str:
+    """A header name compared loosely: case, accents, spaces and ``_DE_`` ignored; raises nothing.
 
     ``ACTAS_FUERA_CATÁLOGO`` (Sonora) and ``ACTAS_FUERA_DE_CATALOGO`` (INE) both
     fold to ``ACTAS_FUERA_CATALOGO``.
