@@ -404,6 +404,8 @@ def test_bom_blank_lines_and_sin_dato_are_read_and_noted() -> None:
     spaced = read_prep_csv(blank)
     assert spaced.rows == read_prep_csv(data).rows
     assert "3 blank lines in the acta table, skipped" in spaced.warnings
+    commas = head + b"CLAVE_CASILLA" + rows.replace(b"\n04", b"\n,,, ,\n04", 2)
+    assert read_prep_csv(commas).rows == spaced.rows
 
 
 def test_counts_that_disagree_in_the_real_data_are_a_warning() -> None:

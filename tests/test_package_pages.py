@@ -160,8 +160,11 @@ def check_election_pages(package: Package) -> None:
         at = [[c.upper() for c in table.columns].index(name.upper()) for name in header]
         expected = sorted([row[i] for i in at] for row in table.rows)
         assert sorted(rows) == expected, election.path
-        assert header[0] == "CLAVE_CASILLA" and "NULOS" in header
-        assert header.index("NULOS") - header.index("NO_REGISTRADOS") == 1
+        names = list(table.columns)
+        votes = names[names.index("TOTAL_VOTOS_SACADOS") + 1 : names.index("TOTAL_VOTOS_ASENTADO")]
+        after = ["TOTAL_VOTOS_CALCULADO", "LISTA_NOMINAL", "OBSERVACIONES", "CONTABILIZADA"]
+        assert header == ["CLAVE_CASILLA", *votes, *after]
+        assert votes[-2:] == ["NO_REGISTRADOS", "NULOS"] and len(votes) > 5
         if election.candidates is not None:
             candidates = next(t for t in page.tables if t.caption == "Candidaturas registradas")
             header, rows_c = read_plain_csv(package.entries[election.candidates])
