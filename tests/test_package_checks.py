@@ -218,6 +218,15 @@ def test_a_header_understating_the_size_is_caught_while_reading() -> None:
     assert error.reason == ZIP_INVALID and "relleno.txt: cannot be read" in error.detail
 
 
+def test_a_header_overstating_the_compressed_size_is_rejected() -> None:
+    """A compressed size larger than the archive would hide a ratio over the limit."""
+    data = bytearray(zip_bytes({**small_cut(), "relleno.txt": b"0" * (4 * 1024**2)}))
+    at = data.rfind(b"PK\x01\x02")  # the last central directory entry: relleno.txt
+    data[at + 20 : at + 24] = (0x7FFFFFFF).to_bytes(4, "little")
+    error = rejected(NAME, bytes(data))
+    assert error.reason == ZIP_INVALID and "more than the archive holds" in error.detail
+
+
 def test_a_bomb_by_total_size_is_rejected_while_reading() -> None:
     noise = random.Random(15).randbytes(400_000)
     members = {**small_cut(), "a.bin": noise, "b.bin": noise, "c.bin": noise}

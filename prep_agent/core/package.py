@@ -167,10 +167,9 @@ def inspect_package(
     (no results CSV with a stamp).
     """
     reader = _Reader(limits)
-    with _open_zip(name, data) as archive:
-        reader.read_archive(name, "", archive, nested=False)
+    reader.read_archive(name, "", data, nested=False)
     _check_duplicates(reader.files, reader.folders)
-    warnings = list(reader.warnings)
+    warnings: list[str] = []
     elections, stamp = _election_files(reader.files, warnings)
     _check_names(name, reader.folders, stamp, warnings)
     return Package(
@@ -261,19 +260,25 @@ class _Reader:
         self.limits = limits
         self.files: dict[str, bytes] = {}
         self.folders: set[str] = set()
-        self.warnings: list[str] = []
         self.entries = 0
         self.nested = 0
         self.bytes_left = limits.max_total_bytes
 
-    def read_archive(self, name: str, prefix: str, archive: zipfile.ZipFile, nested: bool) -> None:
-        """Read every member of ``archive``, its files stored under ``prefix``."""
+    def read_archive(self, name: str, prefix: str, data: bytes, nested: bool) -> None:
+        """Read every member of the zip ``data``, its files stored under ``prefix``."""
+        with _open_zip(name, data) as archive:
+            self._read_members(name, prefix, archive, len(data), nested)
+
+    def _read_members(
+        self, name: str, prefix: str, archive: zipfile.ZipFile, size: int, nested: bool
+    ) -> None:
+        """Read the members of ``archive``, a zip of ``size`` bytes."""
         infos = archive.infolist()
         self.entries += len(infos)
         if self.entries > self.limits.max_entries:
             raise Rejection(
                 LIMIT_EXCEEDED,
-                f"{_shown(name)}: over {self.limits.max_entries} " "entries in the package",
+                f"{_shown(name)}: over {self.limits.max_entries} entries in the package",
             )
         for info in infos:
             path = prefix + _check_path(name, info.filename, self.limits)
@@ -283,7 +288,7 @@ class _Reader:
                 continue
             if path in self.files:
                 raise Rejection(PATH_INVALID, f"{_shown(name)}!{_shown(path)}: appears twice")
-            data = self._read_member(name, archive, info, path)
+            data = self._read_member(name, archive, info, size)
             self.files[path] = data
             parts = path.split("/")
             self.folders.update("/".join(parts[:end]) for end in range(1, len(parts)))
@@ -298,24 +303,33 @@ class _Reader:
         self.nested += 1
         if self.nested > self.limits.max_nested_zips:
             raise Rejection(
-                LIMIT_EXCEEDED, f"{where}: over {self.limits.max_nested_zips} " "inner zips"
+                LIMIT_EXCEEDED, f"{where}: over {self.limits.max_nested_zips} inner zips"
             )
         folder = path[: -len(".zip")]
         self.folders.add(folder)
-        with _open_zip(f"{name}!{path}", data) as inner:
-            self.read_archive(f"{name}!{path}", folder + "/", inner, nested=True)
+        self.read_archive(f"{name}!{path}", folder + "/", data, nested=True)
 
     def _read_member(
-        self, name: str, archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str
+        self, name: str, archive: zipfile.ZipFile, info: zipfile.ZipInfo, size: int
     ) -> bytes:
-        """A member's bytes, read in chunks against the budget and the ratio."""
+        """A member's bytes, read in chunks against the budget and the ratio.
+
+        ``size`` is the archive's: a member cannot declare more compressed bytes
+        than lie after its header, which would weaken the ratio check.
+        """
         where = f"{_shown(name)}!{_shown(info.filename)}"
         if info.flag_bits & 0x1:
             raise Rejection(ZIP_INVALID, f"{where}: encrypted")
         if info.compress_type not in _READABLE_METHODS:
             raise Rejection(
                 ZIP_INVALID,
-                f"{where}: compression method {info.compress_type} " "(only stored and deflate)",
+                f"{where}: compression method {info.compress_type} (only stored and deflate)",
+            )
+        if info.compress_size > size - info.header_offset:
+            raise Rejection(
+                ZIP_INVALID,
+                f"{where}: declares {info.compress_size} compressed bytes, "
+                "more than the archive holds",
             )
         self._check_size(where, info.file_size, info.compress_size)
         buffer = io.BytesIO()
@@ -391,7 +405,7 @@ def _check_duplicates(files: Mapping[str, bytes], folders: set[str]) -> None:
         if key in seen and seen[key] != path:
             raise Rejection(
                 PATH_INVALID,
-                f"{_shown(path)} and {_shown(seen[key])}: " "the same name but for letter case",
+                f"{_shown(path)} and {_shown(seen[key])}: the same name but for letter case",
             )
         if key in seen and path in files:
             raise Rejection(PATH_INVALID, f"{_shown(path)}: both a file and a folder")
@@ -415,7 +429,7 @@ def _election_files(
         if stamp is None:
             if code is not None:
                 raise Rejection(
-                    STAMP_MISMATCH, f"{_shown(path)}: results CSV without a cut " "stamp on line 2"
+                    STAMP_MISMATCH, f"{_shown(path)}: results CSV without a cut stamp on line 2"
                 )
             continue
         if code is None:
