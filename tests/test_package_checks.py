@@ -311,6 +311,17 @@ def test_a_changed_stamp_in_one_csv_only_is_rejected() -> None:
     assert error.reason == STAMP_MISMATCH and path in str(error)
 
 
+def test_a_changed_stamp_is_rejected_where_no_name_carries_one() -> None:
+    """CSVs at the top of a package fetched as latest.zip: only they state the cut."""
+    members = {file.name: file.read_bytes() for file in sorted(SONORA.glob("*.csv"))}
+    members["SON_GOB_2021.csv"] = with_line_2(
+        members["SON_GOB_2021.csv"], b'"07/06/2021 13:39 (UTC-7)"'
+    )
+    error = rejected("latest.zip", zip_bytes(members))
+    assert error.reason == STAMP_MISMATCH
+    assert error.detail.startswith("SON_GOB_2021.csv: stamp 2021-06-07T13:39-07:00 disagrees")
+
+
 def test_a_changed_offset_in_one_csv_only_is_rejected() -> None:
     members = cut_members("20210606_2240")
     path = "20210606_2240_PREP_GOB_CAMP/CAMP_GOB_2021.csv"
