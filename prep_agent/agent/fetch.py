@@ -54,6 +54,7 @@ from prep_agent.agent.https_get import (
     StartCheck,
     system_ca,
 )
+from prep_agent.agent.source_config import SourceConfig
 from prep_agent.core import sshsig
 from prep_agent.core.allowed_signers import AllowedSigner
 from prep_agent.core.errors import SIGNATURE_MALFORMED, SIGNATURE_UNTRUSTED, SignatureFormatError
@@ -91,6 +92,19 @@ class Settings:
     read_timeout: float = 30.0
     deadline_seconds: float = 300.0
     """The whole poll (index, package, signature) ends within this many seconds."""
+
+
+def settings_of(source: SourceConfig) -> Settings:
+    """The fetch settings of an agent config's ``[source]`` (type https-package)."""
+    return Settings(
+        url=source.url,
+        ca_file=str(source.ca_file) if source.ca_file else None,
+        pins=source.pins,
+        require_signature=source.require_signature,
+        poll_seconds=source.poll_seconds,
+        max_bytes=source.max_package_bytes,
+        deadline_seconds=source.deadline_seconds,
+    )
 
 
 @dataclass(frozen=True)

@@ -283,6 +283,10 @@ class Client:
         except (urllib3.exceptions.HTTPError, OSError, requests.RequestException) as exc:
             if self.expired:
                 raise self._timeout() from None
+            if declared is not None:  # urllib3 2 enforces Content-Length itself
+                raise FetchError(
+                    TRUNCATED, f"{len(body)} of {declared} bytes (Content-Length)"
+                ) from None
             raise FetchError(
                 TRUNCATED, f"connection broken after {len(body)} bytes ({type(exc).__name__})"
             ) from None
@@ -324,7 +328,7 @@ def _describe(exc: BaseException) -> FetchError:
 
 
 _TLS_DETAIL = re.compile(
-    r"certificate verify failed: [^(']+" r"|hostname '[^']*' doesn't match '[^']*'"
+    r"certificate verify failed: (?:[^('\\]|'[^'\\]*')+" r"|hostname '[^']*' doesn't match '[^']*'"
 )
 """The reason inside the nested text of requests' SSLError (urllib3 1.26 and 2)."""
 
