@@ -6,8 +6,9 @@ on an HTTPS URL. ``[source] url`` is either
 - a fixed URL that always serves the newest package (its name is taken from
   ``Content-Disposition``, else from the URL's last path segment), or
 - a folder URL ending in ``/`` whose index is an autoindex HTML page or a JSON
-  list (strings, or objects with ``name`` or ``url``) naming packages: the
-  newest stamp wins, and two different names with that stamp are refused.
+  list (strings, or objects with ``name`` or ``url``), or the URL of such a JSON
+  list (a path ending in ``.json``), naming packages: the newest stamp wins,
+  and two different names with that stamp are refused.
 
 One ``Fetcher.poll()`` resolves the package URL, GETs it conditionally
 (``If-None-Match`` / ``If-Modified-Since`` from the last package fetched from
@@ -183,7 +184,7 @@ class Fetcher:
         s = self.settings
         verify: str | bool = s.ca_file if s.ca_file else system_ca()
         with Client(verify, s.pins, s.connect_timeout, s.read_timeout, s.deadline_seconds) as web:
-            if s.url.endswith("/"):
+            if is_index_url(s.url):
                 url, name = newest_in_index(s.url, _get(web, s.url, _INDEX_ACCEPT, MAX_INDEX_BYTES))
                 disposition = False
             else:
@@ -366,6 +367,13 @@ def index_links(body: bytes) -> list[str]:
     parser.feed(text)
     parser.close()
     return parser.hrefs
+
+
+def is_index_url(url: str) -> bool:
+    """Whether ``url`` names an index (a folder URL ending in ``/``, or a ``.json``
+    file) rather than the package itself."""
+    path = urlsplit(url).path
+    return path.endswith("/") or path.lower().endswith(".json")
 
 
 def newest_in_index(index_url: str, body: bytes) -> tuple[str, str]:
