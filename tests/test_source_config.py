@@ -105,3 +105,16 @@ def test_invalid_source_settings_are_one_line_errors(
     with pytest.raises(ConfigError) as caught:
         load(write(tmp_path, trust, text))
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.core
+def test_run_refuses_a_source_it_does_not_serve_yet(
+    tmp_path: Path, trust: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Until the daemon polls the https-package source, run says so instead of watching
+    a drop folder nobody fills."""
+    assert init(tmp_path, trust, "--source-url", URL) == 0
+    capsys.readouterr()
+    assert cli.main(["run", "--once", "--config", str(tmp_path / "srv" / "prep-agent.conf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("[source] type = https-package: this version's run serves drop-folder only")

@@ -145,6 +145,10 @@ def init_instance(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """The daemon: watch the drop folder and publish cuts until stopped."""
     config = load_config(args)
+    if config.source.type != "drop-folder":  # agent/fetch.py is not in the daemon yet
+        raise ConfigError(
+            f"[source] type = {config.source.type}: this version's run serves drop-folder only"
+        )
     if args.once:
         config.root.mkdir(parents=True, exist_ok=True)
         with LockFile(config.layout.lock_file):
