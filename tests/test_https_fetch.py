@@ -271,6 +271,33 @@ def test_etag_is_sent_back_and_a_new_package_is_fetched(site: Site) -> None:
     assert package.validators.etag == '"v3"'
 
 
+@pytest.mark.core
+def test_fixed_url_redirecting_to_the_newest_is_conditional_too(site: Site) -> None:
+    shutil.copy(CAMPECHE, site.folder / "paquetes" / NAME)
+
+    def redirect(h: _Handler) -> None:
+        h.answer(302, b"", {"Location": f"/paquetes/{NAME}"})
+
+    site.routes["/latest.zip"] = redirect
+    fetcher = Fetcher(settings(site, "/latest.zip"), signers=())
+    package = fetcher.poll(datetime.now(timezone.utc))
+    assert package is not None
+    assert (package.url, package.file_name) == (site.url(f"/paquetes/{NAME}"), NAME)
+    assert fetcher.poll(datetime.now(timezone.utc)) is None
+    asked = [path for path, _ in site.seen]
+    assert asked == ["/latest.zip", f"/paquetes/{NAME}", f"/paquetes/{NAME}.sig"] + asked[:2]
+    assert "If-Modified-Since" in site.seen[-1][1]
+
+
+@pytest.mark.core
+def test_redirect_to_plain_http_is_refused(site: Site) -> None:
+    site.routes["/latest.zip"] = lambda h: h.answer(302, b"", {"Location": "http://x.mx/a.zip"})
+    error = refused(site, "/latest.zip")
+    assert str(error) == (
+        f"source-http-status: {site.url('/latest.zip')}: redirect 302 to a non-https URL"
+    )
+
+
 # --- the server misbehaves -----------------------------------------------------------
 
 
