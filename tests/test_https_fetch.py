@@ -421,6 +421,14 @@ def test_certificate_of_another_ca_is_refused(site: Site, tmp_path: Path) -> Non
 
 
 @pytest.mark.core
+def test_without_ca_file_the_system_cas_decide(site: Site) -> None:
+    """The test CA is in no system bundle: without ca_file the server is not trusted."""
+    shutil.copy(CAMPECHE, site.folder / NAME)
+    error = refused(site, f"/{NAME}", ca_file=None)
+    assert str(error).startswith("source-tls: certificate verify failed"), error
+
+
+@pytest.mark.core
 def test_certificate_for_another_host_is_refused(tmp_path: Path, ca: TestCA) -> None:
     ca_path, cert, key = write_server_files(tmp_path / "tls", ca, issue(ca, ("otro.example.mx",)))
     (tmp_path / "www").mkdir()
