@@ -35,6 +35,8 @@ from prep_agent.agent.fetch import (
     backoff,
     check_zip_end,
     newest_in_index,
+    package_file_name,
+    package_stamp,
 )
 from prep_agent.agent.https_get import FetchError, spki_sha256
 from prep_agent.core.allowed_signers import parse_allowed_signers
@@ -233,6 +235,27 @@ def test_an_index_with_two_newest_names_or_none_is_refused() -> None:
         newest_in_index("https://x.mx/p/", b'<a href="../">..</a><a href="x.zip">x</a>')
     with pytest.raises(FetchError, match="not on https"):
         newest_in_index("https://x.mx/p/", b'["http://x.mx/p/20210601_1852_PREP.zip"]')
+
+
+@pytest.mark.core
+def test_file_names_stamps_and_zip_ends() -> None:
+    url = "https://x.mx/descarga?id=7"
+    assert package_file_name("https://x.mx/p/latest.zip", "") == "latest.zip"
+    assert package_file_name(url, f"attachment; filename={NAME}") == NAME
+    assert package_file_name("https://x.mx/p/a%20b.zip", 'inline; filename="../../x.zip"') == (
+        "a b.zip"
+    )
+    with pytest.raises(FetchError, match="no file name"):
+        package_file_name("https://x.mx/p/", "")
+    assert package_stamp(NAME) == "202106011852"
+    assert package_stamp("20210601_1852_PREP.zip") == "202106011852"
+    assert package_stamp("20210631_1852_PREP_CAMP.zip") is None  # June has 30 days
+    assert package_stamp("20210601_1852_PREP_CAMP.zip.sig") is None
+    data = small_zip()
+    commented = data[:-2] + b"\x05\x00hola!"  # a 5-byte archive comment
+    check_zip_end(commented)
+    with pytest.raises(FetchError, match="package-truncated"):
+        check_zip_end(commented[:-1])
 
 
 # --- conditional requests ---------------------------------------------------------------
