@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prep_agent.agent.config import Config
+from prep_agent.core.protocol import CACHE_FRAME, CACHE_RELEASE
 from prep_agent.shared.fsutil import atomic_write
 from prep_agent.shared.httpserver import (
     Server,
@@ -32,9 +33,9 @@ from prep_agent.shared.httpserver import (
 from prep_agent.web.frame import RELEASES_URL
 from prep_agent.web.health import Metrics, Snapshot, create_app
 
-IMMUTABLE = "public, max-age=31536000, immutable"
+IMMUTABLE = CACHE_RELEASE
 """Cache-Control of release files: a release URL never changes content."""
-SHORT = "public, max-age=5, stale-while-revalidate=10, stale-if-error=86400"
+SHORT = CACHE_FRAME
 """Cache-Control of the frame and status.json: a CDN refreshes them every few seconds
 and keeps serving the last copy if the origin fails (the page still turns stale
 by the server clock)."""
