@@ -39,7 +39,10 @@ class _Handler(BaseHTTPRequestHandler):
         """Quiet."""
 
     def do_GET(self) -> None:
-        spoil = self.server.front.spoiled.get(self.path)
+        front = self.server.front
+        spoil = front.spoiled.get(self.path)
+        if spoil is None:
+            spoil = next((v for k, v in front.endings.items() if self.path.endswith(k)), None)
         if spoil is None or spoil == NO_CACHE:
             self._pass(spoil == NO_CACHE)
         elif spoil == HTML_ERROR:
@@ -113,6 +116,8 @@ class Front:
         self.backend = urlsplit(backend)
         self.spoiled: dict[str, str] = {}
         """Request path (as sent, percent-encoded) -> HTML_ERROR, SLOW, ENDLESS, HUGE, NO_CACHE."""
+        self.endings: dict[str, str] = {}
+        """Like ``spoiled``, for every path ending so (``.csv``: every CSV)."""
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.sent = 0
