@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+import requests
 
 from prep_agent.agent.config import Config
 from prep_agent.cli.main import main
@@ -395,3 +396,27 @@ def test_choose_files_keeps_the_entry_and_the_stamped_files() -> None:
     assert chosen[:3] == ["p/7.html", "a.CSV", "b/c.zip"] and len(set(chosen)) == 8
     assert len(choose_files(manifest, None, random.Random(1))) == 52
     assert len(choose_files(manifest, 500, random.Random(1))) == 52
+
+
+# --- CORS: the institute's verifier page reads the public files from its own origin ---
+
+
+def test_public_files_allow_cross_origin_get_only(difusor: Difusor) -> None:
+    release = difusor.publish()
+    origin = {"Origin": "https://verificador.iec.example.mx"}
+    public = [
+        "/",
+        "/status.json",
+        "/static/frame.js",
+        f"/cortes/{release}/{quote(CSV)}",
+        f"/cortes/{release}/.well-known/prep-cut/manifest.json.sig",
+    ]
+    for path in public:
+        answer = requests.get(difusor.url + path, headers=origin, timeout=5)
+        assert answer.status_code == 200, path
+        assert answer.headers.get("Access-Control-Allow-Origin") == "*", path
+    health = requests.get(difusor.url + "/health", headers=origin, timeout=5)
+    assert "Access-Control-Allow-Origin" not in health.headers
+    for method in ("POST", "OPTIONS", "PUT"):
+        answer = requests.request(method, difusor.url + "/status.json", headers=origin, timeout=5)
+        assert answer.status_code == 405, method

@@ -42,6 +42,11 @@ by the server clock)."""
 ASSETS = "public, max-age=300, stale-while-revalidate=60, stale-if-error=86400"
 """Cache-Control of the frame's own script, style and logo."""
 
+CORS_ORIGIN = "*"
+"""Access-Control-Allow-Origin of the public files (never the health paths): any page,
+the institute's verifier among them, may read them with a plain GET (no credentials,
+no preflight; any other method is still 405)."""
+
 SMALL_FILE = 256 * 1024
 """Files up to this size are answered from one read: waitress's file wrapper costs
 about ten times more per response for small files (measured with wrk)."""
@@ -74,6 +79,7 @@ def nginx_snippets(config: Config) -> dict[str, str]:
     common = (
         'add_header X-Content-Type-Options "nosniff" always;\n'
         'add_header Referrer-Policy "strict-origin-when-cross-origin" always;\n'
+        f'add_header Access-Control-Allow-Origin "{CORS_ORIGIN}" always;\n'
     )
     header = "# Written by prep-agent from its config; do not edit.\n"
     return {
@@ -132,12 +138,14 @@ class PublicApp:
             ("Content-Security-Policy", frame_csp(config)),
             ("X-Content-Type-Options", "nosniff"),
             ("Referrer-Policy", "strict-origin-when-cross-origin"),
+            ("Access-Control-Allow-Origin", CORS_ORIGIN),
         ]
         self.cache = FileCache()
         self.content_headers = [
             ("Content-Security-Policy", content_csp(config)),
             ("X-Content-Type-Options", "nosniff"),
             ("Referrer-Policy", "strict-origin-when-cross-origin"),
+            ("Access-Control-Allow-Origin", CORS_ORIGIN),
         ]
 
     def route(self, path: str) -> tuple[Path, str, list[tuple[str, str]]] | None:
