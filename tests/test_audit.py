@@ -415,6 +415,11 @@ def test_public_files_allow_cross_origin_get_only(difusor: Difusor) -> None:
         answer = requests.get(difusor.url + path, headers=origin, timeout=5)
         assert answer.status_code == 200, path
         assert answer.headers.get("Access-Control-Allow-Origin") == "*", path
+    missing = requests.get(f"{difusor.url}/cortes/{release}/no-existe.csv", timeout=5)
+    assert missing.status_code == 404 and missing.headers["Access-Control-Allow-Origin"] == "*"
+    elsewhere = requests.get(f"{difusor.url}/state.json", timeout=5)
+    assert elsewhere.status_code == 404
+    assert "Access-Control-Allow-Origin" not in elsewhere.headers
     health = requests.get(difusor.url + "/health", headers=origin, timeout=5)
     assert "Access-Control-Allow-Origin" not in health.headers
     for method in ("POST", "OPTIONS", "PUT"):

@@ -178,7 +178,7 @@ class PublicApp:
         routed = self.route(path)
         if routed is None:
             if path.startswith(("/static/", f"/{RELEASES_URL}/")) or path in ("/", "/status.json"):
-                return _not_found(start_response)
+                return _not_found(start_response, cors=True)
             return self.fallback(environ, start_response)
         method = environ.get("REQUEST_METHOD", "GET")
         if method not in ("GET", "HEAD"):
@@ -190,16 +190,17 @@ class PublicApp:
         return self.cache.send(environ, start_response, file, cache, security)
 
 
-def _not_found(start_response: Callable[..., Any]) -> Iterable[bytes]:
+def _not_found(start_response: Callable[..., Any], cors: bool = False) -> Iterable[bytes]:
+    """404; ``cors`` on a public path, so a verifier page can tell "missing" from "blocked"."""
     body = b"No encontrado\n"
+    headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-store"),
+        ("X-Content-Type-Options", "nosniff"),
+    ]
     start_response(
-        "404 Not Found",
-        [
-            ("Content-Type", "text/plain; charset=utf-8"),
-            ("Content-Length", str(len(body))),
-            ("Cache-Control", "no-store"),
-            ("X-Content-Type-Options", "nosniff"),
-        ],
+        "404 Not Found", headers + ([("Access-Control-Allow-Origin", CORS_ORIGIN)] if cors else [])
     )
     return [body]
 
@@ -271,11 +272,11 @@ class FileCache:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
-            return _not_found(start_response)
+            return _not_found(start_response, cors=True)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
-            return _not_found(start_response)
+            return _not_found(start_response, cors=True)
         etag = f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
         headers = [
             ("Content-Type", content_type(path.name)),
