@@ -104,6 +104,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
+    # socketserver's backlog of 5 drops the SYNs of an auditor opening 8
+    # connections at once; a retransmitted SYN costs 1 s, a whole --timeout 1.
+    request_queue_size = 64
     daemon_threads = False
     block_on_close = True
     front: Front
