@@ -43,7 +43,9 @@ class _Handler(BaseHTTPRequestHandler):
         spoil = front.spoiled.get(self.path)
         if spoil is None:
             spoil = next((v for k, v in front.endings.items() if self.path.endswith(k)), None)
-        if spoil is None or spoil == NO_CACHE:
+        if self.path in front.bodies:
+            self._send(200, [("Content-Type", "application/json")], front.bodies[self.path])
+        elif spoil is None or spoil == NO_CACHE:
             self._pass(spoil == NO_CACHE)
         elif spoil == HTML_ERROR:
             self._send(200, [("Content-Type", "text/html")], ERROR_PAGE)
@@ -119,6 +121,8 @@ class Front:
         self.backend = urlsplit(backend)
         self.spoiled: dict[str, str] = {}
         """Request path (as sent, percent-encoded) -> HTML_ERROR, SLOW, ENDLESS, HUGE, NO_CACHE."""
+        self.bodies: dict[str, bytes] = {}
+        """Request path -> a body answered with 200 in place of the difusor's."""
         self.endings: dict[str, str] = {}
         """Like ``spoiled``, for every path ending so (``.csv``: every CSV)."""
         self.stopping = threading.Event()

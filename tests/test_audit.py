@@ -321,6 +321,18 @@ def test_html_error_page_with_200(
     ]
 
 
+def test_status_json_nested_past_the_parser_depth(
+    difusor: Difusor, institute: Institute, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with Front(difusor.url) as front:
+        front.bodies["/status.json"] = b"[" * 60_000
+        code, report = audit(capsys, front.url, institute.allowed_signers)
+    assert code == EXIT_AUDIT_ALTERED
+    assert lines(report)[0] == (
+        "status.json: expected a prep-status/1 document, got application/json, 60000 bytes"
+    )
+
+
 def test_slow_difusor_times_out(
     difusor: Difusor, institute: Institute, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -165,7 +165,7 @@ class _Audit:
             return None
         try:
             doc = json.loads(fetched.body)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
             doc = None
         if not isinstance(doc, dict) or doc.get("format") != STATUS_FORMAT:
             got = f"{fetched.headers.get('content-type', 'no type')}, {fetched.size} bytes"
@@ -211,7 +211,7 @@ class _Audit:
         pairs = (
             ("sequence", manifest.sequence),
             ("cut_time", manifest.cut_time_text),
-            ("entry", f"{RELEASES_FOLDER}/{release}/{self.fetcher_quote(manifest.entry)}"),
+            ("entry", f"{RELEASES_FOLDER}/{release}/{self.quoted(manifest.entry)}"),
         )
         for key, expected in pairs:
             if status.get(key) != expected:
@@ -223,7 +223,7 @@ class _Audit:
             got = f"sequence {manifest.sequence} ({manifest.cut_time_text})"
             self.report.add(STALE, "status.json", f"sequence {expect} or newer", got)
 
-    def fetcher_quote(self, path: str) -> str:
+    def quoted(self, path: str) -> str:
         """``path`` as the frame links it (percent-encoded, ``/`` kept)."""
         return self.fetcher.target(path)[len(self.fetcher.base_path) :]
 

@@ -313,11 +313,12 @@ class Poller:
         self.auditor: Auditor | None = None
         settings = collector.config.audit
         if settings.enabled and settings.signers is not None:
-            institute = tuple(load_trust(settings.signers))
+            trust = settings.signers
+            load_trust(trust)  # refuse to start on an unreadable file; re-read per audit
             self.auditor = Auditor(
                 settings,
                 collector.config.difusores,
-                lambda: institute,
+                lambda: tuple(load_trust(trust)),
                 collector.audits,
                 collector.config.poll_interval,
                 collector.clock,
