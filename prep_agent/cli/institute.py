@@ -1,4 +1,4 @@
-"""The institute's commands: sign, distribute, simulate, collector."""
+"""The institute's commands: sign, distribute, simulate, collector, audit."""
 
 from __future__ import annotations
 
@@ -92,6 +92,54 @@ def cmd_distribute(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     return command.main(config, options, stop)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Audit a difusor's public copy against the institute's signed cut.
+
+    Raises ``ConfigError`` for an unreadable trust file or a bad URL.
+    """
+    import json
+    from datetime import datetime, timezone
+
+    from prep_agent.core.allowed_signers import parse_allowed_signers
+    from prep_agent.core.errors import (
+        EXIT_AUDIT_ALTERED,
+        EXIT_AUDIT_STALE,
+        EXIT_AUDIT_UNREACHABLE,
+        SignatureFormatError,
+    )
+    from prep_agent.institute.audit import check
+
+    try:
+        signers = parse_allowed_signers(Path(args.trust).read_text(encoding="utf-8"))
+    except (OSError, UnicodeError, SignatureFormatError) as exc:
+        raise ConfigError(f"cannot read --trust {args.trust}: {exc}") from None
+    options = check.AuditOptions(
+        signers=tuple(signers),
+        threshold=args.threshold,
+        election=args.election,
+        sample=None if args.all else args.sample,
+        expect_sequence=args.expect_sequence,
+        timeout=args.timeout,
+        concurrency=args.concurrency,
+    )
+    report = check.audit(args.url, options, datetime.now(timezone.utc))
+    if args.json:
+        print(json.dumps(report.to_json(), ensure_ascii=False, indent=1))
+    else:
+        for finding in report.findings:
+            print(finding.line())
+        print(
+            f"{report.verdict}: sequence {report.sequence}, {report.checked}/{report.listed} "
+            f"files checked, {len(report.findings)} findings, {report.seconds:.1f} s"
+        )
+    codes = {
+        check.ALTERED: EXIT_AUDIT_ALTERED,
+        check.STALE: EXIT_AUDIT_STALE,
+        check.UNREACHABLE: EXIT_AUDIT_UNREACHABLE,
+    }
+    return codes.get(report.verdict, EXIT_OK)
 
 
 def add_commands(add: AddCommand) -> None:
@@ -190,3 +238,31 @@ def add_commands(add: AddCommand) -> None:
         help="record a signed prep-manifest.json (or its folder) as the latest cut, and exit",
     )
     p.add_argument("--example", action="store_true", help="print a commented config and exit")
+
+    p = add(
+        "audit", cmd_audit, "check that a difusor serves the institute's signed cut, byte for byte"
+    )
+    p.add_argument("url", metavar="URL", help="the difusor's public address (its frame)")
+    p.add_argument(
+        "--trust", required=True, metavar="ALLOWED_SIGNERS", help="the institute's allowed_signers"
+    )
+    p.add_argument("--threshold", type=positive_int, default=1, metavar="N", help="keys required")
+    p.add_argument("--election", metavar="ID", help="the election the cut must be of")
+    files = p.add_mutually_exclusive_group()
+    files.add_argument(
+        "--sample",
+        type=positive_int,
+        metavar="N",
+        help="N random files plus the entry page and every CSV and zip",
+    )
+    files.add_argument("--all", action="store_true", help="every listed file (the default)")
+    p.add_argument(
+        "--expect-sequence", type=positive_int, metavar="N", help="the newest sequence known"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=10.0, metavar="SECONDS", help="per request (default 10)"
+    )
+    p.add_argument(
+        "--concurrency", type=positive_int, default=8, metavar="N", help="parallel GETs (default 8)"
+    )
+    p.add_argument("--json", action="store_true", help="the report as JSON")

@@ -61,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prep-agent",
         description="Verify and publish signed PREP result cuts (prep-cut/1) for a difusor.",
-        epilog="Exit codes: 0 ok, 2 error, 3 cut rejected, 4 locked, 70 internal error.",
+        epilog=(
+            "Exit codes: 0 ok, 2 error, 3 cut rejected, 4 locked, 5 undelivered, "
+            "6 audit: copy altered, 7 audit: copy stale, 8 audit: difusor unreachable, "
+            "70 internal error."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"prep-agent {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")

@@ -16,6 +16,12 @@ EXIT_LOCKED = 4
 """Another agent already holds the lock on this root."""
 EXIT_UNDELIVERED = 5
 """``distribute``: some enabled difusor does not hold the cut."""
+EXIT_AUDIT_ALTERED = 6
+"""``audit``: the difusor serves something other than the institute's signed cut."""
+EXIT_AUDIT_STALE = 7
+"""``audit``: an intact copy of a cut older than ``--expect-sequence``."""
+EXIT_AUDIT_UNREACHABLE = 8
+"""``audit``: nothing differs, but some answer did not come (timeout, connection, 5xx)."""
 EXIT_INTERNAL = 70
 """Unexpected failure (a bug); the traceback is in the log."""
 

@@ -22,9 +22,10 @@ from prep_agent.agent.config import Config
 from prep_agent.agent.store import Release
 from prep_agent.core.cuttime import format_cut_time
 from prep_agent.core.freshness import FINAL, NO_CUT, freshness, stale_at
+from prep_agent.core.protocol import RELEASES_FOLDER
 from prep_agent.shared.fsutil import atomic_write
 
-RELEASES_URL = "cortes"
+RELEASES_URL = RELEASES_FOLDER
 """URL folder under which each release is served, immutable."""
 STALE_TEXT = (
     "AVISO: se interrumpió la transmisión de los Resultados Electorales Preliminares. "

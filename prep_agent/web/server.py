@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prep_agent.agent.config import Config
+from prep_agent.core.protocol import CACHE_FRAME, CACHE_RELEASE
 from prep_agent.shared.fsutil import atomic_write
 from prep_agent.shared.httpserver import (
     Server,
@@ -32,14 +33,19 @@ from prep_agent.shared.httpserver import (
 from prep_agent.web.frame import RELEASES_URL
 from prep_agent.web.health import Metrics, Snapshot, create_app
 
-IMMUTABLE = "public, max-age=31536000, immutable"
+IMMUTABLE = CACHE_RELEASE
 """Cache-Control of release files: a release URL never changes content."""
-SHORT = "public, max-age=5, stale-while-revalidate=10, stale-if-error=86400"
+SHORT = CACHE_FRAME
 """Cache-Control of the frame and status.json: a CDN refreshes them every few seconds
 and keeps serving the last copy if the origin fails (the page still turns stale
 by the server clock)."""
 ASSETS = "public, max-age=300, stale-while-revalidate=60, stale-if-error=86400"
 """Cache-Control of the frame's own script, style and logo."""
+
+CORS_ORIGIN = "*"
+"""Access-Control-Allow-Origin of the public files (never the health paths): any page,
+the institute's verifier among them, may read them with a plain GET (no credentials,
+no preflight; any other method is still 405)."""
 
 SMALL_FILE = 256 * 1024
 """Files up to this size are answered from one read: waitress's file wrapper costs
@@ -73,6 +79,7 @@ def nginx_snippets(config: Config) -> dict[str, str]:
     common = (
         'add_header X-Content-Type-Options "nosniff" always;\n'
         'add_header Referrer-Policy "strict-origin-when-cross-origin" always;\n'
+        f'add_header Access-Control-Allow-Origin "{CORS_ORIGIN}" always;\n'
     )
     header = "# Written by prep-agent from its config; do not edit.\n"
     return {
@@ -131,12 +138,14 @@ class PublicApp:
             ("Content-Security-Policy", frame_csp(config)),
             ("X-Content-Type-Options", "nosniff"),
             ("Referrer-Policy", "strict-origin-when-cross-origin"),
+            ("Access-Control-Allow-Origin", CORS_ORIGIN),
         ]
         self.cache = FileCache()
         self.content_headers = [
             ("Content-Security-Policy", content_csp(config)),
             ("X-Content-Type-Options", "nosniff"),
             ("Referrer-Policy", "strict-origin-when-cross-origin"),
+            ("Access-Control-Allow-Origin", CORS_ORIGIN),
         ]
 
     def route(self, path: str) -> tuple[Path, str, list[tuple[str, str]]] | None:
@@ -169,7 +178,7 @@ class PublicApp:
         routed = self.route(path)
         if routed is None:
             if path.startswith(("/static/", f"/{RELEASES_URL}/")) or path in ("/", "/status.json"):
-                return _not_found(start_response)
+                return _not_found(start_response, cors=True)
             return self.fallback(environ, start_response)
         method = environ.get("REQUEST_METHOD", "GET")
         if method not in ("GET", "HEAD"):
@@ -181,16 +190,17 @@ class PublicApp:
         return self.cache.send(environ, start_response, file, cache, security)
 
 
-def _not_found(start_response: Callable[..., Any]) -> Iterable[bytes]:
+def _not_found(start_response: Callable[..., Any], cors: bool = False) -> Iterable[bytes]:
+    """404; ``cors`` on a public path, so a verifier page can tell "missing" from "blocked"."""
     body = b"No encontrado\n"
+    headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-store"),
+        ("X-Content-Type-Options", "nosniff"),
+    ]
     start_response(
-        "404 Not Found",
-        [
-            ("Content-Type", "text/plain; charset=utf-8"),
-            ("Content-Length", str(len(body))),
-            ("Cache-Control", "no-store"),
-            ("X-Content-Type-Options", "nosniff"),
-        ],
+        "404 Not Found", headers + ([("Access-Control-Allow-Origin", CORS_ORIGIN)] if cors else [])
     )
     return [body]
 
@@ -262,11 +272,11 @@ class FileCache:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
-            return _not_found(start_response)
+            return _not_found(start_response, cors=True)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
-            return _not_found(start_response)
+            return _not_found(start_response, cors=True)
         etag = f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
         headers = [
             ("Content-Type", content_type(path.name)),

@@ -32,6 +32,7 @@ from prep_agent.core.cuttime import format_cut_time
 from prep_agent.core.errors import ConfigError, Error, Rejection, SignatureFormatError
 from prep_agent.core.manifest import MANIFEST_NAME, Limits, parse_manifest, parse_rfc3339
 from prep_agent.core.protocol import SIGNATURE_HEADER
+from prep_agent.institute.collector.audits import AuditLog, Auditor, copy_summary
 from prep_agent.institute.collector.board import LABELS, Board, make_board
 from prep_agent.institute.collector.config import CollectorConfig
 from prep_agent.institute.collector.deliveries import DeliveryLog, target_summary
@@ -94,6 +95,8 @@ CSV_COLUMNS = (
     "unlink",
     "output",
     "poll_error",
+    "copy",
+    "copy_detail",
 )
 """Columns of ``/difusores.csv`` (the JSON rows' keys)."""
 
@@ -141,6 +144,7 @@ class Collector:
         self.clock = clock
         self.store = CollectorDatabase(config.database, config.history_rows)
         self.deliveries = DeliveryLog(config.database)
+        self.audits = AuditLog(config.database)
         self.names = {d.service_id: d.name for d in config.difusores}
         self.entries = {d.service_id: d for d in config.difusores}
         self.signers: list[AllowedSigner] = []
@@ -212,6 +216,7 @@ class Collector:
             self.config.period_seconds,
             {sid: target_summary(r) for sid, r in self.deliveries.targets().items()},
             {sid: e.contact for sid, e in self.entries.items()},
+            {sid: copy_summary(r) for sid, r in self.audits.latest().items()},
         )
 
     def record_cut_file(self, path: Path) -> int:
@@ -305,6 +310,19 @@ class Poller:
         self.pool = ThreadPoolExecutor(max_workers=max(1, min(32, len(targets))))
         self.inflight: dict[str, Future[None]] = {}
         self.thread = threading.Thread(target=self.loop, name="collector-poller", daemon=True)
+        self.auditor: Auditor | None = None
+        settings = collector.config.audit
+        if settings.enabled and settings.signers is not None:
+            trust = settings.signers
+            load_trust(trust)  # refuse to start on an unreadable file; re-read per audit
+            self.auditor = Auditor(
+                settings,
+                collector.config.difusores,
+                lambda: tuple(load_trust(trust)),
+                collector.audits,
+                collector.config.poll_interval,
+                collector.clock,
+            )
 
     def loop(self) -> None:
         c = self.collector
@@ -316,6 +334,8 @@ class Poller:
                 if time.monotonic() >= next_poll:
                     next_poll = time.monotonic() + c.config.poll_interval
                     self.poll_all()
+                if self.auditor is not None:
+                    self.auditor.tick(c.board())
             except Exception:  # keep the collector alive; the dashboard shows staleness
                 log.error("collector tick failed", exc_info=True)
             self.stop_event.wait(TICK)
@@ -340,6 +360,8 @@ class Poller:
         self.stop_event.set()
         self.thread.join(timeout=5)
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.auditor is not None:
+            self.auditor.stop()
 
 
 def _cut_text(text: str) -> str:

@@ -67,6 +67,12 @@ class Row:
     published_sequence: int | None = None
     publish_latency: float | None = None
     delivery_error: str | None = None
+    copy: str | None = None
+    """The latest audit of its public copy: intact, altered, stale, unreachable (None: never)."""
+    copy_label: str | None = None
+    copy_detail: str | None = None
+    copy_checked: str | None = None
+    copy_audited_at: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The row as a JSON object."""
@@ -140,9 +146,12 @@ def make_row(
     unlink_after: float,
     delivery: Mapping[str, Any] | None = None,
     contact: str | None = None,
+    audit: Mapping[str, Any] | None = None,
 ) -> Row:
     """The dashboard row of one difusor; ``delivery`` is its
-    ``deliveries.target_summary`` (None when the institute never delivered to it)."""
+    ``deliveries.target_summary`` (None when the institute never delivered to it),
+    ``audit`` its ``audits.copy_summary`` (an altered copy is failing since its
+    first altered audit in a row)."""
     ts = now.timestamp()
     doc = rec.last_doc or {}
     raw_seq = check_value(doc, "cut:sequence")
@@ -164,6 +173,10 @@ def make_row(
     delivery_since = delivery.pop("delivery_failing_since", None)
     if delivery_since is not None:
         since.append(delivery_since)
+    audit = dict(audit or {})
+    copy_since = audit.pop("copy_failing_since", None)
+    if copy_since is not None:
+        since.append(copy_since)
     failing_since = min(since) if since else None
     failing_for = max(0.0, ts - failing_since) if failing_since is not None else None
     return Row(
@@ -188,6 +201,7 @@ def make_row(
         poll_error=rec.poll_error,
         contact=contact,
         **delivery,
+        **audit,
     )
 
 
@@ -201,14 +215,16 @@ def make_board(
     period_override: float | None = None,
     deliveries: Mapping[str, Mapping[str, Any]] | None = None,
     contacts: Mapping[str, str | None] | None = None,
+    audits: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Board:
     """Rows for ``records``, worst first (to unlink, silent, failing, behind, up to date);
-    ``deliveries`` maps a difusor to its delivery summary."""
+    ``deliveries`` maps a difusor to its delivery summary, ``audits`` to its copy summary."""
     latest = cuts[-1] if cuts else None
     period = period_override or (latest.period_seconds if latest else DEFAULT_PERIOD)
     unlink_after = unlink_periods * period
     deliveries = deliveries or {}
     contacts = contacts or {}
+    audits = audits or {}
     rows = [
         make_row(
             r,
@@ -219,6 +235,7 @@ def make_board(
             unlink_after,
             deliveries.get(r.service_id),
             contacts.get(r.service_id),
+            audits.get(r.service_id),
         )
         for r in records
     ]

@@ -38,6 +38,8 @@ DIFUSOR_PREFIX = "difusor:"
 """Sections ``[difusor:ID]`` register a difusor (ID is its serviceId)."""
 
 
+AUDIT = "audit"
+"""Section ``[audit]``: how the collector audits the difusores' public copies."""
 DISTRIBUTE = "distribute"
 """Section ``[distribute]``: how ``prep-agent distribute`` checks and sends cuts."""
 
@@ -92,6 +94,28 @@ class DistributeSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """The ``[audit]`` section: auditing every difusor's public copy after every cut.
+
+    Trust, election and threshold are ``[distribute]``'s (the institute's own);
+    auditing is on when ``[distribute] allowed_signers`` is set, unless ``enabled = no``.
+    """
+
+    enabled: bool = False
+    signers: Path | None = None
+    election: str | None = None
+    threshold: int = 1
+    sample: int = 20
+    full_every: int = 6
+    """Every this many audits of a difusor, one is in full."""
+    after: float = 120.0
+    """Seconds after a cut is recorded when it is audited even if unreported."""
+    timeout: float = 10.0
+    concurrency: int = 4
+    workers: int = 4
+
+
+@dataclass(frozen=True)
 class CollectorConfig:
     """Every setting of the collector; paths are absolute."""
 
@@ -112,6 +136,7 @@ class CollectorConfig:
     refresh_seconds: int = 10
     dashboard_allow: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
     distribute: DistributeSettings = field(default_factory=DistributeSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
 
 TEMPLATE = """\
@@ -164,6 +189,20 @@ retry_for = 540
 backoff_max = 60
 # Seconds to wait for each difusor's status.json to show a delivered cut.
 confirm_timeout = 120
+
+# After every signed cut the collector audits each difusor's public copy (as
+# `prep-agent audit` does, with [distribute]'s allowed_signers): `sample` random
+# files plus the entry page and every CSV and zip, and every `full_every`-th audit
+# of a difusor in full; a cut is audited once the difusor reports it, or `after`
+# seconds after it was recorded. An altered copy counts toward unlink_periods.
+[audit]
+enabled = yes
+sample = 20
+full_every = 6
+after = 120
+timeout = 10
+concurrency = 4
+workers = 4
 
 # One section per difusor; the id is its serviceId.
 # [difusor:diario-a]
@@ -285,6 +324,36 @@ def _distribute(parser: configparser.ConfigParser, base: Path) -> DistributeSett
     )
 
 
+def _audit(parser: configparser.ConfigParser, distribute: DistributeSettings) -> AuditSettings:
+    """The ``[audit]`` section (its trust is ``[distribute]``'s)."""
+
+    def number(key: str, default: float) -> float:
+        try:
+            value = parser.getfloat(AUDIT, key, fallback=default)
+        except ValueError:
+            raise ConfigError(f"[{AUDIT}] {key} must be a number") from None
+        if value <= 0:
+            raise ConfigError(f"[{AUDIT}] {key} must be positive")
+        return value
+
+    try:
+        enabled = parser.getboolean(AUDIT, "enabled", fallback=True)
+    except ValueError:
+        raise ConfigError(f"[{AUDIT}] enabled must be yes or no") from None
+    return AuditSettings(
+        enabled=enabled and distribute.signers is not None,
+        signers=distribute.signers,
+        election=distribute.election,
+        threshold=distribute.threshold,
+        sample=int(number("sample", 20)),
+        full_every=int(number("full_every", 6)),
+        after=number("after", 120.0),
+        timeout=number("timeout", 10.0),
+        concurrency=int(number("concurrency", 4)),
+        workers=int(number("workers", 4)),
+    )
+
+
 def _difusores(parser: configparser.ConfigParser, base: Path) -> tuple[DifusorEntry, ...]:
     entries = []
     for section in parser.sections():
@@ -327,6 +396,7 @@ def load_collector(path: Path) -> CollectorConfig:
         except ValueError:
             raise ConfigError(f"[{SECTION}] dashboard_allow: bad network {network!r}") from None
     report_period = _number(parser, "report_period", 60.0)
+    distribute = _distribute(parser, base)
     return CollectorConfig(
         trust=trust,
         database=_path(parser, SECTION, "database", base) or base / "collector.sqlite",
@@ -344,7 +414,8 @@ def load_collector(path: Path) -> CollectorConfig:
         history_rows=int(_number(parser, "history_rows", 100_000)),
         refresh_seconds=max(1, int(_number(parser, "refresh_seconds", 10))),
         dashboard_allow=allow,
-        distribute=_distribute(parser, base),
+        distribute=distribute,
+        audit=_audit(parser, distribute),
     )
 
 

@@ -1,7 +1,8 @@
 """The difusores in good standing, for the institute's own site (the seed's
 "inhabilitar la liga"): every registered difusor not flagged for ``unlink_periods``
-periods, as JSON and as an HTML fragment to include. A flagged difusor drops out
-by itself and returns once it is current again (its flag clears)."""
+periods and whose public copy was not found altered by its latest audit, as JSON
+and as an HTML fragment to include. A flagged difusor drops out by itself and
+returns once it is current again (its flag clears)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from prep_agent.institute.audit.check import ALTERED
 from prep_agent.institute.collector.board import Board
 from prep_agent.institute.collector.config import DifusorEntry
 
@@ -26,7 +28,9 @@ def good_standing(board: Board, entries: Mapping[str, DifusorEntry]) -> list[dic
     rows = [
         r
         for r in board.rows
-        if not r.unlink and (r.service_id not in entries or entries[r.service_id].enabled)
+        if not r.unlink
+        and r.copy != ALTERED  # an altered public copy is not linked, not even once
+        and (r.service_id not in entries or entries[r.service_id].enabled)
     ]
     return [
         {"serviceId": r.service_id, "name": r.name, "url": public_url(entries.get(r.service_id))}
