@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prep_agent.agent.layout import Layout
+from prep_agent.agent.source_config import SourceConfig, load_source
 from prep_agent.core.errors import ConfigError
 from prep_agent.core.manifest import Limits
 from prep_agent.shared.httpserver import MAX_CONNECTIONS, ServerLimits
@@ -70,6 +71,7 @@ class Config:
     push_period: float = 60.0
     push_connect_timeout: float = 5.0
     push_read_timeout: float = 10.0
+    source: SourceConfig = field(default_factory=SourceConfig)
 
     @property
     def layout(self) -> Layout:
@@ -216,6 +218,29 @@ max_manifest_bytes = 33554432
 max_files = 200000
 max_file_bytes = 2147483648
 max_cut_bytes = 21474836480
+
+[source]
+# Where cuts come from: drop-folder (signed prep-cut/1 cuts uploaded into inbox,
+# the default) or https-package (the institute's PREP package zip, polled over HTTPS).
+type = {source_type}
+# https-package: a fixed URL that always serves the newest package, or a folder URL
+# ending in / whose index (autoindex HTML or a JSON list) names the packages
+# YYYYMMDD_HHMM_PREP[_STATE].zip; the newest stamp wins.
+url = {source_url}
+# PEM bundle trusted instead of the system's CAs (empty: the system's).
+ca_file = {ca_file}
+# SHA-256 of the server's public key (SPKI), base64 or hex, space separated (e.g.
+# the current key and its successor); empty: any key the CAs vouch for.
+pin_sha256 =
+# true: refuse a package without a valid <url>.sig (SSHSIG over the zip, namespace
+# prep-package, by the keys of trust). A .sig that is published but does not verify
+# is always refused.
+require_signature = false
+# Seconds between polls; after errors the wait doubles, up to 300.
+poll_seconds = 30
+# Largest package downloaded, in bytes, and seconds one poll may take in all.
+max_package_bytes = 268435456
+deadline_seconds = 300
 """
 
 
@@ -226,6 +251,9 @@ def render_template(**values: object) -> str:
         "difusor_name": "Difusor oficial del PREP",
         "opening_text": OPENING_TEXT,
         "instance": "",
+        "source_type": "drop-folder",
+        "source_url": "",
+        "ca_file": "",
     }
     return TEMPLATE.format(**{**defaults, **values})
 
@@ -279,9 +307,12 @@ def load(path: Path) -> Config:
     stamp = parser.get("agent", "stamp_check", fallback="reject").strip()
     if stamp not in STAMP_MODES:
         raise ConfigError(f"[agent] stamp_check must be one of {', '.join(STAMP_MODES)}")
+    source = load_source(parser, base)
+    root = _path(parser, "root", base)
+    no_inbox = source.type != "drop-folder" and not parser.get("agent", "inbox", fallback="")
     return Config(
-        root=_path(parser, "root", base),
-        inbox=_path(parser, "inbox", base),
+        root=root,
+        inbox=root / "inbox" if no_inbox else _path(parser, "inbox", base),
         election=parser.get("agent", "election", fallback="").strip() or _missing("election"),
         trust=_path(parser, "trust", base),
         threshold=_positive(parser, "agent", "threshold", 1),
@@ -301,6 +332,7 @@ def load(path: Path) -> Config:
         **_frame(parser, base),
         **_health(parser, base),
         **_push(parser, base),
+        source=source,
     )
 
 

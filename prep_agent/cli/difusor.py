@@ -41,6 +41,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise ConfigError("--root is required (or --instance NAME)")
     if args.server_name is not None:
         raise ConfigError("--server-name goes with --instance")
+    if args.ca_file is not None and args.source_url is None:
+        raise ConfigError("--ca-file goes with --source-url")
     root = Path(args.root).resolve()
     inbox = Path(args.inbox).resolve() if args.inbox else root / "inbox"
     trust = Path(args.trust).resolve()
@@ -57,6 +59,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         listen=args.listen or DEFAULT_LISTEN,
         service_id=args.service_id or "difusor",
+        **_source_values(args),
     )
     Layout(root).create()
     inbox.mkdir(parents=True, exist_ok=True)
@@ -64,8 +67,19 @@ def cmd_init(args: argparse.Namespace) -> int:
     config_path.write_text(text, encoding="utf-8")
     config = load(config_path)
     load_policy(config)
-    print(f"wrote {config_path}; drop folder {inbox}")
+    if config.source.type == "https-package":
+        print(f"wrote {config_path}; source {config.source.url}")
+    else:
+        print(f"wrote {config_path}; drop folder {inbox}")
     return EXIT_OK
+
+
+def _source_values(args: argparse.Namespace) -> dict[str, str]:
+    """``[source]`` of ``init``'s config: https-package with ``--source-url``."""
+    if args.source_url is None:
+        return {}
+    ca_file = str(Path(args.ca_file).resolve()) if args.ca_file else ""
+    return {"source_type": "https-package", "source_url": args.source_url, "ca_file": ca_file}
 
 
 def init_instance(args: argparse.Namespace) -> int:
@@ -79,6 +93,8 @@ def init_instance(args: argparse.Namespace) -> int:
     given = [f"--{k}" for k in ("root", "inbox", "config") if getattr(args, k) is not None]
     if given:
         raise ConfigError(f"--instance names its own paths: drop {', '.join(given)}")
+    if args.source_url is not None or args.ca_file is not None:
+        raise ConfigError("--source-url and --ca-file go without --instance (edit its [source])")
     if not args.server_name:
         raise ConfigError("--instance needs --server-name (the public host name of its site)")
     instance = instances.Instance(args.instance)
@@ -129,6 +145,10 @@ def init_instance(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """The daemon: watch the drop folder and publish cuts until stopped."""
     config = load_config(args)
+    if config.source.type != "drop-folder":  # agent/fetch.py is not in the daemon yet
+        raise ConfigError(
+            f"[source] type = {config.source.type}: this version's run serves drop-folder only"
+        )
     if args.once:
         config.root.mkdir(parents=True, exist_ok=True)
         with LockFile(config.layout.lock_file):
@@ -363,6 +383,18 @@ def add_commands(add: AddCommand) -> None:
         "--server-name",
         metavar="HOST",
         help="with --instance: the public host name of the instance's nginx site",
+    )
+    p.add_argument(
+        "--source-url",
+        metavar="URL",
+        help="take cuts from the institute's PREP package over HTTPS instead of the drop "
+        "folder: the URL of the newest package, or of a folder (ending in /) whose index "
+        "names them ([source] type = https-package)",
+    )
+    p.add_argument(
+        "--ca-file",
+        metavar="FILE",
+        help="with --source-url: PEM bundle trusted instead of the system's CAs",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing config file")
 

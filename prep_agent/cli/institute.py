@@ -153,6 +153,13 @@ def add_commands(add: AddCommand) -> None:
     dest.add_argument(
         "--sftp", metavar="USER@HOST:DIR", help="deliver with the OpenSSH sftp client"
     )
+    dest.add_argument(
+        "--serve-https",
+        metavar="HOST:PORT",
+        help="publish each cut as a PREP package zip (signed, namespace prep-package) in "
+        "OUT/paquetes/ and serve it over HTTPS with a test CA made in OUT/tls/ (difusores "
+        "poll https://HOST:PORT/paquetes/ with [source] type = https-package)",
+    )
     p.add_argument("--identity", metavar="FILE", help="ssh identity file for --sftp")
     p.add_argument("--port", type=positive_int, metavar="N", help="ssh port for --sftp")
     p.add_argument(
@@ -166,6 +173,11 @@ def add_commands(add: AddCommand) -> None:
         "--cuts", type=int, default=0, metavar="N", help="stop after N cuts (default: until Ctrl-C)"
     )
     p.add_argument("--final", action="store_true", help="make the last of --cuts the final cut")
+    p.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="with --serve-https and --cuts: keep serving after the last cut until Ctrl-C",
+    )
     p.add_argument(
         "--seed", type=int, default=2021, metavar="N", help="simulation seed (default 2021)"
     )

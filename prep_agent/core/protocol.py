@@ -8,6 +8,10 @@ from __future__ import annotations
 
 NAMESPACE_CUT = "prep-cut"
 """SSHSIG namespace of ``prep-manifest.json.sig`` (prep-cut-v1 §3)."""
+NAMESPACE_PACKAGE = "prep-package"
+"""SSHSIG namespace of ``<package URL>.sig``: the institute's signature over the bytes
+of a PREP package zip published over HTTPS (the ``https-package`` source). Apart from
+``prep-cut`` so that neither signature can stand for the other."""
 NAMESPACE_HEALTH = "prep-health"
 """SSHSIG namespace of the pushed health document (health-v1 §3)."""
 HEALTH_TYPE = "application/health+json"

@@ -16,6 +16,7 @@ from prep_agent.core.errors import Error
 from prep_agent.institute.delivery import deliver_local, deliver_sftp, split_target
 from prep_agent.institute.sign import CutInfo, load_key, sign_folder
 from prep_agent.institute.simulation.election import Simulation
+from prep_agent.institute.simulation.https import PackagePublisher
 from prep_agent.institute.simulation.site import build_cut
 
 OFFSET = timezone(timedelta(hours=-6), "UTC-6")
@@ -98,6 +99,22 @@ def run_institute(
         stop.wait(interval)
 
 
+class _MinuteApart:
+    """The institute's clock for packages: readings at least a minute apart, as a
+    package is named by its cut minute (with ``--interval`` under 60 s the stamps run
+    ahead of the real clock)."""
+
+    def __init__(self) -> None:
+        self.last: datetime | None = None
+
+    def __call__(self) -> datetime:
+        now = now_utc6()
+        if self.last is not None:
+            now = max(now, self.last + timedelta(minutes=1))
+        self.last = now
+        return now
+
+
 class _Deliverer:
     """The delivery of ``prep-agent simulate``: local or SFTP, reporting each cut."""
 
@@ -126,8 +143,9 @@ def main(args: argparse.Namespace) -> int:
 
     Raises ``Error`` (bad key, folder) for the command line to report.
     """
-    if bool(args.inbox) == bool(args.sftp):
-        raise Error("give exactly one of --inbox DIR and --sftp USER@HOST:DIR")
+    serve = getattr(args, "serve_https", None)
+    if sum(bool(x) for x in (args.inbox, args.sftp, serve)) != 1:
+        raise Error("give exactly one of --inbox DIR, --sftp USER@HOST:DIR and --serve-https")
     if args.sftp:
         split_target(args.sftp)
     if args.interval <= 0 or args.cuts < 0:
@@ -135,17 +153,38 @@ def main(args: argparse.Namespace) -> int:
     key = load_key(Path(args.key))
     sim = Simulation(seed=args.seed)
     stop = threading.Event()
+    publisher = _publisher(serve, Path(args.out), key) if serve else None
     try:
         run_institute(
             sim,
             key,
             Path(args.out),
-            _Deliverer(args),
+            publisher or _Deliverer(args),
             args.interval,
             args.cuts,
             stop,
+            clock=_MinuteApart() if publisher else now_utc6,
             final=args.final,
         )
+        if publisher is not None and getattr(args, "keep_serving", False):
+            stop.wait()
     except KeyboardInterrupt:
         print("institute: stopped", flush=True)
+    finally:
+        if publisher is not None:
+            publisher.close()
     return 0
+
+
+def _publisher(listen: str, out: Path, key: sshkeys.PrivateKey) -> PackagePublisher:
+    """Start serving packages over HTTPS at ``HOST:PORT``; print what a difusor needs."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise Error(f"--serve-https {listen!r}: give HOST:PORT, e.g. 127.0.0.1:8443")
+    publisher = PackagePublisher(out, key, host.strip("[]"), int(port))
+    print(
+        f"institute: serving PREP packages at {publisher.url} (also index.json and "
+        f"latest.zip); CA {publisher.ca_file}; pin_sha256 {publisher.pin}",
+        flush=True,
+    )
+    return publisher
