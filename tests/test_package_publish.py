@@ -24,7 +24,15 @@ import pytest
 
 from prep_agent.agent.config import render_template
 from prep_agent.institute.simulation.testca import TestCA, issue, make_ca, write_server_files
-from tests.kit import PREP_AGENT, AgentDaemon, Institute, ssh_sign, status_json, wait_for
+from tests.kit import (
+    PREP_AGENT,
+    AgentDaemon,
+    Institute,
+    keygen,
+    ssh_sign,
+    status_json,
+    wait_for,
+)
 from tests.test_https_fetch import Site
 from tests.test_package_checks import CUT_STAMPS, cut_members, cut_package, zip_bytes
 
@@ -161,9 +169,13 @@ def test_the_campeche_series_in_order_then_rollback_replay_and_equivocation(env:
     assert status["sequence"] == 202106072000
     assert status["cut_time"] == "2021-06-07T20:00:00-05:00"
     assert status["source"]["host"] == "127.0.0.1" and status["source"]["signed"] is False
+    # Freshness by the same rules, the period from [source] cut_period_seconds (600).
+    assert status["period_seconds"] == 600 and status["state"] == "stale"
+    assert status["stale_at"] == "2021-06-07T20:30:00-05:00"
     frame = (env.root / "public" / "index.html").read_text()
     assert "07/06/2021 20:00 h (UTC-5)" in frame
     assert "Origen: paquete del instituto descargado de 127.0.0.1 (sin firma)" in frame
+    assert '<p class="notice interrupted" id="stale-notice" role="alert">' in frame
     doc = status_json(env.conf)
     assert doc["sequence"] == 202106072000 and doc["cut_time"] == "2021-06-07T20:00:00-05:00"
     assert doc["source"]["type"] == "https-package" and doc["source"]["signed"] is False
@@ -225,10 +237,35 @@ def test_an_unsafe_package_is_quarantined_and_the_cut_keeps_serving(
     assert code == 3 and out.startswith(f"rejected: {reason}: ") and words in out
     assert tree(env.current()) == published
     entry = env.quarantined()[-1]
+    assert entry.name.endswith("-202106080000")
     assert (entry / bad_name).read_bytes() == bad
     assert json.loads((entry / "reason.json").read_bytes())["reason"] == reason
+    assert status_json(env.conf)["last_rejection"]["sequence"] == 202106080000
     status = json.loads((env.root / "public" / "status.json").read_bytes())
     assert status["sequence"] == 202106062240
+
+
+@pytest.mark.core
+def test_a_bad_signature_or_a_failing_server_gives_its_reason_and_the_cut_keeps_serving(
+    env: Env,
+) -> None:
+    name, data = cut_package(CUT_STAMPS[0])
+    env.offer(name, data)
+    assert env.once()[0] == 0
+    published = tree(env.current())
+    other = env.tmp / "other_key"
+    keygen(other)
+    newer_name, newer = cut_package(CUT_STAMPS[1])
+    env.offer(newer_name, newer, ssh_sign(other, newer, namespace="prep-package"))
+    code, out = env.once()
+    assert code == 3 and out.startswith("rejected: signature-untrusted: signed by 0/1")
+    assert status_json(env.conf)["last_rejection"]["reason"] == "signature-untrusted"
+    env.site.routes["/paquetes/"] = lambda h: h.answer(500, b"<h1>Error interno</h1>")
+    code, out = env.once()
+    assert code == 2 and out.startswith("source-error: source-http-status: HTTP 500 from")
+    assert tree(env.current()) == published
+    events = [e["event"] for e in env.journal()]
+    assert events.count("cut-rejected") == 1 and events.count("source-error") == 1
 
 
 @pytest.mark.core
@@ -253,6 +290,9 @@ def test_the_daemon_polls_publishes_signed_packages_and_serves_the_frame(env: En
         assert status["source"]["signed"] is True
         with urlopen(f"http://{agent.address}/{status['entry']}") as answer:
             assert b"Resultados preliminares" in answer.read()
+        original = f"http://{agent.address}/cortes/{status['release']}/paquete/{name}"
+        with urlopen(original) as answer:
+            assert answer.read() == data
     finally:
         assert agent.stop() == 0
     published = [e for e in agent.journal() if e["event"] == "cut-published"]

@@ -36,7 +36,7 @@ from datetime import datetime
 from typing import Any, Callable, Protocol
 
 from prep_agent.agent.config import Config
-from prep_agent.agent.fetch import Fetcher
+from prep_agent.agent.fetch import Fetcher, package_stamp
 from prep_agent.agent.https_get import UNSIGNED, FetchError
 from prep_agent.agent.journal import Journal
 from prep_agent.agent.lock import LockFile
@@ -365,7 +365,8 @@ class PackageIntake:
         sha256 = hashlib.sha256(data).hexdigest()
         if sha256 == state.package_decided_sha256:
             return PackageOutcome("idle"), state
-        sequence: int | None = None
+        named = package_stamp(name) if _PLAIN_NAME.fullmatch(name) else None
+        sequence = int(named) if named else None  # until the CSVs give the stamp
         try:
             if not _PLAIN_NAME.fullmatch(name) or name in (".", ".."):
                 raise Rejection(PATH_INVALID, f"package name {name[:100]!r} is not a file name")
