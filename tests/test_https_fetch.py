@@ -35,6 +35,8 @@ from prep_agent.agent.fetch import (
     backoff,
     check_zip_end,
     newest_in_index,
+    package_file_name,
+    package_stamp,
 )
 from prep_agent.agent.https_get import FetchError, spki_sha256
 from prep_agent.core.allowed_signers import parse_allowed_signers
@@ -235,6 +237,27 @@ def test_an_index_with_two_newest_names_or_none_is_refused() -> None:
         newest_in_index("https://x.mx/p/", b'["http://x.mx/p/20210601_1852_PREP.zip"]')
 
 
+@pytest.mark.core
+def test_file_names_stamps_and_zip_ends() -> None:
+    url = "https://x.mx/descarga?id=7"
+    assert package_file_name("https://x.mx/p/latest.zip", "") == "latest.zip"
+    assert package_file_name(url, f"attachment; filename={NAME}") == NAME
+    assert package_file_name("https://x.mx/p/a%20b.zip", 'inline; filename="../../x.zip"') == (
+        "a b.zip"
+    )
+    with pytest.raises(FetchError, match="no file name"):
+        package_file_name("https://x.mx/p/", "")
+    assert package_stamp(NAME) == "202106011852"
+    assert package_stamp("20210601_1852_PREP.zip") == "202106011852"
+    assert package_stamp("20210631_1852_PREP_CAMP.zip") is None  # June has 30 days
+    assert package_stamp("20210601_1852_PREP_CAMP.zip.sig") is None
+    data = small_zip()
+    commented = data[:-2] + b"\x05\x00hola!"  # a 5-byte archive comment
+    check_zip_end(commented)
+    with pytest.raises(FetchError, match="package-truncated"):
+        check_zip_end(commented[:-1])
+
+
 # --- conditional requests ---------------------------------------------------------------
 
 
@@ -269,6 +292,33 @@ def test_etag_is_sent_back_and_a_new_package_is_fetched(site: Site) -> None:
     package = fetcher.poll(datetime.now(timezone.utc))
     assert package is not None and package.data == versions[-1]
     assert package.validators.etag == '"v3"'
+
+
+@pytest.mark.core
+def test_fixed_url_redirecting_to_the_newest_is_conditional_too(site: Site) -> None:
+    shutil.copy(CAMPECHE, site.folder / "paquetes" / NAME)
+
+    def redirect(h: _Handler) -> None:
+        h.answer(302, b"", {"Location": f"/paquetes/{NAME}"})
+
+    site.routes["/latest.zip"] = redirect
+    fetcher = Fetcher(settings(site, "/latest.zip"), signers=())
+    package = fetcher.poll(datetime.now(timezone.utc))
+    assert package is not None
+    assert (package.url, package.file_name) == (site.url(f"/paquetes/{NAME}"), NAME)
+    assert fetcher.poll(datetime.now(timezone.utc)) is None
+    asked = [path for path, _ in site.seen]
+    assert asked == ["/latest.zip", f"/paquetes/{NAME}", f"/paquetes/{NAME}.sig"] + asked[:2]
+    assert "If-Modified-Since" in site.seen[-1][1]
+
+
+@pytest.mark.core
+def test_redirect_to_plain_http_is_refused(site: Site) -> None:
+    site.routes["/latest.zip"] = lambda h: h.answer(302, b"", {"Location": "http://x.mx/a.zip"})
+    error = refused(site, "/latest.zip")
+    assert str(error) == (
+        f"source-http-status: {site.url('/latest.zip')}: redirect 302 to a non-https URL"
+    )
 
 
 # --- the server misbehaves -----------------------------------------------------------
@@ -391,6 +441,14 @@ def test_certificate_of_another_ca_is_refused(site: Site, tmp_path: Path) -> Non
     assert error.reason == "source-tls"
     assert "certificate verify failed" in error.detail
     assert not any(path == f"/{NAME}" for path, _ in site.seen)
+
+
+@pytest.mark.core
+def test_without_ca_file_the_system_cas_decide(site: Site) -> None:
+    """The test CA is in no system bundle: without ca_file the server is not trusted."""
+    shutil.copy(CAMPECHE, site.folder / NAME)
+    error = refused(site, f"/{NAME}", ca_file=None)
+    assert str(error).startswith("source-tls: certificate verify failed"), error
 
 
 @pytest.mark.core

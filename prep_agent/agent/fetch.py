@@ -150,6 +150,7 @@ class Fetcher:
     signers: Sequence[AllowedSigner]
     threshold: int = 1
     validators: dict[str, Validators] = field(default_factory=dict)
+    """The validators of the last package fetched, by the URL asked (before redirects)."""
     failures: int = 0
     rng: random.Random = field(default_factory=random.Random)
 
@@ -161,13 +162,13 @@ class Fetcher:
         returned, so a failed poll downloads it again next time.
         """
         try:
-            package = self._poll(now)
+            asked, package = self._poll(now)
         except FetchError:
             self.failures += 1
             raise
         self.failures = 0
-        if package is not None:
-            self.validators[package.url] = package.validators
+        if package is not None:  # kept under the URL asked, which may redirect
+            self.validators[asked] = package.validators
         return package
 
     def forget(self) -> None:
@@ -180,7 +181,8 @@ class Fetcher:
         that many difusores do not retry in step)."""
         return backoff(self.failures, self.settings.poll_seconds, self.rng.random())
 
-    def _poll(self, now: datetime) -> Package | None:
+    def _poll(self, now: datetime) -> tuple[str, Package | None]:
+        """The package URL asked (before redirects) and the package, if new."""
         s = self.settings
         verify: str | bool = s.ca_file if s.ca_file else system_ca()
         with Client(verify, s.pins, s.connect_timeout, s.read_timeout, s.deadline_seconds) as web:
@@ -194,14 +196,14 @@ class Fetcher:
                 web, url, {**_ZIP_ACCEPT, **known.headers()}, s.max_bytes, _check_zip_start
             )
             if answer.status == 304:
-                return None
+                return url, None
             _expect_ok(answer, final)
             check_zip_end(answer.body)
             if disposition:
                 name = package_file_name(final, answer.headers.get("content-disposition", ""))
             signed_by = self._signature(web, final, answer.body, now)
         validators = Validators(answer.headers.get("etag"), answer.headers.get("last-modified"))
-        return Package(final, name, answer.body, signed_by, validators)
+        return url, Package(final, name, answer.body, signed_by, validators)
 
     def _signature(
         self, web: Client, url: str, data: bytes, now: datetime
