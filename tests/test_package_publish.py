@@ -17,6 +17,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import pytest
 
 from prep_agent.agent.config import render_template
 from prep_agent.institute.simulation.testca import TestCA, issue, make_ca, write_server_files
+from prep_agent.report.incidents import read_incidents
 from tests.kit import (
     PREP_AGENT,
     AgentDaemon,
@@ -264,8 +266,14 @@ def test_a_bad_signature_or_a_failing_server_gives_its_reason_and_the_cut_keeps_
     code, out = env.once()
     assert code == 2 and out.startswith("source-error: source-http-status: HTTP 500 from")
     assert tree(env.current()) == published
-    events = [e["event"] for e in env.journal()]
+    journal = env.journal()
+    events = [e["event"] for e in journal]
     assert events.count("cut-rejected") == 1 and events.count("source-error") == 1
+    window = (datetime.now(timezone.utc) - timedelta(hours=1), datetime.now(timezone.utc))
+    incidents = read_incidents(journal, window)
+    assert [r["reason"] for r in incidents.rejected] == ["signature-untrusted"]
+    assert [o["event"] for o in incidents.other] == ["source-error"]
+    assert [c.sequence for c in incidents.cuts] == [202106062240]
 
 
 @pytest.mark.core

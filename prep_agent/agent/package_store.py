@@ -277,6 +277,7 @@ class PackageIntake:
 
         Raises ``OSError`` or ``Error`` (a failure of the agent's own).
         """
+        polled = time.monotonic()
         try:
             fetched = self.fetcher.poll(self.clock())
         except FetchError as exc:
@@ -295,6 +296,7 @@ class PackageIntake:
                     fetched.signed_by,
                     fetched.host,
                     fetched.url,
+                    polled,
                 )
         except BaseException:
             self.fetcher.forget()
@@ -353,15 +355,18 @@ class PackageIntake:
         signed_by: tuple[str, ...] | None,
         host: str,
         url: str = "",
+        polled: float | None = None,
     ) -> tuple[PackageOutcome, State]:
         """Decide the package ``data`` published as ``name`` on ``host`` and publish it
         if it is the newest; return the outcome and the new state (already saved).
 
         ``signed_by`` names the trusted keys whose signature over ``data`` verified
-        (None: unsigned). Raises ``OSError`` or ``Error`` (a failure of the agent's
-        own: nothing was decided, the published cut stays).
+        (None: unsigned); ``polled`` is when its poll began (``time.monotonic()``).
+        Raises ``OSError`` or ``Error`` (a failure of the agent's own: nothing was
+        decided, the published cut stays).
         """
         started = time.monotonic()
+        polled = started if polled is None else polled
         sha256 = hashlib.sha256(data).hexdigest()
         if sha256 == state.package_decided_sha256:
             return PackageOutcome("idle"), state
@@ -423,6 +428,7 @@ class PackageIntake:
             build_ms=round((built - checked) * 1000, 3),
             swap_ms=round((swapped - built) * 1000, 3),
             total_ms=round((swapped - started) * 1000, 3),
+            since_seen_ms=round((swapped - polled) * 1000, 3),
         )
         if package.warnings:
             shown = list(package.warnings[:MAX_JOURNALED_WARNINGS])
