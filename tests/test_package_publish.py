@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import random
+import re
 import subprocess
 import time
 import zipfile
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 
@@ -149,7 +152,11 @@ def assert_release_of(env: Env, name: str, data: bytes, signed: bool = False) ->
     assert (release / "paquete" / name).read_bytes() == data
     for path, member in unzipped(data).items():
         assert (release / "archivos" / path).read_bytes() == member, path
-    assert b"generada por el difusor" in (release / "resultados" / "index.html").read_bytes()
+    index = (release / "resultados" / "index.html").read_text()
+    assert "generada por el difusor" in index
+    links = [unquote(h) for h in re.findall(r'href="(\.\./archivos/[^"]+)"', index)]
+    assert sorted(links) == sorted(f"../archivos/{path}" for path in unzipped(data))
+    assert all((release / "resultados" / link).is_file() for link in links)
     info = json.loads((release / ".well-known/prep-package/package.json").read_bytes())
     assert info["name"] == name and info["sha256"] == hashlib.sha256(data).hexdigest()
     assert info["host"] == "127.0.0.1" and info["signed"] is signed
@@ -357,7 +364,9 @@ def test_kill_9_during_publication_leaves_the_old_or_the_new_cut_complete(env: E
     old_name, old = cut_package(CUT_STAMPS[0])
     env.offer(old_name, old)
     assert env.once()[0] == 0
-    new_name, new = cut_package(CUT_STAMPS[-1])
+    new_name = f"{CUT_STAMPS[-1]}_PREP_CAMP.zip"
+    filler = random.Random(15).randbytes(8 * 1024**2)  # a build long enough to interrupt
+    new = zip_bytes({**cut_members(CUT_STAMPS[-1]), "anexos/relleno.bin": filler})
     env.offer(new_name, new)
     seen: list[tuple[float, bool, str | None]] = []
     for extra in (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0):
