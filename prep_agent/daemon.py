@@ -3,7 +3,10 @@
 One ``step()`` looks at the drop folder once: reads the signature and the
 manifest, decides with ``verify.decide``, builds and swaps the release, and
 records the outcome (journal, state, quarantine). ``run()`` repeats it on file
-events and periodic rescans until stopped.
+events and periodic rescans until stopped. With ``[source] type =
+https-package`` a step is one poll of the institute's URL (``agent/fetch.py``)
+and the publication of a new package (``agent/package_store.py``), repeated
+every ``poll_seconds`` (longer after errors).
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prep_agent.agent.config import Config
+from prep_agent.agent.fetch import Fetcher, settings_of
 from prep_agent.agent.floor import JournalFloor, checked_state
 from prep_agent.agent.intake import FileIdentity, Pending, Watcher, read_delivery, sequence_hint
 from prep_agent.agent.journal import Journal
 from prep_agent.agent.lock import LockFile
+from prep_agent.agent.package_store import PackageIntake
 from prep_agent.agent.state import Rejected, State, save_state
 from prep_agent.agent.store import Release, Store
 from prep_agent.core.allowed_signers import parse_allowed_signers
@@ -53,8 +58,8 @@ files give the same verdict until the trust changes."""
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one step did: ``idle``, ``waiting``, ``published``, ``replay``, ``rejected``
-    or (daemon only) ``error``."""
+    """What one step did: ``idle``, ``waiting``, ``published``, ``replay``, ``rejected``,
+    ``source-error`` (https-package: the poll failed) or (daemon only) ``error``."""
 
     status: str
     sequence: int | None = None
@@ -132,6 +137,13 @@ class Agent:
         write_nginx_snippets(config)
         self.shown = self.store.current_name()
         write_public(config, self.store.current(), clock())
+        self.packages: PackageIntake | None = None
+        if config.source.type == "https-package":
+            fetcher = Fetcher(settings_of(config.source), self.policy.signers, config.threshold)
+            self.packages = PackageIntake(
+                config, self.store, self.journal, self.metrics, clock, self._show, fetcher
+            )
+            self.packages.notify = self._notify_push
 
     def _load_state(self) -> State:
         """Read the state; if ``current`` or the journal shows a higher floor (a crash
@@ -154,8 +166,11 @@ class Agent:
         """Look at the drop folder once and act on a new cut, if any.
 
         Holds the publication lock, so operator actions (rollback,
-        reset-sequence) never interleave with a publication.
+        reset-sequence) never interleave with a publication. With the
+        https-package source: one poll and its package (``_package_step``).
         """
+        if self.packages is not None:
+            return self._package_step(self.packages)
         with LockFile(self.layout.publish_lock_file, blocking=True):
             self.state = self._load_state()
             self._refresh_policy()
@@ -195,6 +210,8 @@ class Agent:
             self.journal.write("trust-error", detail=str(exc))
             return
         self.journal.write("trust-reloaded", keys=len(self.policy.signers))
+        if self.packages is not None:
+            self.packages.fetcher.signers = self.policy.signers
 
     def _step(self, settle: bool) -> Outcome:
         decided = self.state.last_decided_signature
@@ -217,6 +234,15 @@ class Agent:
                 self.pending.judged = (sig_id, identity) if identity else None
                 self.pending.verdict = rejection
             return self._refuse(rejection, delivery.manifest, delivery.signature, settle)
+
+    def _package_step(self, packages: PackageIntake) -> Outcome:
+        """One poll of the https-package source and the decision on its package."""
+        with LockFile(self.layout.publish_lock_file, blocking=True):
+            self._refresh_policy()
+            self._refresh_public()
+        done, state = packages.poll(self._load_state)
+        self.state = state or self.state
+        return Outcome(done.status, done.sequence, done.rejection)
 
     def _judged(self, settle: bool) -> tuple[str, FileIdentity] | None:
         """The unverified attempt whose verdict still holds while its files are
@@ -423,6 +449,8 @@ class Agent:
         if once:
             return self.step(settle=False)
         pusher = self._make_pusher()
+        if self.packages is not None:
+            return self._run_polling(self.packages.fetcher, pusher)
         watcher = Watcher(self.config.inbox, on_change=self._watcher_changed)
         self._watcher = watcher
         watcher.start()
@@ -451,6 +479,38 @@ class Agent:
             if self.pusher is not None:
                 self.pusher.stop()
             watcher.stop()
+            self.journal.write("agent-stopped")
+        return outcome
+
+    def _run_polling(self, fetcher: Fetcher, pusher: Pusher | None) -> Outcome:
+        """``run`` for the https-package source: a poll every ``fetcher.delay()``
+        seconds and, between polls, the public files kept true every
+        ``rescan_interval`` (an operator rollback, the cut turning stale)."""
+        self._running = True
+        if pusher is not None:
+            self.pusher = pusher
+            pusher.start()
+        self.journal.write("agent-started", source="https-package", url=self.config.source.url)
+        outcome = Outcome("idle")
+        next_poll = 0.0
+        try:
+            ready = False
+            while not self.stop_event.is_set():
+                if time.monotonic() >= next_poll:
+                    outcome = self._safe_step()
+                    next_poll = time.monotonic() + fetcher.delay()
+                else:
+                    with LockFile(self.layout.publish_lock_file, blocking=True):
+                        self._refresh_public()
+                sd_notify("WATCHDOG=1" if ready else "READY=1\nSTATUS=polling the package URL")
+                ready = True
+                wait = min(self.config.rescan_interval, next_poll - time.monotonic())
+                self.stop_event.wait(max(0.0, wait))
+        finally:
+            sd_notify("STOPPING=1")
+            self._running = False
+            if self.pusher is not None:
+                self.pusher.stop()
             self.journal.write("agent-stopped")
         return outcome
 

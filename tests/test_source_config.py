@@ -14,6 +14,7 @@ from prep_agent import cli
 from prep_agent.agent.config import load
 from prep_agent.agent.fetch import settings_of
 from prep_agent.core.errors import ConfigError
+from tests.kit import free_port
 
 URL = "https://prep.ieec.org.mx/paquetes/"
 
@@ -97,6 +98,7 @@ def test_pins_in_hex_base64_and_curl_spelling(tmp_path: Path, trust: Path) -> No
         (f"url = {URL}\npoll_seconds = 0\n", "[source] poll_seconds must be at least 1"),
         (f"url = {URL}\npin_sha256 = abcd\n", "is not a SHA-256 digest"),
         (f"url = {URL}\nmax_package_bytes = mucho\n", "must be an integer"),
+        (f"url = {URL}\ncut_period_seconds = 30\n", "between 60 and 3600"),
     ],
 )
 def test_invalid_source_settings_are_one_line_errors(
@@ -108,13 +110,14 @@ def test_invalid_source_settings_are_one_line_errors(
 
 
 @pytest.mark.core
-def test_run_refuses_a_source_it_does_not_serve_yet(
+def test_run_once_polls_the_https_package_source(
     tmp_path: Path, trust: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Until the daemon polls the https-package source, run says so instead of watching
-    a drop folder nobody fills."""
-    assert init(tmp_path, trust, "--source-url", URL) == 0
+    """run --once polls the https-package URL once (it no longer refuses the source):
+    with nothing listening there it says why in one line and exits 2, nothing decided."""
+    port = free_port()
+    assert init(tmp_path, trust, "--source-url", f"https://127.0.0.1:{port}/paquetes/") == 0
     capsys.readouterr()
     assert cli.main(["run", "--once", "--config", str(tmp_path / "srv" / "prep-agent.conf")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.endswith("[source] type = https-package: this version's run serves drop-folder only")
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("source-error: source-unreachable: ") and "\n" not in out

@@ -241,6 +241,9 @@ poll_seconds = 30
 # Largest package downloaded, in bytes, and seconds one poll may take in all.
 max_package_bytes = 268435456
 deadline_seconds = 300
+# The institute's period between cuts, in seconds (a package states none): the
+# interruption notice shows after stale_periods of them without a newer package.
+cut_period_seconds = 600
 """
 
 

@@ -31,6 +31,9 @@ class SourceConfig:
     poll_seconds: float = 30.0
     max_package_bytes: int = 256 * 1024**2
     deadline_seconds: float = 300.0
+    cut_period_seconds: int = 600
+    """The institute's period between cuts (a package states none): the frame's
+    interruption notice shows after ``stale_periods`` of them (prep-cut-v1 §6)."""
 
 
 def load_source(parser: configparser.ConfigParser, base: Path) -> SourceConfig:
@@ -61,6 +64,7 @@ def load_source(parser: configparser.ConfigParser, base: Path) -> SourceConfig:
         poll_seconds=_source_seconds(parser, "poll_seconds", 30.0),
         max_package_bytes=_max_bytes(parser),
         deadline_seconds=_source_seconds(parser, "deadline_seconds", 300.0),
+        cut_period_seconds=_cut_period(parser),
     )
 
 
@@ -107,4 +111,14 @@ def _max_bytes(parser: configparser.ConfigParser) -> int:
         raise ConfigError("[source] max_package_bytes must be an integer") from None
     if value < 1:
         raise ConfigError("[source] max_package_bytes must be at least 1")
+    return value
+
+
+def _cut_period(parser: configparser.ConfigParser) -> int:
+    try:
+        value = parser.getint("source", "cut_period_seconds", fallback=600)
+    except ValueError:
+        raise ConfigError("[source] cut_period_seconds must be an integer") from None
+    if not 60 <= value <= 3600:
+        raise ConfigError("[source] cut_period_seconds must be between 60 and 3600")
     return value

@@ -1,4 +1,4 @@
-"""The durable agent state: highest accepted sequence and last rejection.
+"""The durable agent state: highest accepted sequence, last package, last rejection.
 
 What is *published* is never stored here: it is derived from the release
 ``current`` points to (prep-cut-v1 §5). This file only keeps what a release
@@ -34,6 +34,14 @@ class State:
     highest_manifest_sha256: str | None = None
     last_rejection: Rejected | None = None
     last_decided_signature: str | None = None
+    package_stamp: str | None = None
+    """https-package source: the stamp of the last package published (RFC 3339, its offset)."""
+    package_sha256: str | None = None
+    """The SHA-256 of that package's zip: with the stamp, what ``core.package.check_order``
+    decides rollback, replay and equivocation against."""
+    package_decided_sha256: str | None = None
+    """The SHA-256 of the last package decided (published, replayed or rejected): the same
+    bytes fetched again (after a restart) are not decided and journaled again."""
 
 
 def load_state(path: Path, missing_ok: bool = True) -> State:
@@ -57,6 +65,9 @@ def load_state(path: Path, missing_ok: bool = True) -> State:
             highest_manifest_sha256=raw.get("highest_manifest_sha256"),
             last_rejection=Rejected(**rejection) if rejection else None,
             last_decided_signature=raw.get("last_decided_signature"),
+            package_stamp=raw.get("package_stamp"),
+            package_sha256=raw.get("package_sha256"),
+            package_decided_sha256=raw.get("package_decided_sha256"),
         )
     except (AttributeError, TypeError, ValueError) as exc:
         raise Error(f"state file {path} is corrupt: {exc}") from None

@@ -14,7 +14,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timezone
 from pathlib import Path
@@ -438,8 +438,10 @@ class Store:
         sequence: int | None,
         keep: int,
         keep_bytes: int,
+        files: Mapping[str, bytes] | None = None,
     ) -> Path:
-        """Keep a rejected cut's manifest, signature and reason.
+        """Keep a rejected cut's manifest, signature and reason (and ``files``: plain
+        names and their bytes, e.g. a rejected package zip).
 
         The folder is named after the store's clock and ``sequence``. The oldest
         entries are dropped while more than ``keep`` or more than ``keep_bytes``
@@ -454,6 +456,8 @@ class Store:
             (folder / "prep-manifest.json").write_bytes(manifest_bytes)
         if sig_bytes is not None:
             (folder / "prep-manifest.json.sig").write_bytes(sig_bytes)
+        for fname, data in (files or {}).items():
+            (folder / fname).write_bytes(data)
         older = sorted(p for p in self.quarantine_dir.iterdir() if p != folder)
         sizes = [_tree_bytes(p) for p in older]
         count, total = len(older) + 1, sum(sizes) + _tree_bytes(folder)

@@ -21,12 +21,19 @@ from prep_agent.agent.lock import LockFile
 from prep_agent.agent.state import State, load_state, save_state
 from prep_agent.agent.store import Store
 from prep_agent.cli.options import AddCommand, add_config, load_config, operator, positive_int
-from prep_agent.core.errors import EXIT_OK, EXIT_REJECTED, ConfigError, Error, Rejection
+from prep_agent.core.errors import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_REJECTED,
+    ConfigError,
+    Error,
+    Rejection,
+)
 from prep_agent.core.freshness import freshness, stale_at
 from prep_agent.core.verify import decide
 from prep_agent.daemon import Agent, load_policy, published_view, serving
 from prep_agent.shared.clock import utc_now
-from prep_agent.web.frame import write_public
+from prep_agent.web.frame import release_source, write_public
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 """The agent's address when ``init`` is not told one (the packaged nginx site's upstream)."""
@@ -143,17 +150,16 @@ def init_instance(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """The daemon: watch the drop folder and publish cuts until stopped."""
+    """The daemon: watch the drop folder (or poll the package URL) and publish cuts
+    until stopped."""
     config = load_config(args)
-    if config.source.type != "drop-folder":  # agent/fetch.py is not in the daemon yet
-        raise ConfigError(
-            f"[source] type = {config.source.type}: this version's run serves drop-folder only"
-        )
     if args.once:
         config.root.mkdir(parents=True, exist_ok=True)
         with LockFile(config.layout.lock_file):
             outcome = Agent(config).run(once=True)
         _print_outcome(outcome.status, outcome.sequence, outcome.rejection)
+        if outcome.status == "source-error":
+            return EXIT_ERROR  # the package could not be fetched: nothing was decided
         return EXIT_REJECTED if outcome.status == "rejected" else EXIT_OK
     with serving(config) as (agent, server):
 
@@ -222,6 +228,7 @@ def status_report(config: Config) -> dict[str, Any]:
         "highest_sequence": state.highest_sequence,
         "last_rejection": asdict(state.last_rejection) if state.last_rejection else None,
         "releases": store.release_names(),
+        "source": release_source(current) if current else None,
     }
 
 

@@ -90,6 +90,8 @@ OTHER_EVENTS = frozenset(
         "watcher-rearmed",
         "operator-rollback",
         "operator-reset-sequence",
+        "source-error",
+        "source-recovered",
     )
 )
 """Journal events listed as incidents as they are."""

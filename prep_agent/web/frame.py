@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import quote
 
 from prep_agent.agent.config import Config
+from prep_agent.agent.package_store import read_package_info, source_text
 from prep_agent.agent.store import Release
 from prep_agent.core.cuttime import format_cut_time
 from prep_agent.core.freshness import FINAL, NO_CUT, freshness, stale_at
@@ -58,6 +59,7 @@ def public_status(config: Config, release: Release | None, now: datetime) -> dic
             "notice": None,
             "state": NO_CUT,
             "written_at": now.isoformat(timespec="seconds"),
+            "source": None,
         }
     m = release.manifest
     return {
@@ -73,6 +75,26 @@ def public_status(config: Config, release: Release | None, now: datetime) -> dic
         "notice": {"level": m.notice.level, "text": m.notice.text} if m.notice else None,
         "state": freshness(m, now, config.stale_periods),
         "written_at": now.isoformat(timespec="seconds"),
+        "source": release_source(release),
+    }
+
+
+def release_source(release: Release) -> dict[str, Any]:
+    """Where a release's cut came from: the drop folder (signed prep-cut/1), or the
+    institute's host and whether its package was signed, with the frame's Spanish line.
+
+    Raises ``Error`` if the release's package.json is damaged.
+    """
+    info = read_package_info(release)
+    if info is None:
+        return {"type": "drop-folder", "host": None, "signed": True, "text": None}
+    return {
+        "type": "https-package",
+        "host": info.host,
+        "signed": info.signed,
+        "package": info.name,
+        "package_sha256": info.sha256,
+        "text": source_text(info),
     }
 
 
@@ -92,6 +114,7 @@ def render_frame(config: Config, status: dict[str, Any], release: Release | None
     notice = status["notice"] or {}
     notice_class = "interrupted" if notice.get("level") == "interrupted" else "info"
     frame_src = f' src="{e(status["entry"])}"' if status["entry"] else ""
+    source_line = (status["source"] or {}).get("text") or ""
     data = json.dumps(status, ensure_ascii=False).replace("</", "<\\/")
     return f"""<!doctype html>
 <html lang="es-MX">
@@ -106,6 +129,7 @@ def render_frame(config: Config, status: dict[str, Any], release: Release | None
 <header class="bar">
 <div class="difusor">{logo_tag}<span>{e(config.difusor_name)}</span></div>
 <p class="cut" id="cut"{"" if release else " hidden"}>Corte de información: <time id="cut-time" datetime="{e(status["cut_time"] or "")}">{e(cut_label)}</time></p>
+<p class="source" id="source"{"" if source_line else " hidden"}>{e(source_line)}</p>
 </header>
 <div class="notices" role="status" aria-live="polite">
 <p class="notice opening" id="opening"{" hidden" if release else ""}>{e(config.opening_text)}</p>

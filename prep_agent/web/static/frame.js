@@ -54,6 +54,12 @@
       setText(t, formatCut(s.cut_time));
       setAttr(t, "datetime", s.cut_time);
     }
+    var source = el("source");
+    if (source) {
+      var line = hasCut && s.source && s.source.text ? s.source.text : "";
+      setHidden(source, !line);
+      setText(source, line);
+    }
     setHidden(el("opening"), hasCut);
     setHidden(el("stale-notice"), state !== "stale");
     setHidden(el("final-notice"), state !== "final");
