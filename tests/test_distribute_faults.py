@@ -19,15 +19,20 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
-from prep_agent.core.manifest import SIGNATURE_NAME
-from prep_agent.institute.collector.deliveries import DeliveryLog, target_summary
+from prep_agent.core.errors import Rejection
+from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME
+from prep_agent.core.verify import Policy
+from prep_agent.institute.collector.deliveries import DeliveryLog, DistributedCut, target_summary
+from prep_agent.institute.distribution.local import check_cut, load_signers
+from prep_agent.institute.distribution.snapshot import Snapshots
 from tests.distkit import Sshd, Target, write_config
 from tests.kit import (
+    ELECTION,
     PREP_AGENT,
     AgentDaemon,
     Institute,
@@ -200,3 +205,98 @@ def test_a_connection_dropped_mid_file_is_retried_to_the_complete_cut(
         agent.stop()
         faulty.stop()
         healthy_server.stop()
+
+
+@pytest.fixture
+def sshd(tmp_path: Path, upload_key: tuple[Path, str]) -> Iterator[Sshd]:
+    server = Sshd(tmp_path / "sshd", [upload_key[1]]).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_cut_folder_changed_while_distributed_sends_only_the_verified_bytes(
+    tmp_path: Path, upload_key: tuple[Path, str], sshd: Sshd
+) -> None:
+    key = upload_key[0]
+    institute = Institute(tmp_path / "institute")
+    common = {"port": sshd.port, "host_key": sshd.known_hosts_line(), "identity": key}
+    healthy = Target("sano", tmp_path / "sano", **common)  # type: ignore[arg-type]
+    healthy.inbox.mkdir()
+    late = Target("tarde", tmp_path / "tarde", **common)  # type: ignore[arg-type]
+    conf = write_config(
+        tmp_path / "institute.conf",
+        institute.allowed_signers,
+        [healthy, late],
+        retry_for=60,
+        backoff_max=1,
+    )
+    db = tmp_path / "collector.sqlite"
+    cut = make_cut(institute, tmp_path / "out", 1, T0 + timedelta(minutes=1))
+    proc = subprocess.Popen(
+        [PREP_AGENT, "distribute", "--config", str(conf), "--no-confirm", str(cut.local)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: attempts(db, "sano") and attempts(db, "tarde"),
+            30,
+            "one attempt on each target",
+            alive=proc,
+        )
+        assert attempts(db, "tarde")[0][1:] == ("failed", "remote folder missing")
+        # after the check and the first target, the PREP system rewrites its folder:
+        # a listed file in place, the manifest, and a file the manifest does not list
+        with open(cut.local / "index.html", "r+b") as fh:
+            fh.write(b"<h1>Otro</h1>")
+        (cut.local / MANIFEST_NAME).write_bytes(cut.manifest + b"\n")
+        (cut.local / "extra.html").write_bytes(b"<p>no firmado</p>")
+        late.inbox.mkdir()  # the late target becomes reachable
+        out, err = proc.communicate(timeout=60)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0, out + err
+    assert attempts(db, "tarde")[-1] == (1, "delivered", None)
+    assert holds(late, cut), "the late target got bytes the institute did not verify"
+    assert holds(healthy, cut)
+    assert not (late.inbox / "extra.html").exists()
+
+
+def test_snapshots_link_unchanged_files_and_keep_only_what_is_needed(tmp_path: Path) -> None:
+    institute = Institute(tmp_path / "institute")
+    policy = Policy(ELECTION, tuple(load_signers(institute.allowed_signers)), 1)
+    snapshots = Snapshots(tmp_path / "state" / "cuts")
+    first = make_cut(institute, tmp_path / "out", 1, T0 + timedelta(minutes=1))
+    one = check_cut(first.local, policy, None, datetime.now(timezone.utc), 0.0, snapshots)
+    assert one.source == first.local and one.folder.parent == snapshots.root
+    at = T0 + timedelta(minutes=2)
+    second = make_cut(institute, tmp_path / "out", 2, at, institute.files(at, 2))
+    last = DistributedCut(1, one.manifest_sha256, one.manifest.cut_time_text, 0.0)
+    two = check_cut(second.local, policy, last, datetime.now(timezone.utc), 0.0, snapshots)
+    logo = "img/logo.svg"  # the same bytes in both cuts: one inode
+    assert (one.folder / logo).stat().st_ino == (two.folder / logo).stat().st_ino
+    assert (one.folder / "index.html").stat().st_ino != (two.folder / "index.html").stat().st_ino
+    for rel, data in second.files.items():
+        assert (two.folder / rel).read_bytes() == data
+        assert (two.folder / rel).stat().st_mode & 0o222 == 0
+    assert (two.folder / SIGNATURE_NAME).read_bytes() == second.signature
+    snapshots.prune([one.folder])
+    assert sorted(snapshots.root.iterdir()) == [one.folder, two.folder]
+    snapshots.prune([])
+    assert list(snapshots.root.iterdir()) == [two.folder]
+    # a source that no longer matches its manifest leaves no snapshot behind
+    (second.local / "index.html").write_bytes(b"<h1>otro</h1>")
+    with pytest.raises(Rejection, match="index.html differs"):
+        check_cut(
+            second.local,
+            policy,
+            None,
+            datetime.now(timezone.utc),
+            0.0,
+            Snapshots(tmp_path / "other"),
+        )
+    assert [p.name for p in (tmp_path / "other").iterdir()] == []

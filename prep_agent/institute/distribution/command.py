@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
@@ -26,6 +26,7 @@ from prep_agent.institute.collector.deliveries import DELIVERED, DeliveryLog, Di
 from prep_agent.institute.collector.store import CollectorDatabase
 from prep_agent.institute.distribution.local import LocalCut, check_cut, load_signers, sign_here
 from prep_agent.institute.distribution.scheduler import Distributor, Event
+from prep_agent.institute.distribution.snapshot import Snapshots
 from prep_agent.institute.distribution.transport import Link, make_link
 
 log = logging.getLogger(__name__)
@@ -96,9 +97,18 @@ def _policy(config: CollectorConfig) -> Policy:
     return Policy(settings.election, tuple(signers), settings.threshold)
 
 
+def _state(config: CollectorConfig) -> Path:
+    return config.distribute.state or config.database.parent / "distribute"
+
+
+def _snapshots(config: CollectorConfig, options: Options) -> Snapshots | None:
+    """Where verified cuts are kept to be sent (none for a dry run)."""
+    return None if options.dry_run else Snapshots(_state(config) / "cuts")
+
+
 def _links(config: CollectorConfig) -> tuple[dict[str, Link], dict[str, str | None]]:
     """Every enabled difusor with an sftp target: its link and status URL."""
-    state = config.distribute.state or config.database.parent / "distribute"
+    state = _state(config)
     links: dict[str, Link] = {}
     urls: dict[str, str | None] = {}
     for entry in config.difusores:
@@ -149,8 +159,10 @@ def distribute_one(config: CollectorConfig, options: Options, out: TextIO, err: 
         sign_here(options.cut, options.keys, options.agent_keys)
     records = DeliveryLog(config.database)
     store = CollectorDatabase(config.database, config.history_rows)
+    snapshots = _snapshots(config, options)
     try:
-        cut = check_cut(options.cut, policy, records.last_distributed(), _now(), time.time())
+        last = records.last_distributed()
+        cut = check_cut(options.cut, policy, last, _now(), time.time(), snapshots)
         if options.dry_run:
             dry_run(cut, links, records, out)
             return EXIT_OK
@@ -160,6 +172,8 @@ def distribute_one(config: CollectorConfig, options: Options, out: TextIO, err: 
         )
         try:
             distributor.offer(cut)
+            if snapshots is not None:
+                snapshots.prune(c.folder for c in distributor.in_use())
             budget = config.distribute.retry_for + config.distribute.transfer_timeout + 30
             distributor.wait_idle(budget)
             outcomes = distributor.outcomes(cut.sequence)
@@ -183,19 +197,30 @@ def distribute_one(config: CollectorConfig, options: Options, out: TextIO, err: 
 class Watcher:
     """Finds new cut folders (subfolders with a signature) in the watched folder."""
 
-    def __init__(self, folder: Path, policy: Policy, records: DeliveryLog) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        policy: Policy,
+        records: DeliveryLog,
+        snapshots: Snapshots | None = None,
+    ) -> None:
         self.folder = folder
         self.policy = policy
         self.records = records
+        self.snapshots = snapshots
         self._seen: dict[str, tuple[int, int]] = {}
 
     def newest(self) -> LocalCut | None:
-        """The newest cut not seen before that passes the local check, or None."""
-        found: list[LocalCut] = []
+        """The newest cut not seen before that passes the local check, or None.
+
+        Only that one is kept in a snapshot: with several new folders in one
+        scan (a first start), the others are checked without copying them.
+        """
         try:
             names = sorted(os.listdir(self.folder), reverse=True)
         except OSError as exc:
             raise Error(f"cannot read {self.folder}: {exc.strerror}") from None
+        new: list[Path] = []
         for name in names:
             sig = self.folder / name / SIGNATURE_NAME
             try:
@@ -203,18 +228,28 @@ class Watcher:
             except OSError:
                 continue
             stamp = (st.st_ino, st.st_mtime_ns)
-            if self._seen.get(name) == stamp:
-                continue
-            self._seen[name] = stamp
-            try:
-                last = self.records.last_distributed()
-                found.append(check_cut(sig.parent, self.policy, last, _now(), time.time()))
-            except Rejection as exc:
-                log.warning("cut folder %s refused, not sent: %s", name, exc)
-            except Error as exc:
-                log.warning("cut folder %s: %s", name, exc)
+            if self._seen.get(name) != stamp:
+                self._seen[name] = stamp
+                new.append(sig.parent)
+        keep = self.snapshots if len(new) == 1 else None
+        found = [c for c in (self._check(folder, keep) for folder in new) if c is not None]
         fresh = [c for c in found if not self._replay(c)]
-        return max(fresh, key=lambda c: c.sequence) if fresh else None
+        best = max(fresh, key=lambda c: c.sequence) if fresh else None
+        if best is not None and keep is None and self.snapshots is not None:
+            kept = self._check(best.source, self.snapshots)
+            return None if kept is None else replace(kept, ready_at=best.ready_at)
+        return best
+
+    def _check(self, folder: Path, snapshots: Snapshots | None) -> LocalCut | None:
+        """The checked cut of ``folder``, or None (refusal logged)."""
+        try:
+            last = self.records.last_distributed()
+            return check_cut(folder, self.policy, last, _now(), time.time(), snapshots)
+        except Rejection as exc:
+            log.warning("cut folder %s refused, not sent: %s", folder.name, exc)
+        except Error as exc:
+            log.warning("cut folder %s: %s", folder.name, exc)
+        return None
 
     def _replay(self, cut: LocalCut) -> bool:
         last = self.records.last_distributed()
@@ -231,7 +266,8 @@ def watch(config: CollectorConfig, options: Options, stop: threading.Event, out:
     links, urls = _links(config)
     records = DeliveryLog(config.database)
     store = CollectorDatabase(config.database, config.history_rows)
-    watcher = Watcher(options.watch, policy, records)
+    snapshots = _snapshots(config, options)
+    watcher = Watcher(options.watch, policy, records, snapshots)
     distributor = Distributor(
         links, urls, config.distribute, records, Progress(len(links), out), options.confirm
     )
@@ -243,8 +279,10 @@ def watch(config: CollectorConfig, options: Options, stop: threading.Event, out:
                 dry_run(cut, links, records, out)
             elif cut is not None:
                 _accept(cut, records, store)
-                log.info("distributing cut %d from %s", cut.sequence, cut.folder)
+                log.info("distributing cut %d from %s", cut.sequence, cut.source)
                 distributor.offer(cut)
+                if snapshots is not None:
+                    snapshots.prune(c.folder for c in distributor.in_use())
             stop.wait(WATCH_INTERVAL)
     finally:
         distributor.close()

@@ -3,8 +3,9 @@
 :func:`check_cut` reads a cut folder, runs the pure :func:`core.verify.decide`
 against the institute's own allowed_signers, election and the last sequence it
 distributed (prep-cut-v1 §2–§4.4), then checks every listed file's size and
-SHA-256 as the difusor will (§4.5). :func:`sign_here` signs a folder's
-manifest with key files or with keys held by ``ssh-agent``.
+SHA-256 as the difusor will (§4.5), copying the bytes it hashes into a
+snapshot the cut is sent from (``snapshot``). :func:`sign_here` signs a
+folder's manifest with key files or with keys held by ``ssh-agent``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, pa
 from prep_agent.core.protocol import NAMESPACE_CUT
 from prep_agent.core.verify import Policy, Published, decide
 from prep_agent.institute.collector.deliveries import DistributedCut
+from prep_agent.institute.distribution.snapshot import Snapshots, copy_hashing, discard
 from prep_agent.institute.sign import hash_file, load_key
 
 
@@ -41,6 +43,9 @@ class LocalCut:
     """A checked cut folder, ready to send."""
 
     folder: Path
+    """What is sent: the snapshot of the verified bytes (or the source, unsent)."""
+    source: Path
+    """The cut folder as the PREP system wrote it."""
     manifest: Manifest
     manifest_sha256: str
     files: dict[str, str]
@@ -88,18 +93,46 @@ def _read(path: Path, what: str) -> bytes:
         raise Error(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _check_files(folder: Path, manifest: Manifest) -> None:
-    """§4.5 on the institute's copy: every listed file is there with its bytes."""
+def _check_files(
+    folder: Path,
+    manifest: Manifest,
+    into: Path | None = None,
+    previous: tuple[Path | None, dict[str, str]] = (None, {}),
+) -> None:
+    """§4.5 on the institute's copy: every listed file is there with its bytes.
+
+    With ``into`` (a snapshot being written), each file is copied there as it
+    is hashed, or linked from the ``previous`` snapshot (folder, path →
+    SHA-256) when that holds its bytes. Raises ``Rejection`` or ``Error``.
+    """
+    reuse, known = previous
     for entry in manifest.files:
         path = folder / entry.path
         if path.is_symlink() or (path.exists() and not path.is_file()):
             raise Rejection(FILE_TYPE, f"{entry.path} is not a regular file")
+        linked = reuse is not None and known.get(entry.path) == entry.sha256
         try:
-            size, sha = hash_file(path)
+            if into is None or linked:
+                size, sha = hash_file(path)
+            else:
+                size, sha = copy_hashing(path, into / entry.path)
         except FileNotFoundError:
             raise Rejection(INCOMPLETE, f"{entry.path} is listed but missing") from None
+        except OSError as exc:
+            raise Error(f"cannot read {path}: {exc.strerror}") from None
         if (size, sha) != (entry.size, entry.sha256):
             raise Rejection(FILE_MISMATCH, f"{entry.path} differs from the manifest")
+        if into is not None and reuse is not None and linked:
+            _link(reuse / entry.path, into / entry.path)
+
+
+def _link(source: Path, target: Path) -> None:
+    """Hard-link a verified file of the previous snapshot. Raises ``Error``."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(source, target)
+    except OSError as exc:
+        raise Error(f"cannot link {source} into the cut snapshot: {exc.strerror}") from None
 
 
 def check_cut(
@@ -108,20 +141,40 @@ def check_cut(
     last: DistributedCut | None,
     now: datetime,
     ready_at: float,
+    snapshots: Snapshots | None = None,
 ) -> LocalCut:
     """Check ``folder`` as every difusor will; return it ready to send.
 
-    Raises ``Rejection`` (the difusores' reason class) or ``Error``.
+    With ``snapshots``, the verified bytes are kept in a snapshot and the cut
+    is sent from there, whatever happens to ``folder`` afterwards (without:
+    a check only, e.g. ``--dry-run``). Raises ``Rejection`` (the difusores'
+    reason class) or ``Error``.
     """
     manifest_bytes = _read(folder / MANIFEST_NAME, MANIFEST_NAME)
     sig_bytes = _read(folder / SIGNATURE_NAME, SIGNATURE_NAME)
     decision = decide(manifest_bytes, sig_bytes, policy, published_from(last), now)
     manifest = decision.manifest
-    _check_files(folder, manifest)
+    manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
+    sent = folder
+    if snapshots is None:
+        _check_files(folder, manifest)
+    else:
+        sent = snapshots.path(manifest.sequence, manifest_sha256)
+        if (sent / SIGNATURE_NAME).is_file():  # the same cut again: already kept
+            _check_files(folder, manifest)
+        else:
+            staging = snapshots.staging(manifest.sequence)
+            try:
+                _check_files(folder, manifest, staging, snapshots.previous())
+            except BaseException:
+                discard(staging)
+                raise
+            snapshots.finish(staging, manifest_bytes, sig_bytes, sent)
     return LocalCut(
-        folder=folder,
+        folder=sent,
+        source=folder,
         manifest=manifest,
-        manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
+        manifest_sha256=manifest_sha256,
         files={f.path: f.sha256 for f in manifest.files},
         sizes={f.path: f.size for f in manifest.files},
         ready_at=ready_at,
