@@ -14,7 +14,11 @@ open a new connection rather than reuse the multiplexed one.
 
 from __future__ import annotations
 
+import os
+import pty
+import re
 import resource
+import select
 import sqlite3
 import subprocess
 import time
@@ -36,6 +40,7 @@ from tests.kit import (
     PREP_AGENT,
     AgentDaemon,
     Institute,
+    free_port,
     keygen,
     make_config,
     stop_process,
@@ -300,3 +305,85 @@ def test_snapshots_link_unchanged_files_and_keep_only_what_is_needed(tmp_path: P
             Snapshots(tmp_path / "other"),
         )
     assert [p.name for p in (tmp_path / "other").iterdir()] == []
+
+
+EVENT_LINE = re.compile(
+    r"(delivered|failed|superseded|published|unconfirmed) cut \d+ \S+ \d+\.\d\d s(: .+)?"
+)
+"""One event, one line: what the command writes when its output is not a terminal."""
+
+
+def on_terminal(command: list[str], timeout: float = 60) -> tuple[int, str, str]:
+    """Run ``command`` with its stdout on a pseudo-terminal; its exit code, what
+    the terminal received and its stderr."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE, text=True
+    )
+    os.close(slave)
+    received = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the last writer closed the terminal
+                break
+            if not data:
+                break
+            received += data
+        _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        os.close(master)
+        stop_process(proc)
+    return proc.returncode, received.decode(), err
+
+
+def test_progress_line_on_a_terminal_and_one_line_per_event_otherwise(
+    tmp_path: Path, upload_key: tuple[Path, str], sshd: Sshd
+) -> None:
+    key = upload_key[0]
+    institute = Institute(tmp_path / "institute")
+    common = {"port": sshd.port, "host_key": sshd.known_hosts_line(), "identity": key}
+    healthy = [Target(f"sano-{i}", tmp_path / f"sano-{i}", **common) for i in range(3)]  # type: ignore[arg-type]
+    for target in healthy:
+        target.inbox.mkdir()
+    refused = Target("cerrado", tmp_path / "cerrado", **{**common, "port": free_port()})  # type: ignore[arg-type]
+    conf = write_config(
+        tmp_path / "institute.conf", institute.allowed_signers, [*healthy, refused], retry_for=2
+    )
+    run = [PREP_AGENT, "distribute", "--config", str(conf), "--no-confirm"]
+    first = make_cut(institute, tmp_path / "out", 1, T0 + timedelta(minutes=1))
+    code, screen, err = on_terminal([*run, str(first.local)])
+    assert code == 5, screen + err
+    assert err.strip() == "prep-agent: cerrado: cut 1: connection refused"
+    # one line, redrawn in place, that ends with every healthy target done
+    assert "\r" in screen.replace("\r\n", "\n"), screen
+    shown = [ln.split("\r")[-1].replace("\x1b[K", "") for ln in screen.split("\r\n")]
+    assert shown[-2:] == ["cut 1: 3/4 targets hold it", ""], shown
+    final = shown[-3]
+    assert re.fullmatch(r"cut 1: 3/4 targets, 1 failing, slowest sano-\d \d+\.\d s", final), final
+    assert "delivered cut 1" not in screen  # the line counts them, no line each
+    failures = [ln for ln in shown if ln.startswith("failed cut 1 cerrado")]
+    assert failures and all(ln.endswith(": connection refused") for ln in failures), shown
+    # not a terminal (systemd, a pipe): one plain line per event, no redrawing
+    at = T0 + timedelta(minutes=2)
+    second = make_cut(institute, tmp_path / "out", 2, at, institute.files(at, 2))
+    proc = subprocess.run(
+        [*run, str(second.local)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert "\r" not in proc.stdout and "\x1b" not in proc.stdout
+    *events, summary = proc.stdout.splitlines()
+    assert summary == "cut 2: 3/4 targets hold it"
+    assert all(EVENT_LINE.fullmatch(ln) for ln in events), events
+    delivered = sorted(ln.split()[3] for ln in events if ln.startswith("delivered"))
+    assert delivered == ["sano-0", "sano-1", "sano-2"]
+    assert any(ln.startswith("failed cut 2 cerrado") for ln in events)

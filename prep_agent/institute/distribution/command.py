@@ -22,7 +22,12 @@ from prep_agent.core.errors import EXIT_OK, EXIT_UNDELIVERED, ConfigError, Error
 from prep_agent.core.manifest import SIGNATURE_NAME
 from prep_agent.core.verify import Policy
 from prep_agent.institute.collector.config import CollectorConfig
-from prep_agent.institute.collector.deliveries import DELIVERED, DeliveryLog, DistributedCut
+from prep_agent.institute.collector.deliveries import (
+    DELIVERED,
+    FAILED,
+    DeliveryLog,
+    DistributedCut,
+)
 from prep_agent.institute.collector.store import CollectorDatabase
 from prep_agent.institute.distribution.local import LocalCut, check_cut, load_signers, sign_here
 from prep_agent.institute.distribution.scheduler import Distributor, Event
@@ -48,7 +53,13 @@ class Options:
 
 
 class Progress:
-    """A progress line per cut on a terminal; one line per event otherwise."""
+    """What the command shows while it delivers.
+
+    On a terminal, one line per cut redrawn in place: targets holding it out of
+    all, how many are failing, the slowest delivery so far; a failure or a
+    supersession gets a line of its own above it. Otherwise (systemd, a pipe),
+    one plain line per event.
+    """
 
     def __init__(self, total: int, stream: TextIO) -> None:
         self.total = total
@@ -56,7 +67,9 @@ class Progress:
         self.tty = stream.isatty()
         self._lock = threading.Lock()
         self._done: dict[int, set[str]] = {}
+        self._failing: dict[int, set[str]] = {}
         self._slowest: dict[int, tuple[float, str]] = {}
+        self._shown: int | None = None
 
     def __call__(self, event: Event) -> None:
         """Show one event."""
@@ -64,19 +77,33 @@ class Progress:
             if not self.tty:
                 self._line(event)
                 return
+            if event.kind in ("published", "unconfirmed"):
+                return
+            if self._shown is not None and event.sequence != self._shown:
+                print(file=self.stream)  # the previous cut's line stays as it ended
+            self._shown = event.sequence
             if event.kind == DELIVERED:
-                done = self._done.setdefault(event.sequence, set())
-                done.add(event.service_id)
-                slow = max(self._slowest.get(event.sequence, (0.0, "")), (event.seconds, ""))
-                if slow[0] == event.seconds:
-                    slow = (event.seconds, event.service_id)
-                self._slowest[event.sequence] = slow
-                text = f"cut {event.sequence}: {len(done)}/{self.total} targets"
-                text += f", slowest {slow[1]} {slow[0]:.1f} s"
-                print(f"\r{text}\x1b[K", end="", file=self.stream, flush=True)
-            elif event.kind not in ("published", "unconfirmed"):
-                print(file=self.stream)
+                self._done.setdefault(event.sequence, set()).add(event.service_id)
+                slowest = self._slowest.get(event.sequence)
+                if slowest is None or event.seconds > slowest[0]:
+                    self._slowest[event.sequence] = (event.seconds, event.service_id)
+            else:
+                if event.kind == FAILED:
+                    self._failing.setdefault(event.sequence, set()).add(event.service_id)
+                print("\r\x1b[K", end="", file=self.stream)
                 self._line(event)
+            self._draw(event.sequence)
+
+    def _draw(self, sequence: int) -> None:
+        done = self._done.get(sequence, set())
+        text = f"cut {sequence}: {len(done)}/{self.total} targets"
+        failing = self._failing.get(sequence, set()) - done
+        if failing:
+            text += f", {len(failing)} failing"
+        if sequence in self._slowest:
+            seconds, sid = self._slowest[sequence]
+            text += f", slowest {sid} {seconds:.1f} s"
+        print(f"\r{text}\x1b[K", end="", file=self.stream, flush=True)
 
     def _line(self, event: Event) -> None:
         tail = f": {event.detail}" if event.detail else ""
