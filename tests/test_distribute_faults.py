@@ -14,11 +14,13 @@ open a new connection rather than reuse the multiplexed one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import re
 import resource
 import select
+import signal
 import sqlite3
 import subprocess
 import time
@@ -48,7 +50,7 @@ from tests.kit import (
     wait_for,
     wait_port,
 )
-from tests.sftpkit import make_cut
+from tests.sftpkit import Cut, make_cut
 from tests.test_distribute import T0, holds
 
 BIG = 4 * 1024 * 1024
@@ -81,6 +83,34 @@ class LimitedSshd(Sshd):
             )
         wait_port(self.port, what="sshd", alive=self.proc)
         return self
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (read from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit():
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [c for c, p in parents.items() if p in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def crash(server: Sshd) -> None:
+    """Stop ``server`` with every connection it serves, as a host that goes down."""
+    assert server.proc is not None
+    sessions = descendants(server.proc.pid)
+    server.stop()
+    for pid in sessions:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -387,3 +417,87 @@ def test_progress_line_on_a_terminal_and_one_line_per_event_otherwise(
     delivered = sorted(ln.split()[3] for ln in events if ln.startswith("delivered"))
     assert delivered == ["sano-0", "sano-1", "sano-2"]
     assert any(ln.startswith("failed cut 2 cerrado") for ln in events)
+
+
+def test_a_recovered_target_gets_the_newest_cut_not_the_backlog(
+    tmp_path: Path, upload_key: tuple[Path, str], sshd: Sshd
+) -> None:
+    key, public = upload_key
+    institute = Institute(tmp_path / "institute")
+    down = Sshd(tmp_path / "sshd-caido", [public]).start()
+    agent_conf = make_config(tmp_path / "agent", institute)
+    agent = AgentDaemon(tmp_path / "agent" / "prep-agent.conf")
+    healthy = Target(
+        "sano", tmp_path / "sano", port=sshd.port, host_key=sshd.known_hosts_line(), identity=key
+    )
+    healthy.inbox.mkdir()
+    fallen = Target(
+        "caido", agent_conf.inbox, port=down.port, host_key=down.known_hosts_line(), identity=key
+    )
+    conf = write_config(
+        tmp_path / "institute.conf",
+        institute.allowed_signers,
+        [healthy, fallen],
+        retry_for=60,
+        backoff_max=1,
+    )
+    db = tmp_path / "collector.sqlite"
+    outbox, staging = tmp_path / "salida", tmp_path / "staging"
+    outbox.mkdir()
+    cuts: dict[int, Cut] = {}
+
+    def publish(sequence: int) -> None:
+        at = T0 + timedelta(minutes=sequence)
+        cut = make_cut(institute, staging, sequence, at, institute.files(at, sequence))
+        os.rename(cut.local, outbox / f"{sequence:06d}")
+        cuts[sequence] = cut
+
+    def tried(difusor: str, sequence: int, result: str) -> bool:
+        return (sequence, result) in [(s, r) for s, r, _ in attempts(db, difusor)]
+
+    watch = subprocess.Popen(
+        [PREP_AGENT, "distribute", "--config", str(conf), "--no-confirm", "--watch", str(outbox)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        agent.start(timeout=20)
+        publish(1)
+        wait_for(lambda: tried("caido", 1, "delivered"), 20, "cut 1 on both", alive=watch)
+        wait_for(lambda: agent.status().get("sequence") == 1, 20, "cut 1 published")
+        crash(down)  # the difusor's server goes down for two cuts
+        for sequence in (2, 3):
+            publish(sequence)
+            wait_for(
+                lambda n=sequence: tried("caido", n, "failed") and tried("sano", n, "delivered"),  # type: ignore[misc]
+                20,
+                f"cut {sequence}: delivered to the healthy target, failing on the fallen one",
+                alive=watch,
+            )
+        down.start()  # it recovers
+        wait_for(lambda: tried("caido", 3, "delivered"), 20, "cut 3 on the recovered target")
+        wait_for(lambda: agent.status().get("sequence") == 3, 20, "cut 3 published")
+    finally:
+        watch.send_signal(signal.SIGTERM)
+        try:
+            out, _ = watch.communicate(timeout=20)
+        finally:
+            stop_process(watch)
+            agent.stop()
+            down.stop()
+    assert watch.returncode == 0, out
+    fallen_attempts = attempts(db, "caido")
+    assert not tried("caido", 2, "delivered"), fallen_attempts
+    assert fallen_attempts[-1] == (3, "delivered", None)
+    assert holds(fallen, cuts[3])
+    published = [e["sequence"] for e in agent.journal() if e["event"] == "cut-published"]
+    assert published == [1, 3], "the agent saw the backlog"
+    with sqlite3.connect(db) as conn:
+        (files,) = conn.execute(
+            "SELECT files FROM delivery_attempt WHERE difusor = 'caido' AND sequence = 3 "
+            "AND result = 'delivered'"
+        ).fetchone()
+    changed = [p for p in cuts[3].files if cuts[3].files[p] != cuts[1].files[p]]
+    assert files == len(changed) < len(cuts[3].files), "only what cut 1 did not have"
