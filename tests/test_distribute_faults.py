@@ -15,6 +15,7 @@ open a new connection rather than reuse the multiplexed one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pty
 import re
@@ -301,40 +302,34 @@ def test_a_cut_folder_changed_while_distributed_sends_only_the_verified_bytes(
     assert not (late.inbox / "extra.html").exists()
 
 
-def test_snapshots_link_unchanged_files_and_keep_only_what_is_needed(tmp_path: Path) -> None:
+def test_the_store_keeps_each_verified_file_once_and_only_what_is_needed(tmp_path: Path) -> None:
     institute = Institute(tmp_path / "institute")
     policy = Policy(ELECTION, tuple(load_signers(institute.allowed_signers)), 1)
-    snapshots = Snapshots(tmp_path / "state" / "cuts")
+    store = Snapshots(tmp_path / "state" / "cuts")
     first = make_cut(institute, tmp_path / "out", 1, T0 + timedelta(minutes=1))
-    one = check_cut(first.local, policy, None, datetime.now(timezone.utc), 0.0, snapshots)
-    assert one.source == first.local and one.folder.parent == snapshots.root
+    one = check_cut(first.local, policy, None, datetime.now(timezone.utc), 0.0, store)
+    assert one.folder == first.local
+    for rel, data in {**first.files, MANIFEST_NAME: first.manifest}.items():
+        assert one.local(rel).read_bytes() == data and one.local(rel).parent == store.root
+    assert one.local(SIGNATURE_NAME).read_bytes() == first.signature
     at = T0 + timedelta(minutes=2)
     second = make_cut(institute, tmp_path / "out", 2, at, institute.files(at, 2))
     last = DistributedCut(1, one.manifest_sha256, one.manifest.cut_time_text, 0.0)
-    two = check_cut(second.local, policy, last, datetime.now(timezone.utc), 0.0, snapshots)
-    logo = "img/logo.svg"  # the same bytes in both cuts: one inode
-    assert (one.folder / logo).stat().st_ino == (two.folder / logo).stat().st_ino
-    assert (one.folder / "index.html").stat().st_ino != (two.folder / "index.html").stat().st_ino
-    for rel, data in second.files.items():
-        assert (two.folder / rel).read_bytes() == data
-        assert (two.folder / rel).stat().st_mode & 0o222 == 0
-    assert (two.folder / SIGNATURE_NAME).read_bytes() == second.signature
-    snapshots.prune([one.folder])
-    assert sorted(snapshots.root.iterdir()) == [one.folder, two.folder]
-    snapshots.prune([])
-    assert list(snapshots.root.iterdir()) == [two.folder]
-    # a source that no longer matches its manifest leaves no snapshot behind
+    kept = {p.name: p.stat().st_ino for p in store.root.iterdir()}
+    two = check_cut(second.local, policy, last, datetime.now(timezone.utc), 0.0, store)
+    logo = two.local("img/logo.svg")  # the same bytes in both cuts: kept once, not rewritten
+    assert logo == one.local("img/logo.svg") and logo.stat().st_ino == kept[logo.name]
+    assert two.local("index.html").read_bytes() == second.files["index.html"]
+    store.prune(two.hashes())
+    assert sorted(p.name for p in store.root.iterdir()) == sorted(two.hashes())
+    assert not one.local("index.html").exists()
+    # a source that no longer matches its manifest leaves no unverified bytes behind
     (second.local / "index.html").write_bytes(b"<h1>otro</h1>")
+    other = Snapshots(tmp_path / "other")
     with pytest.raises(Rejection, match="index.html differs"):
-        check_cut(
-            second.local,
-            policy,
-            None,
-            datetime.now(timezone.utc),
-            0.0,
-            Snapshots(tmp_path / "other"),
-        )
-    assert [p.name for p in (tmp_path / "other").iterdir()] == []
+        check_cut(second.local, policy, None, datetime.now(timezone.utc), 0.0, other)
+    for path in other.root.iterdir():
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name
 
 
 EVENT_LINE = re.compile(

@@ -133,6 +133,15 @@ def _snapshots(config: CollectorConfig, options: Options) -> Snapshots | None:
     return None if options.dry_run else Snapshots(_state(config) / "cuts")
 
 
+def _prune(snapshots: Snapshots | None, cut: LocalCut, distributor: Distributor) -> None:
+    """Keep the bytes of ``cut`` and of every cut a target still wants; drop the rest."""
+    if snapshots is not None:
+        wanted = cut.hashes()
+        for other in distributor.in_use():
+            wanted |= other.hashes()
+        snapshots.prune(wanted)
+
+
 def _links(config: CollectorConfig) -> tuple[dict[str, Link], dict[str, str | None]]:
     """Every enabled difusor with an sftp target: its link and status URL."""
     state = _state(config)
@@ -199,8 +208,7 @@ def distribute_one(config: CollectorConfig, options: Options, out: TextIO, err: 
         )
         try:
             distributor.offer(cut)
-            if snapshots is not None:
-                snapshots.prune(c.folder for c in distributor.in_use())
+            _prune(snapshots, cut, distributor)
             budget = config.distribute.retry_for + config.distribute.transfer_timeout + 30
             distributor.wait_idle(budget)
             outcomes = distributor.outcomes(cut.sequence)
@@ -263,7 +271,7 @@ class Watcher:
         fresh = [c for c in found if not self._replay(c)]
         best = max(fresh, key=lambda c: c.sequence) if fresh else None
         if best is not None and keep is None and self.snapshots is not None:
-            kept = self._check(best.source, self.snapshots)
+            kept = self._check(best.folder, self.snapshots)
             return None if kept is None else replace(kept, ready_at=best.ready_at)
         return best
 
@@ -306,10 +314,9 @@ def watch(config: CollectorConfig, options: Options, stop: threading.Event, out:
                 dry_run(cut, links, records, out)
             elif cut is not None:
                 _accept(cut, records, store)
-                log.info("distributing cut %d from %s", cut.sequence, cut.source)
+                log.info("distributing cut %d from %s", cut.sequence, cut.folder)
                 distributor.offer(cut)
-                if snapshots is not None:
-                    snapshots.prune(c.folder for c in distributor.in_use())
+                _prune(snapshots, cut, distributor)
             stop.wait(WATCH_INTERVAL)
     finally:
         distributor.close()

@@ -202,7 +202,7 @@ class Distributor:
         error: Error | None = None
         result = DELIVERED
         try:
-            lines = batch_lines(cut.folder, link.target.path, send)
+            lines = batch_lines(cut.folder, link.target.path, send, cut.local)
             run_batch(
                 link,
                 lines,

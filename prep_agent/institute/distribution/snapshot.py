@@ -3,38 +3,40 @@
 ``sftp`` reads the files it sends by path, and the PREP system may rewrite
 its output folder at any time: a file changed after the local check, or
 between two targets, would leave the institute with bytes it never verified.
-So the check copies every listed file into a private snapshot while it hashes
-the copied bytes, and writes there the very manifest and signature bytes it
-verified; every target is sent from the snapshot. A file whose bytes the
-previous snapshot already holds (same path, same SHA-256) is a hard link to it
-rather than a copy. Snapshots are read-only; :meth:`Snapshots.prune` removes
-those no target still needs.
+So the check copies every listed file it has not kept yet into a private
+store while it hashes the copied bytes, and keeps there the very manifest and
+signature bytes it verified; every target is sent from the store. Files are
+named by their SHA-256 (``[distribute] state``/``cuts``/HEX, a private
+folder), so a cut that changes 5 % of its files writes 5 %: the others are
+already kept.
+:meth:`Snapshots.prune` removes what no cut still in use lists.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
-import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from prep_agent.core.errors import Error
-from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME
 
 CHUNK = 1024 * 1024
 """Bytes read and written at a time while copying."""
-STAGING = ".staging-"
-"""Prefix of a snapshot being written (removed by :meth:`Snapshots.prune`)."""
-STALE_STAGING = 3600.0
-"""Seconds after which another process's staging folder counts as abandoned."""
+PARTIAL = ".part-"
+"""Prefix of a file being written (removed by :meth:`Snapshots.prune`)."""
+STALE_PARTIAL = 3600.0
+"""Seconds after which another process's partial file counts as abandoned."""
+FILE_MODE = 0o644
+"""Mode of a kept file. sftp gives an uploaded file its local mode, and the
+difusor's upload account must be able to overwrite it with the next cut's
+bytes: so not read-only (the store's folder is private, 0700)."""
 
 
 def copy_hashing(source: Path, target: Path) -> tuple[int, str]:
-    """Copy ``source`` to a new read-only ``target``; return the size and SHA-256
+    """Copy ``source`` to a new file ``target``; return the size and SHA-256
     of the bytes written (what was read, whatever the source holds later).
 
     Raises OSError (``FileNotFoundError`` when the source is missing).
@@ -42,8 +44,7 @@ def copy_hashing(source: Path, target: Path) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
     with open(source, "rb") as src:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         with open(fd, "wb") as dst:
             for chunk in iter(lambda: src.read(CHUNK), b""):
                 digest.update(chunk)
@@ -52,90 +53,72 @@ def copy_hashing(source: Path, target: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _listed(manifest: bytes) -> dict[str, str]:
-    """Path → SHA-256 of a snapshot's own (verified) manifest; empty if unreadable."""
-    try:
-        doc = json.loads(manifest)
-        return {str(f["path"]): str(f["sha256"]) for f in doc["files"]}
-    except (ValueError, KeyError, TypeError):
-        return {}
-
-
 class Snapshots:
-    """The folder of verified cut snapshots (``[distribute] state``/``cuts``)."""
+    """The store of verified bytes, one read-only file per SHA-256."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def path(self, sequence: int, manifest_sha256: str) -> Path:
-        """Where the snapshot of one cut lives."""
-        return self.root / f"{sequence:016d}-{manifest_sha256[:16]}"
+    def path(self, sha256: str) -> Path:
+        """Where the bytes with this SHA-256 are kept."""
+        return self.root / sha256
 
-    def _ready(self) -> list[Path]:
-        try:
-            names = sorted(os.listdir(self.root))
-        except FileNotFoundError:
-            return []
-        return [self.root / n for n in names if not n.startswith(".")]
+    def holds(self, sha256: str) -> bool:
+        """Whether the bytes with this SHA-256 are kept (verified when written)."""
+        return self.path(sha256).is_file()
 
-    def previous(self) -> tuple[Path | None, dict[str, str]]:
-        """The newest finished snapshot and its files (path → SHA-256), for reuse."""
-        ready = self._ready()
-        if not ready:
-            return None, {}
-        try:
-            return ready[-1], _listed((ready[-1] / MANIFEST_NAME).read_bytes())
-        except OSError:
-            return None, {}
-
-    def staging(self, sequence: int) -> Path:
-        """A new empty private folder to write a snapshot into. Raises ``Error``."""
+    def partial(self) -> Path:
+        """A new name to write into, in the store (created on first use). Raises ``Error``."""
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            folder = self.root / f"{STAGING}{sequence}-{os.getpid()}-{os.urandom(4).hex()}"
-            folder.mkdir(mode=0o700)
         except OSError as exc:
             raise Error(f"cannot write cut snapshots under {self.root}: {exc.strerror}") from None
-        return folder
+        return self.root / f"{PARTIAL}{os.getpid()}-{os.urandom(6).hex()}"
 
-    def finish(self, staging: Path, manifest: bytes, signature: bytes, final: Path) -> Path:
-        """Write the verified manifest and signature, then move ``staging`` to
-        ``final`` (kept as it is if another run finished it first). Raises ``Error``.
-        """
+    def keep(self, partial: Path, sha256: str) -> None:
+        """File the verified ``partial`` under its SHA-256. Raises ``Error``."""
         try:
-            for name, data in ((MANIFEST_NAME, manifest), (SIGNATURE_NAME, signature)):
-                fd = os.open(staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-                with open(fd, "wb") as fh:
-                    fh.write(data)
-            try:
-                os.rename(staging, final)
-            except OSError:
-                if not (final / SIGNATURE_NAME).is_file():
-                    raise
-                discard(staging)
+            os.replace(partial, self.path(sha256))
         except OSError as exc:
-            discard(staging)
-            raise Error(f"cannot write the cut snapshot {final}: {exc.strerror}") from None
-        return final
+            discard(partial)
+            raise Error(f"cannot keep a verified file in {self.root}: {exc.strerror}") from None
 
-    def prune(self, keep: Iterable[Path]) -> None:
-        """Remove every snapshot but the newest and those in ``keep``, and the
-        staging folders a run left (this process's, or any older than an hour)."""
-        wanted = {Path(p) for p in keep}
-        ready = self._ready()
-        wanted.update(ready[-1:])
-        for folder in ready:
-            if folder not in wanted:
-                discard(folder)
-        mine = f"-{os.getpid()}-"
-        with contextlib.suppress(OSError):
-            for name in os.listdir(self.root):
-                path = self.root / name
-                stale = time.time() - path.stat().st_mtime > STALE_STAGING
-                if name.startswith(STAGING) and (mine in name or stale):
-                    discard(path)
+    def keep_bytes(self, data: bytes) -> str:
+        """Keep ``data`` (a verified manifest or signature); its SHA-256. Raises ``Error``."""
+        sha = hashlib.sha256(data).hexdigest()
+        if self.holds(sha):
+            return sha
+        partial = self.partial()
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            with open(fd, "wb") as fh:
+                fh.write(data)
+        except OSError as exc:
+            discard(partial)
+            raise Error(f"cannot write cut snapshots under {self.root}: {exc.strerror}") from None
+        self.keep(partial, sha)
+        return sha
+
+    def prune(self, keep: Iterable[str]) -> None:
+        """Remove every kept file whose SHA-256 is not in ``keep``, and the partial
+        files a run left (this process's, or any older than an hour)."""
+        wanted = set(keep)
+        mine = f"{PARTIAL}{os.getpid()}-"
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return
+        for name in names:
+            path = self.root / name
+            if name.startswith(PARTIAL):
+                with contextlib.suppress(OSError):
+                    if name.startswith(mine) or time.time() - path.stat().st_mtime > STALE_PARTIAL:
+                        path.unlink()
+            elif name not in wanted:
+                discard(path)
 
 
-def discard(folder: Path) -> None:
-    """Remove a snapshot folder, read-only files and all (errors ignored)."""
-    shutil.rmtree(folder, ignore_errors=True)
+def discard(path: Path) -> None:
+    """Remove one file of the store (errors ignored)."""
+    with contextlib.suppress(OSError):
+        path.unlink()
