@@ -300,6 +300,8 @@ def test_a_cut_folder_changed_while_distributed_sends_only_the_verified_bytes(
     assert holds(late, cut), "the late target got bytes the institute did not verify"
     assert holds(healthy, cut)
     assert not (late.inbox / "extra.html").exists()
+    # sftp gives an upload its local mode: the next cut must be able to overwrite it
+    assert all((late.inbox / rel).stat().st_mode & 0o200 for rel in cut.files)
 
 
 def test_the_store_keeps_each_verified_file_once_and_only_what_is_needed(tmp_path: Path) -> None:
