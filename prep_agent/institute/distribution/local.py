@@ -127,6 +127,8 @@ def _check_files(folder: Path, manifest: Manifest, store: Snapshots | None = Non
                 discard(partial)
             if isinstance(exc, FileNotFoundError):
                 raise Rejection(INCOMPLETE, f"{entry.path} is listed but missing") from None
+            if partial is not None:
+                raise Error(f"cannot copy {path} into {partial.parent}: {exc.strerror}") from None
             raise Error(f"cannot read {path}: {exc.strerror}") from None
         if (size, sha) != (entry.size, entry.sha256):
             if partial is not None:
