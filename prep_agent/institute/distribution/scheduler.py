@@ -120,7 +120,7 @@ class Distributor:
         now = time.monotonic()
         with self._cond:
             for sid, target in self._targets.items():
-                held = self.records.target(sid).acked_sequence
+                held = self.records.acked_sequence(sid)
                 target.held = held
                 if held is not None and held >= cut.sequence:
                     continue
