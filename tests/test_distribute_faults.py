@@ -37,7 +37,7 @@ from prep_agent.core.verify import Policy
 from prep_agent.institute.collector.deliveries import DeliveryLog, DistributedCut, target_summary
 from prep_agent.institute.distribution.local import check_cut, load_signers
 from prep_agent.institute.distribution.snapshot import Snapshots
-from tests.distkit import Sshd, Target, write_config
+from tests.distkit import BlackHole, Sshd, Target, write_config
 from tests.kit import (
     ELECTION,
     PREP_AGENT,
@@ -498,3 +498,45 @@ def test_a_recovered_target_gets_the_newest_cut_not_the_backlog(
         ).fetchone()
     changed = [p for p in cuts[3].files if cuts[3].files[p] != cuts[1].files[p]]
     assert files == len(changed) < len(cuts[3].files), "only what cut 1 did not have"
+
+
+def test_an_interrupted_one_shot_run_stops_at_once_and_says_who_lacks_the_cut(
+    tmp_path: Path, upload_key: tuple[Path, str], sshd: Sshd
+) -> None:
+    key = upload_key[0]
+    institute = Institute(tmp_path / "institute")
+    common = {"port": sshd.port, "host_key": sshd.known_hosts_line(), "identity": key}
+    healthy = Target("sano", tmp_path / "sano", **common)  # type: ignore[arg-type]
+    healthy.inbox.mkdir()
+    db = tmp_path / "collector.sqlite"
+    cut = make_cut(institute, tmp_path / "out", 1, T0 + timedelta(minutes=1))
+    with BlackHole(3) as hole:
+        dark = Target("sin-respuesta", tmp_path / "dark", **{**common, "host": hole.address})  # type: ignore[arg-type]
+        conf = write_config(
+            tmp_path / "institute.conf",
+            institute.allowed_signers,
+            [healthy, dark],
+            connect_timeout=30,
+            retry_for=120,
+        )
+        proc = subprocess.Popen(
+            [PREP_AGENT, "distribute", "--config", str(conf), "--no-confirm", str(cut.local)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_for(lambda: attempts(db, "sano"), 30, "the healthy target", alive=proc)
+            proc.send_signal(signal.SIGINT)  # the operator's Ctrl-C, the dark target connecting
+            started = time.monotonic()
+            out, err = proc.communicate(timeout=15)
+            took = time.monotonic() - started
+        finally:
+            stop_process(proc)
+    assert proc.returncode == 5, out + err
+    stopped = "stopped before the upload ended (distribute was stopped)"
+    assert err.strip() == f"prep-agent: sin-respuesta: cut 1: {stopped}"
+    assert attempts(db, "sin-respuesta") == [(1, "superseded", stopped)]
+    assert holds(healthy, cut)
+    assert took < 5, f"{took:.1f} s to stop"

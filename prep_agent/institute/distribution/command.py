@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 0.25
 """Seconds between two scans of the watched folder."""
+STOP_POLL = 0.25
+"""Seconds between two looks at the stop signal while a one-shot run waits."""
 
 
 @dataclass(frozen=True)
@@ -183,9 +185,17 @@ def dry_run(cut: LocalCut, links: dict[str, Link], records: DeliveryLog, out: Te
         )
 
 
-def distribute_one(config: CollectorConfig, options: Options, out: TextIO, err: TextIO) -> int:
+def distribute_one(
+    config: CollectorConfig,
+    options: Options,
+    out: TextIO,
+    err: TextIO,
+    stop: threading.Event | None = None,
+) -> int:
     """Check and deliver one cut folder to every enabled target; return the exit code.
 
+    ``stop`` (SIGINT, SIGTERM) ends the wait early: running uploads are
+    stopped and the targets not holding the cut are reported as usual.
     Raises ``Rejection`` (nothing sent) or ``Error``.
     """
     assert options.cut is not None
@@ -210,11 +220,15 @@ def distribute_one(config: CollectorConfig, options: Options, out: TextIO, err: 
             distributor.offer(cut)
             _prune(snapshots, cut, distributor)
             budget = config.distribute.retry_for + config.distribute.transfer_timeout + 30
-            distributor.wait_idle(budget)
-            outcomes = distributor.outcomes(cut.sequence)
+            deadline = time.monotonic() + budget
+            while not distributor.wait_idle(min(STOP_POLL, max(0.0, deadline - time.monotonic()))):
+                if (stop is not None and stop.is_set()) or time.monotonic() >= deadline:
+                    break
         finally:
-            wait = config.distribute.confirm_timeout if options.confirm else 0.0
+            stopped = stop is not None and stop.is_set()
+            wait = config.distribute.confirm_timeout if options.confirm and not stopped else 0.0
             distributor.close(wait_confirmations=wait)
+        outcomes = distributor.outcomes(cut.sequence)  # after close: stopped uploads say so
     finally:
         records.close()
         store.close()
@@ -329,7 +343,7 @@ def main(config: CollectorConfig, options: Options, stop: threading.Event) -> in
     """Run ``distribute`` as the options say; return its exit code. Raises ``Error``."""
     if options.watch is not None:
         return watch(config, options, stop, sys.stdout)
-    return distribute_one(config, options, sys.stdout, sys.stderr)
+    return distribute_one(config, options, sys.stdout, sys.stderr, stop)
 
 
 def key_paths(values: Sequence[str] | None) -> tuple[Path, ...]:

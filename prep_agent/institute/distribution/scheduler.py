@@ -211,6 +211,8 @@ class Distributor:
             )
         except Cancelled as exc:
             result, error = SUPERSEDED, exc
+            if self._closing:
+                error = Cancelled("stopped before the upload ended (distribute was stopped)")
         except (Error, OSError) as exc:
             result = FAILED
             error = exc if isinstance(exc, Error) else DeliveryError(f"local: {exc}")
