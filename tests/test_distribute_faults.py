@@ -25,6 +25,7 @@ import select
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -311,6 +312,7 @@ def test_the_store_keeps_each_verified_file_once_and_only_what_is_needed(tmp_pat
     institute = Institute(tmp_path / "institute")
     policy = Policy(ELECTION, tuple(load_signers(institute.allowed_signers)), 1)
     store = Snapshots(tmp_path / "state" / "cuts")
+    store.open()
     first = make_cut(institute, tmp_path / "out", 1, T0 + timedelta(minutes=1))
     one = check_cut(first.local, policy, None, datetime.now(timezone.utc), 0.0, store)
     assert one.folder == first.local
@@ -326,8 +328,10 @@ def test_the_store_keeps_each_verified_file_once_and_only_what_is_needed(tmp_pat
     assert logo == one.local("img/logo.svg") and logo.stat().st_ino == kept[logo.name]
     assert two.local("index.html").read_bytes() == second.files["index.html"]
     store.prune(two.hashes())
-    assert sorted(p.name for p in store.root.iterdir()) == sorted(two.hashes())
+    kept_now = sorted(p.name for p in store.root.iterdir() if not p.name.startswith("."))
+    assert kept_now == sorted(two.hashes())
     assert not one.local("index.html").exists()
+    store.close()
     # a source that no longer matches its manifest leaves no unverified bytes behind
     (second.local / "index.html").write_bytes(b"<h1>otro</h1>")
     other = Snapshots(tmp_path / "other")
@@ -335,6 +339,35 @@ def test_the_store_keeps_each_verified_file_once_and_only_what_is_needed(tmp_pat
         check_cut(second.local, policy, None, datetime.now(timezone.utc), 0.0, other)
     for path in other.root.iterdir():
         assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name
+
+
+@pytest.mark.core
+def test_the_store_is_not_pruned_while_another_run_sends_from_it(tmp_path: Path) -> None:
+    store = Snapshots(tmp_path / "cuts")
+    store.open()
+    kept = store.keep_bytes(b"bytes a --watch run is still sending")
+    other = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path\n"
+            "from prep_agent.institute.distribution.snapshot import Snapshots\n"
+            "Snapshots(Path(sys.argv[1])).open(); print('open', flush=True); sys.stdin.read()",
+            str(store.root),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout is not None and other.stdout.readline() == "open\n"
+        store.prune([])  # another process holds the store: nothing goes
+        assert store.holds(kept)
+    finally:
+        other.communicate(timeout=30)
+    store.prune([])
+    assert not store.holds(kept)
+    store.close()
 
 
 EVENT_LINE = re.compile(

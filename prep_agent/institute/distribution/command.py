@@ -207,6 +207,8 @@ def distribute_one(
     store = CollectorDatabase(config.database, config.history_rows)
     snapshots = _snapshots(config, options)
     try:
+        if snapshots is not None:
+            snapshots.open()
         last = records.last_distributed()
         cut = check_cut(options.cut, policy, last, _now(), time.time(), snapshots)
         if options.dry_run:
@@ -230,6 +232,8 @@ def distribute_one(
             distributor.close(wait_confirmations=wait)
         outcomes = distributor.outcomes(cut.sequence)  # after close: stopped uploads say so
     finally:
+        if snapshots is not None:
+            snapshots.close()
         records.close()
         store.close()
     if out.isatty():
@@ -322,6 +326,8 @@ def watch(config: CollectorConfig, options: Options, stop: threading.Event, out:
     )
     print(f"watching {options.watch} for cuts to {len(links)} targets", file=out, flush=True)
     try:
+        if snapshots is not None:
+            snapshots.open()
         while not stop.is_set():
             cut = watcher.newest()
             if cut is not None and options.dry_run:
@@ -334,6 +340,8 @@ def watch(config: CollectorConfig, options: Options, stop: threading.Event, out:
             stop.wait(WATCH_INTERVAL)
     finally:
         distributor.close()
+        if snapshots is not None:
+            snapshots.close()
         records.close()
         store.close()
     return EXIT_OK

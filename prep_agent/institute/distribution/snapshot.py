@@ -15,6 +15,7 @@ already kept.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import time
@@ -29,6 +30,8 @@ PARTIAL = ".part-"
 """Prefix of a file being written (removed by :meth:`Snapshots.prune`)."""
 STALE_PARTIAL = 3600.0
 """Seconds after which another process's partial file counts as abandoned."""
+LOCK_NAME = ".lock"
+"""The lock file every process sending from the store holds shared."""
 FILE_MODE = 0o644
 """Mode of a kept file. sftp gives an uploaded file its local mode, and the
 difusor's upload account must be able to overwrite it with the next cut's
@@ -54,10 +57,32 @@ def copy_hashing(source: Path, target: Path) -> tuple[int, str]:
 
 
 class Snapshots:
-    """The store of verified bytes, one read-only file per SHA-256."""
+    """The store of verified bytes, one file per SHA-256.
+
+    Every process that sends from it holds a shared lock on ``root/.lock``
+    while it runs (:meth:`open`); :meth:`prune` removes files only under the
+    exclusive lock, so a one-shot run never removes what a ``--watch`` run on
+    the same state folder is still sending, nor the reverse.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._lock: int | None = None
+
+    def open(self) -> None:
+        """Take this process's shared lock on the store. Raises ``Error``."""
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._lock = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.lockf(self._lock, fcntl.LOCK_SH)
+        except OSError as exc:
+            raise Error(f"cannot use cut snapshots under {self.root}: {exc.strerror}") from None
+
+    def close(self) -> None:
+        """Release the lock (closing the file releases it)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def path(self, sha256: str) -> Path:
         """Where the bytes with this SHA-256 are kept."""
@@ -101,8 +126,20 @@ class Snapshots:
 
     def prune(self, keep: Iterable[str]) -> None:
         """Remove every kept file whose SHA-256 is not in ``keep``, and the partial
-        files a run left (this process's, or any older than an hour)."""
-        wanted = set(keep)
+        files a run left (this process's, or any older than an hour); nothing
+        while another process uses the store (or before :meth:`open`)."""
+        if self._lock is None:
+            return
+        try:
+            fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return  # another run sends from the store: the next prune will do
+        try:
+            self._remove(set(keep))
+        finally:
+            fcntl.lockf(self._lock, fcntl.LOCK_SH)
+
+    def _remove(self, wanted: set[str]) -> None:
         mine = f"{PARTIAL}{os.getpid()}-"
         try:
             names = os.listdir(self.root)
@@ -114,7 +151,7 @@ class Snapshots:
                 with contextlib.suppress(OSError):
                     if name.startswith(mine) or time.time() - path.stat().st_mtime > STALE_PARTIAL:
                         path.unlink()
-            elif name not in wanted:
+            elif name not in wanted and not name.startswith("."):
                 discard(path)
 
 
