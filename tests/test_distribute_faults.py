@@ -36,8 +36,16 @@ import pytest
 from prep_agent.core.errors import Rejection
 from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from prep_agent.core.verify import Policy
-from prep_agent.institute.collector.deliveries import DeliveryLog, DistributedCut, target_summary
+from prep_agent.institute.collector.deliveries import (
+    DELIVERED,
+    FAILED,
+    DeliveryLog,
+    DistributedCut,
+    target_summary,
+)
+from prep_agent.institute.distribution.command import Progress
 from prep_agent.institute.distribution.local import check_cut, load_signers
+from prep_agent.institute.distribution.scheduler import Event
 from prep_agent.institute.distribution.snapshot import Snapshots
 from tests.distkit import BlackHole, Sshd, Target, write_config
 from tests.kit import (
@@ -576,3 +584,31 @@ def test_an_interrupted_one_shot_run_stops_at_once_and_says_who_lacks_the_cut(
     assert attempts(db, "sin-respuesta") == [(1, "superseded", stopped)]
     assert holds(healthy, cut)
     assert took < 5, f"{took:.1f} s to stop"
+
+
+@pytest.mark.core
+def test_each_cut_gets_its_own_progress_line_on_a_terminal() -> None:
+    master, slave = pty.openpty()
+    with open(slave, "w", encoding="utf-8", closefd=True) as terminal:
+        progress = Progress(2, terminal)
+        assert progress.tty
+        progress(Event(DELIVERED, "diario-a", 1, 0.4))
+        progress(Event(FAILED, "diario-b", 1, 0.1, "connection refused"))
+        progress(Event(DELIVERED, "diario-a", 2, 0.3))  # --watch: the next cut
+        progress(Event(DELIVERED, "diario-b", 2, 0.9))
+    screen = b""
+    while select.select([master], [], [], 0.5)[0]:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        screen += data
+    os.close(master)
+    shown = [ln.split("\r")[-1].replace("\x1b[K", "") for ln in screen.decode().split("\r\n")]
+    assert shown == [
+        "failed cut 1 diario-b 0.10 s: connection refused",
+        "cut 1: 1/2 targets, 1 failing, slowest diario-a 0.4 s",
+        "cut 2: 2/2 targets, slowest diario-b 0.9 s",
+    ], shown
