@@ -1,8 +1,8 @@
 """``prep-agent distribute`` faults on real sshd/sftp: a connection that dies
-mid-file, a cut folder that changes while it is being distributed, a
-recovered target that gets the newest cut, not the backlog, and a one-shot run
-stopped with Ctrl-C; the progress line on a terminal and the one-line events
-elsewhere.
+mid-file, a cut folder that changes while it is being distributed (the store
+of verified bytes it is sent from: ``test_distribute_store.py``), a recovered
+target that gets the newest cut, not the backlog, and a one-shot run stopped
+with Ctrl-C; the progress line on a terminal and the one-line events elsewhere.
 
 The mid-file drop is made deterministic with a limit: the target's sshd runs
 with ``RLIMIT_FSIZE`` below the size of a file of the cut, so the session
@@ -16,7 +16,6 @@ open a new connection rather than reuse the multiplexed one.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import pty
 import re
@@ -25,31 +24,24 @@ import select
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from prep_agent.core.errors import Rejection
 from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME
-from prep_agent.core.verify import Policy
 from prep_agent.institute.collector.deliveries import (
     DELIVERED,
     FAILED,
     DeliveryLog,
-    DistributedCut,
     target_summary,
 )
 from prep_agent.institute.distribution.command import Progress
-from prep_agent.institute.distribution.local import check_cut, load_signers
 from prep_agent.institute.distribution.scheduler import Event
-from prep_agent.institute.distribution.snapshot import Snapshots
 from tests.distkit import BlackHole, Sshd, Target, write_config
 from tests.kit import (
-    ELECTION,
     PREP_AGENT,
     AgentDaemon,
     Institute,
@@ -314,68 +306,6 @@ def test_a_cut_folder_changed_while_distributed_sends_only_the_verified_bytes(
     assert not (late.inbox / "extra.html").exists()
     # sftp gives an upload its local mode: the next cut must be able to overwrite it
     assert all((late.inbox / rel).stat().st_mode & 0o200 for rel in cut.files)
-
-
-def test_the_store_keeps_each_verified_file_once_and_only_what_is_needed(tmp_path: Path) -> None:
-    institute = Institute(tmp_path / "institute")
-    policy = Policy(ELECTION, tuple(load_signers(institute.allowed_signers)), 1)
-    store = Snapshots(tmp_path / "state" / "cuts")
-    store.open()
-    first = make_cut(institute, tmp_path / "out", 1, T0 + timedelta(minutes=1))
-    one = check_cut(first.local, policy, None, datetime.now(timezone.utc), 0.0, store)
-    assert one.folder == first.local
-    for rel, data in {**first.files, MANIFEST_NAME: first.manifest}.items():
-        assert one.local(rel).read_bytes() == data and one.local(rel).parent == store.root
-    assert one.local(SIGNATURE_NAME).read_bytes() == first.signature
-    at = T0 + timedelta(minutes=2)
-    second = make_cut(institute, tmp_path / "out", 2, at, institute.files(at, 2))
-    last = DistributedCut(1, one.manifest_sha256, one.manifest.cut_time_text, 0.0)
-    kept = {p.name: p.stat().st_ino for p in store.root.iterdir()}
-    two = check_cut(second.local, policy, last, datetime.now(timezone.utc), 0.0, store)
-    logo = two.local("img/logo.svg")  # the same bytes in both cuts: kept once, not rewritten
-    assert logo == one.local("img/logo.svg") and logo.stat().st_ino == kept[logo.name]
-    assert two.local("index.html").read_bytes() == second.files["index.html"]
-    store.prune(two.hashes())
-    kept_now = sorted(p.name for p in store.root.iterdir() if not p.name.startswith("."))
-    assert kept_now == sorted(two.hashes())
-    assert not one.local("index.html").exists()
-    store.close()
-    # a source that no longer matches its manifest leaves no unverified bytes behind
-    (second.local / "index.html").write_bytes(b"<h1>otro</h1>")
-    other = Snapshots(tmp_path / "other")
-    with pytest.raises(Rejection, match="index.html differs"):
-        check_cut(second.local, policy, None, datetime.now(timezone.utc), 0.0, other)
-    for path in other.root.iterdir():
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name
-
-
-@pytest.mark.core
-def test_the_store_is_not_pruned_while_another_run_sends_from_it(tmp_path: Path) -> None:
-    store = Snapshots(tmp_path / "cuts")
-    store.open()
-    kept = store.keep_bytes(b"bytes a --watch run is still sending")
-    other = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from pathlib import Path\n"
-            "from prep_agent.institute.distribution.snapshot import Snapshots\n"
-            "Snapshots(Path(sys.argv[1])).open(); print('open', flush=True); sys.stdin.read()",
-            str(store.root),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert other.stdout is not None and other.stdout.readline() == "open\n"
-        store.prune([])  # another process holds the store: nothing goes
-        assert store.holds(kept)
-    finally:
-        other.communicate(timeout=30)
-    store.prune([])
-    assert not store.holds(kept)
-    store.close()
 
 
 EVENT_LINE = re.compile(
