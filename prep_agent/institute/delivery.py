@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Callable
 
 from prep_agent.core.errors import Error
 from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME
@@ -103,12 +104,19 @@ def sftp_batch(source: Path, directory: str, previous: Path | None = None) -> li
     return batch_lines(source, directory, send)
 
 
-def batch_lines(folder: Path, directory: str, send: list[str]) -> list[str]:
+def batch_lines(
+    folder: Path,
+    directory: str,
+    send: list[str],
+    local: Callable[[str], Path] | None = None,
+) -> list[str]:
     """The sftp batch: ``cd directory`` (if given), the folders and the ``send``
     files of the cut ``folder``, its manifest, then its signature under a
-    temporary name renamed into place. Raises ``Error`` for a path a batch
-    cannot carry.
+    temporary name renamed into place. ``local(rel)`` names the file uploaded
+    as ``rel`` (default: ``folder / rel``). Raises ``Error`` for a path a
+    batch cannot carry.
     """
+    source = local or (lambda rel: folder / rel)
     lines = [f"cd {_quote(directory)}"] if directory else []
     made: set[str] = set()
     for rel in sorted(send):
@@ -118,10 +126,10 @@ def batch_lines(folder: Path, directory: str, send: list[str]) -> list[str]:
             if sub not in made:
                 made.add(sub)
                 lines.append(f"-mkdir {_quote(sub)}")
-        lines.append(f"put {_quote(str(folder / rel))} {_quote(rel)}")
+        lines.append(f"put {_quote(str(source(rel)))} {_quote(rel)}")
     temporary = f".{SIGNATURE_NAME}.part"
-    lines.append(f"put {_quote(str(folder / MANIFEST_NAME))} {_quote(MANIFEST_NAME)}")
-    lines.append(f"put {_quote(str(folder / SIGNATURE_NAME))} {_quote(temporary)}")
+    lines.append(f"put {_quote(str(source(MANIFEST_NAME)))} {_quote(MANIFEST_NAME)}")
+    lines.append(f"put {_quote(str(source(SIGNATURE_NAME)))} {_quote(temporary)}")
     # OpenSSH's sftp renames with posix-rename@openssh.com when the server has it
     # (sftp-server does), which replaces the previous signature atomically.
     lines.append(f"rename {_quote(temporary)} {_quote(SIGNATURE_NAME)}")

@@ -90,7 +90,7 @@ class DistributeSettings:
     backoff_max: float = 60.0
     confirm_timeout: float = 120.0
     state: Path | None = None
-    """Folder for per-target known_hosts files (default: beside the database)."""
+    """Folder for per-target known_hosts files and cut snapshots (default: beside the database)."""
 
 
 @dataclass(frozen=True)

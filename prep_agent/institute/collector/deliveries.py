@@ -152,6 +152,14 @@ class DeliveryLog(SQLiteFile):
             return TargetRecord(difusor, None, {}, None, None, None, None, None, None, None)
         return TargetRecord(row[0], row[1], json.loads(row[2] or "{}"), *row[3:])
 
+    def acked_sequence(self, difusor: str) -> int | None:
+        """The sequence of the last cut ``difusor`` acknowledged (without reading its files)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT acked_sequence FROM delivery_target WHERE difusor = ?", (difusor,)
+            ).fetchone()
+        return None if row is None else row[0]
+
     def targets(self) -> dict[str, TargetRecord]:
         """Every target's record, by difusor id."""
         with self._lock:

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
@@ -22,16 +22,24 @@ from prep_agent.core.errors import EXIT_OK, EXIT_UNDELIVERED, ConfigError, Error
 from prep_agent.core.manifest import SIGNATURE_NAME
 from prep_agent.core.verify import Policy
 from prep_agent.institute.collector.config import CollectorConfig
-from prep_agent.institute.collector.deliveries import DELIVERED, DeliveryLog, DistributedCut
+from prep_agent.institute.collector.deliveries import (
+    DELIVERED,
+    FAILED,
+    DeliveryLog,
+    DistributedCut,
+)
 from prep_agent.institute.collector.store import CollectorDatabase
 from prep_agent.institute.distribution.local import LocalCut, check_cut, load_signers, sign_here
 from prep_agent.institute.distribution.scheduler import Distributor, Event
+from prep_agent.institute.distribution.snapshot import Snapshots
 from prep_agent.institute.distribution.transport import Link, make_link
 
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 0.25
 """Seconds between two scans of the watched folder."""
+STOP_POLL = 0.25
+"""Seconds between two looks at the stop signal while a one-shot run waits."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,13 @@ class Options:
 
 
 class Progress:
-    """A progress line per cut on a terminal; one line per event otherwise."""
+    """What the command shows while it delivers.
+
+    On a terminal, one line per cut redrawn in place: targets holding it out of
+    all, how many are failing, the slowest delivery so far; a failure or a
+    supersession gets a line of its own above it. Otherwise (systemd, a pipe),
+    one plain line per event.
+    """
 
     def __init__(self, total: int, stream: TextIO) -> None:
         self.total = total
@@ -55,7 +69,9 @@ class Progress:
         self.tty = stream.isatty()
         self._lock = threading.Lock()
         self._done: dict[int, set[str]] = {}
+        self._failing: dict[int, set[str]] = {}
         self._slowest: dict[int, tuple[float, str]] = {}
+        self._shown: int | None = None
 
     def __call__(self, event: Event) -> None:
         """Show one event."""
@@ -63,19 +79,33 @@ class Progress:
             if not self.tty:
                 self._line(event)
                 return
+            if event.kind in ("published", "unconfirmed"):
+                return
+            if self._shown is not None and event.sequence != self._shown:
+                print(file=self.stream)  # the previous cut's line stays as it ended
+            self._shown = event.sequence
             if event.kind == DELIVERED:
-                done = self._done.setdefault(event.sequence, set())
-                done.add(event.service_id)
-                slow = max(self._slowest.get(event.sequence, (0.0, "")), (event.seconds, ""))
-                if slow[0] == event.seconds:
-                    slow = (event.seconds, event.service_id)
-                self._slowest[event.sequence] = slow
-                text = f"cut {event.sequence}: {len(done)}/{self.total} targets"
-                text += f", slowest {slow[1]} {slow[0]:.1f} s"
-                print(f"\r{text}\x1b[K", end="", file=self.stream, flush=True)
-            elif event.kind not in ("published", "unconfirmed"):
-                print(file=self.stream)
+                self._done.setdefault(event.sequence, set()).add(event.service_id)
+                slowest = self._slowest.get(event.sequence)
+                if slowest is None or event.seconds > slowest[0]:
+                    self._slowest[event.sequence] = (event.seconds, event.service_id)
+            else:
+                if event.kind == FAILED:
+                    self._failing.setdefault(event.sequence, set()).add(event.service_id)
+                print("\r\x1b[K", end="", file=self.stream)
                 self._line(event)
+            self._draw(event.sequence)
+
+    def _draw(self, sequence: int) -> None:
+        done = self._done.get(sequence, set())
+        text = f"cut {sequence}: {len(done)}/{self.total} targets"
+        failing = self._failing.get(sequence, set()) - done
+        if failing:
+            text += f", {len(failing)} failing"
+        if sequence in self._slowest:
+            seconds, sid = self._slowest[sequence]
+            text += f", slowest {sid} {seconds:.1f} s"
+        print(f"\r{text}\x1b[K", end="", file=self.stream, flush=True)
 
     def _line(self, event: Event) -> None:
         tail = f": {event.detail}" if event.detail else ""
@@ -96,9 +126,27 @@ def _policy(config: CollectorConfig) -> Policy:
     return Policy(settings.election, tuple(signers), settings.threshold)
 
 
+def _state(config: CollectorConfig) -> Path:
+    return config.distribute.state or config.database.parent / "distribute"
+
+
+def _snapshots(config: CollectorConfig, options: Options) -> Snapshots | None:
+    """Where verified cuts are kept to be sent (none for a dry run)."""
+    return None if options.dry_run else Snapshots(_state(config) / "cuts")
+
+
+def _prune(snapshots: Snapshots | None, cut: LocalCut, distributor: Distributor) -> None:
+    """Keep the bytes of ``cut`` and of every cut a target still wants; drop the rest."""
+    if snapshots is not None:
+        wanted = cut.hashes()
+        for other in distributor.in_use():
+            wanted |= other.hashes()
+        snapshots.prune(wanted)
+
+
 def _links(config: CollectorConfig) -> tuple[dict[str, Link], dict[str, str | None]]:
     """Every enabled difusor with an sftp target: its link and status URL."""
-    state = config.distribute.state or config.database.parent / "distribute"
+    state = _state(config)
     links: dict[str, Link] = {}
     urls: dict[str, str | None] = {}
     for entry in config.difusores:
@@ -137,9 +185,17 @@ def dry_run(cut: LocalCut, links: dict[str, Link], records: DeliveryLog, out: Te
         )
 
 
-def distribute_one(config: CollectorConfig, options: Options, out: TextIO, err: TextIO) -> int:
+def distribute_one(
+    config: CollectorConfig,
+    options: Options,
+    out: TextIO,
+    err: TextIO,
+    stop: threading.Event | None = None,
+) -> int:
     """Check and deliver one cut folder to every enabled target; return the exit code.
 
+    ``stop`` (SIGINT, SIGTERM) ends the wait early: running uploads are
+    stopped and the targets not holding the cut are reported as usual.
     Raises ``Rejection`` (nothing sent) or ``Error``.
     """
     assert options.cut is not None
@@ -149,8 +205,12 @@ def distribute_one(config: CollectorConfig, options: Options, out: TextIO, err: 
         sign_here(options.cut, options.keys, options.agent_keys)
     records = DeliveryLog(config.database)
     store = CollectorDatabase(config.database, config.history_rows)
+    snapshots = _snapshots(config, options)
     try:
-        cut = check_cut(options.cut, policy, records.last_distributed(), _now(), time.time())
+        if snapshots is not None:
+            snapshots.open()
+        last = records.last_distributed()
+        cut = check_cut(options.cut, policy, last, _now(), time.time(), snapshots)
         if options.dry_run:
             dry_run(cut, links, records, out)
             return EXIT_OK
@@ -160,13 +220,20 @@ def distribute_one(config: CollectorConfig, options: Options, out: TextIO, err: 
         )
         try:
             distributor.offer(cut)
+            _prune(snapshots, cut, distributor)
             budget = config.distribute.retry_for + config.distribute.transfer_timeout + 30
-            distributor.wait_idle(budget)
-            outcomes = distributor.outcomes(cut.sequence)
+            deadline = time.monotonic() + budget
+            while not distributor.wait_idle(min(STOP_POLL, max(0.0, deadline - time.monotonic()))):
+                if (stop is not None and stop.is_set()) or time.monotonic() >= deadline:
+                    break
         finally:
-            wait = config.distribute.confirm_timeout if options.confirm else 0.0
+            stopped = stop is not None and stop.is_set()
+            wait = config.distribute.confirm_timeout if options.confirm and not stopped else 0.0
             distributor.close(wait_confirmations=wait)
+        outcomes = distributor.outcomes(cut.sequence)  # after close: stopped uploads say so
     finally:
+        if snapshots is not None:
+            snapshots.close()
         records.close()
         store.close()
     if out.isatty():
@@ -183,19 +250,30 @@ def distribute_one(config: CollectorConfig, options: Options, out: TextIO, err: 
 class Watcher:
     """Finds new cut folders (subfolders with a signature) in the watched folder."""
 
-    def __init__(self, folder: Path, policy: Policy, records: DeliveryLog) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        policy: Policy,
+        records: DeliveryLog,
+        snapshots: Snapshots | None = None,
+    ) -> None:
         self.folder = folder
         self.policy = policy
         self.records = records
+        self.snapshots = snapshots
         self._seen: dict[str, tuple[int, int]] = {}
 
     def newest(self) -> LocalCut | None:
-        """The newest cut not seen before that passes the local check, or None."""
-        found: list[LocalCut] = []
+        """The newest cut not seen before that passes the local check, or None.
+
+        Only that one is kept in a snapshot: with several new folders in one
+        scan (a first start), the others are checked without copying them.
+        """
         try:
             names = sorted(os.listdir(self.folder), reverse=True)
         except OSError as exc:
             raise Error(f"cannot read {self.folder}: {exc.strerror}") from None
+        new: list[Path] = []
         for name in names:
             sig = self.folder / name / SIGNATURE_NAME
             try:
@@ -203,18 +281,28 @@ class Watcher:
             except OSError:
                 continue
             stamp = (st.st_ino, st.st_mtime_ns)
-            if self._seen.get(name) == stamp:
-                continue
-            self._seen[name] = stamp
-            try:
-                last = self.records.last_distributed()
-                found.append(check_cut(sig.parent, self.policy, last, _now(), time.time()))
-            except Rejection as exc:
-                log.warning("cut folder %s refused, not sent: %s", name, exc)
-            except Error as exc:
-                log.warning("cut folder %s: %s", name, exc)
+            if self._seen.get(name) != stamp:
+                self._seen[name] = stamp
+                new.append(sig.parent)
+        keep = self.snapshots if len(new) == 1 else None
+        found = [c for c in (self._check(folder, keep) for folder in new) if c is not None]
         fresh = [c for c in found if not self._replay(c)]
-        return max(fresh, key=lambda c: c.sequence) if fresh else None
+        best = max(fresh, key=lambda c: c.sequence) if fresh else None
+        if best is not None and keep is None and self.snapshots is not None:
+            kept = self._check(best.folder, self.snapshots)
+            return None if kept is None else replace(kept, ready_at=best.ready_at)
+        return best
+
+    def _check(self, folder: Path, snapshots: Snapshots | None) -> LocalCut | None:
+        """The checked cut of ``folder``, or None (refusal logged)."""
+        try:
+            last = self.records.last_distributed()
+            return check_cut(folder, self.policy, last, _now(), time.time(), snapshots)
+        except Rejection as exc:
+            log.warning("cut folder %s refused, not sent: %s", folder.name, exc)
+        except Error as exc:
+            log.warning("cut folder %s: %s", folder.name, exc)
+        return None
 
     def _replay(self, cut: LocalCut) -> bool:
         last = self.records.last_distributed()
@@ -231,12 +319,15 @@ def watch(config: CollectorConfig, options: Options, stop: threading.Event, out:
     links, urls = _links(config)
     records = DeliveryLog(config.database)
     store = CollectorDatabase(config.database, config.history_rows)
-    watcher = Watcher(options.watch, policy, records)
+    snapshots = _snapshots(config, options)
+    watcher = Watcher(options.watch, policy, records, snapshots)
     distributor = Distributor(
         links, urls, config.distribute, records, Progress(len(links), out), options.confirm
     )
     print(f"watching {options.watch} for cuts to {len(links)} targets", file=out, flush=True)
     try:
+        if snapshots is not None:
+            snapshots.open()
         while not stop.is_set():
             cut = watcher.newest()
             if cut is not None and options.dry_run:
@@ -245,9 +336,12 @@ def watch(config: CollectorConfig, options: Options, stop: threading.Event, out:
                 _accept(cut, records, store)
                 log.info("distributing cut %d from %s", cut.sequence, cut.folder)
                 distributor.offer(cut)
+                _prune(snapshots, cut, distributor)
             stop.wait(WATCH_INTERVAL)
     finally:
         distributor.close()
+        if snapshots is not None:
+            snapshots.close()
         records.close()
         store.close()
     return EXIT_OK
@@ -257,7 +351,7 @@ def main(config: CollectorConfig, options: Options, stop: threading.Event) -> in
     """Run ``distribute`` as the options say; return its exit code. Raises ``Error``."""
     if options.watch is not None:
         return watch(config, options, stop, sys.stdout)
-    return distribute_one(config, options, sys.stdout, sys.stderr)
+    return distribute_one(config, options, sys.stdout, sys.stderr, stop)
 
 
 def key_paths(values: Sequence[str] | None) -> tuple[Path, ...]:

@@ -3,8 +3,9 @@
 :func:`check_cut` reads a cut folder, runs the pure :func:`core.verify.decide`
 against the institute's own allowed_signers, election and the last sequence it
 distributed (prep-cut-v1 §2–§4.4), then checks every listed file's size and
-SHA-256 as the difusor will (§4.5). :func:`sign_here` signs a folder's
-manifest with key files or with keys held by ``ssh-agent``.
+SHA-256 as the difusor will (§4.5), copying the bytes it hashes into the
+store the cut is sent from (``snapshot``). :func:`sign_here` signs a
+folder's manifest with key files or with keys held by ``ssh-agent``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from prep_agent.core.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, pa
 from prep_agent.core.protocol import NAMESPACE_CUT
 from prep_agent.core.verify import Policy, Published, decide
 from prep_agent.institute.collector.deliveries import DistributedCut
+from prep_agent.institute.distribution.snapshot import Snapshots, copy_hashing, discard
 from prep_agent.institute.sign import hash_file, load_key
 
 
@@ -41,6 +43,7 @@ class LocalCut:
     """A checked cut folder, ready to send."""
 
     folder: Path
+    """The cut folder as the PREP system wrote it."""
     manifest: Manifest
     manifest_sha256: str
     files: dict[str, str]
@@ -48,11 +51,29 @@ class LocalCut:
     sizes: dict[str, int]
     ready_at: float
     """When the institute saw it ready (Unix time): the start of every latency."""
+    store: Snapshots | None = None
+    """Where its verified bytes are kept (None: checked only, never sent)."""
+    signature_sha256: str = ""
 
     @property
     def sequence(self) -> int:
         """The cut's sequence."""
         return self.manifest.sequence
+
+    def local(self, rel: str) -> Path:
+        """The file to send as ``rel`` (a listed path, the manifest or the signature):
+        its verified bytes in the store."""
+        if self.store is None:
+            raise Error(f"cut {self.sequence} was checked without keeping its bytes")
+        if rel == MANIFEST_NAME:
+            return self.store.path(self.manifest_sha256)
+        if rel == SIGNATURE_NAME:
+            return self.store.path(self.signature_sha256)
+        return self.store.path(self.files[rel])
+
+    def hashes(self) -> set[str]:
+        """The SHA-256 of every file it sends (what the store must keep for it)."""
+        return {*self.files.values(), self.manifest_sha256, self.signature_sha256}
 
 
 def load_signers(path: Path | None) -> list[AllowedSigner]:
@@ -88,18 +109,33 @@ def _read(path: Path, what: str) -> bytes:
         raise Error(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _check_files(folder: Path, manifest: Manifest) -> None:
-    """§4.5 on the institute's copy: every listed file is there with its bytes."""
+def _check_files(folder: Path, manifest: Manifest, store: Snapshots | None = None) -> None:
+    """§4.5 on the institute's copy: every listed file is there with its bytes.
+
+    With ``store``, each file whose bytes it does not keep yet is copied there
+    as it is hashed. Raises ``Rejection`` or ``Error``.
+    """
     for entry in manifest.files:
         path = folder / entry.path
         if path.is_symlink() or (path.exists() and not path.is_file()):
             raise Rejection(FILE_TYPE, f"{entry.path} is not a regular file")
+        partial = None if store is None or store.holds(entry.sha256) else store.partial()
         try:
-            size, sha = hash_file(path)
-        except FileNotFoundError:
-            raise Rejection(INCOMPLETE, f"{entry.path} is listed but missing") from None
+            size, sha = hash_file(path) if partial is None else copy_hashing(path, partial)
+        except OSError as exc:
+            if partial is not None:
+                discard(partial)
+            if isinstance(exc, FileNotFoundError):
+                raise Rejection(INCOMPLETE, f"{entry.path} is listed but missing") from None
+            if partial is not None:
+                raise Error(f"cannot copy {path} into {partial.parent}: {exc.strerror}") from None
+            raise Error(f"cannot read {path}: {exc.strerror}") from None
         if (size, sha) != (entry.size, entry.sha256):
+            if partial is not None:
+                discard(partial)
             raise Rejection(FILE_MISMATCH, f"{entry.path} differs from the manifest")
+        if store is not None and partial is not None:
+            store.keep(partial, sha)
 
 
 def check_cut(
@@ -108,23 +144,34 @@ def check_cut(
     last: DistributedCut | None,
     now: datetime,
     ready_at: float,
+    store: Snapshots | None = None,
 ) -> LocalCut:
     """Check ``folder`` as every difusor will; return it ready to send.
 
-    Raises ``Rejection`` (the difusores' reason class) or ``Error``.
+    With ``store``, the verified bytes are kept there and the cut is sent from
+    them, whatever happens to ``folder`` afterwards (without: a check only,
+    e.g. ``--dry-run``). Raises ``Rejection`` (the difusores' reason class) or
+    ``Error``.
     """
     manifest_bytes = _read(folder / MANIFEST_NAME, MANIFEST_NAME)
     sig_bytes = _read(folder / SIGNATURE_NAME, SIGNATURE_NAME)
     decision = decide(manifest_bytes, sig_bytes, policy, published_from(last), now)
     manifest = decision.manifest
-    _check_files(folder, manifest)
+    _check_files(folder, manifest, store)
+    signature_sha256 = "" if store is None else store.keep_bytes(sig_bytes)
     return LocalCut(
         folder=folder,
         manifest=manifest,
-        manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
+        manifest_sha256=(
+            hashlib.sha256(manifest_bytes).hexdigest()
+            if store is None
+            else store.keep_bytes(manifest_bytes)
+        ),
         files={f.path: f.sha256 for f in manifest.files},
         sizes={f.path: f.size for f in manifest.files},
         ready_at=ready_at,
+        store=store,
+        signature_sha256=signature_sha256,
     )
 
 

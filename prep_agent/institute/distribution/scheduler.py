@@ -58,6 +58,7 @@ class _Target:
     tries: int = 0
     due: float | None = None
     running: bool = False
+    sending: LocalCut | None = None
     held: int | None = None
     error: str | None = None
     started: float | None = None
@@ -119,7 +120,7 @@ class Distributor:
         now = time.monotonic()
         with self._cond:
             for sid, target in self._targets.items():
-                held = self.records.target(sid).acked_sequence
+                held = self.records.acked_sequence(sid)
                 target.held = held
                 if held is not None and held >= cut.sequence:
                     continue
@@ -138,6 +139,13 @@ class Distributor:
 
     def _pending(self) -> bool:
         return any(t.running or t.due is not None for t in self._targets.values())
+
+    def in_use(self) -> list[LocalCut]:
+        """The cuts some target still wants or is being sent."""
+        with self._cond:
+            wanted = [t.cut for t in self._targets.values() if t.cut is not None]
+            wanted += [t.sending for t in self._targets.values() if t.sending is not None]
+            return wanted
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no attempt is running or scheduled; False on timeout."""
@@ -183,7 +191,7 @@ class Distributor:
     def _attempt(self, sid: str) -> None:
         with self._cond:
             target = self._targets[sid]
-            cut = target.cut
+            cut = target.sending = target.cut
             target.tries += 1
         assert cut is not None
         link = self.links[sid]
@@ -194,7 +202,7 @@ class Distributor:
         error: Error | None = None
         result = DELIVERED
         try:
-            lines = batch_lines(cut.folder, link.target.path, send)
+            lines = batch_lines(cut.folder, link.target.path, send, cut.local)
             run_batch(
                 link,
                 lines,
@@ -203,6 +211,8 @@ class Distributor:
             )
         except Cancelled as exc:
             result, error = SUPERSEDED, exc
+            if self._closing:
+                error = Cancelled("stopped before the upload ended (distribute was stopped)")
         except (Error, OSError) as exc:
             result = FAILED
             error = exc if isinstance(exc, Error) else DeliveryError(f"local: {exc}")
@@ -224,6 +234,7 @@ class Distributor:
         with self._cond:
             target = self._targets[sid]
             target.running = False
+            target.sending = None
             if error is None:
                 target.held = cut.sequence
                 target.error = None

@@ -29,6 +29,8 @@ CONTROL_PERSIST = 900
 """Seconds an idle multiplexed connection stays open (longer than a cut period)."""
 POLL = 0.05
 """Seconds between checks of a running sftp for cancellation."""
+CONNECTION_LOST = "connection lost during the upload"
+"""The reason when the connection, or the sftp session on it, closed mid-batch."""
 
 
 class DeliveryError(Error):
@@ -134,7 +136,7 @@ _REASONS: tuple[tuple[str, str, bool], ...] = (
     (r"could not resolve|name or service not known", "host name does not resolve", True),
     (
         r"connection closed|broken pipe|connection reset|lost connection|connection .* closed",
-        "connection lost during the upload",
+        CONNECTION_LOST,
         True,
     ),
     (r"no space left|disk quota|quota exceeded", "remote disk full", True),
@@ -148,13 +150,26 @@ _REASONS: tuple[tuple[str, str, bool], ...] = (
 )
 
 
+_EXPECTED = re.compile(r"^remote mkdir .*: failure$", re.IGNORECASE)
+"""A ``-mkdir`` of a folder the target already has: the batch goes on, not a reason."""
+
+
 def explain(output: str, code: int) -> DeliveryError:
-    """The one-line reason of a failed sftp run (its stderr and exit status)."""
-    text = output.lower()
+    """The one-line reason of a failed sftp run (its stderr and exit status).
+
+    A negative ``code`` is the signal that ended sftp: ``SIGPIPE`` means the
+    connection closed under it (the server's side died mid-transfer).
+    """
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not _EXPECTED.match(ln)]
+    text = "\n".join(lines).lower()
     for pattern, reason, retry in _REASONS:
         if re.search(pattern, text):
             return DeliveryError(reason, retry)
-    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    if code == -signal.SIGPIPE:
+        return DeliveryError(CONNECTION_LOST)
+    if code < 0:
+        return DeliveryError(f"sftp ended by signal {signal.Signals(-code).name}")
     return DeliveryError(f"sftp exit {code}: {lines[-1] if lines else 'no message'}"[:200])
 
 
@@ -190,7 +205,12 @@ def run_batch(
             stderr.seek(0)
             output = stderr.read().decode("utf-8", "replace")
     if code != 0:
-        raise explain(output, code)
+        error = explain(output, code)
+        if str(error) == CONNECTION_LOST:
+            # A multiplexed connection may be held by a server process that outlived
+            # the fault (an sshd restarted keeps its old sessions): retry on a new one.
+            close_master(link)
+        raise error
 
 
 def _host(host: str) -> str:
