@@ -74,6 +74,7 @@ def substitutions(
         "/var/log/nginx/prep-agent.access.log": str(folder / "logs" / "access.log"),
         "/var/log/nginx/prep-agent.error.log": str(folder / "logs" / "error.log"),
         "/var/www/acme": str(folder / "acme"),
+        "/etc/prep-agent/nginx-waf/*.conf": str(folder / "waf" / "*.conf"),
     }
 
 
