@@ -346,3 +346,132 @@ def enable_waf(conf: Path) -> Path:
     if "load_module" not in main:
         conf.write_text(f"load_module {MODSECURITY_MODULE};\n{main}")
     return rules
+
+
+# --- fail2ban (foreground, its own socket, database and log) ------------------------------
+
+FAIL2BAN_SERVER = shutil.which("fail2ban-server") or "/usr/bin/fail2ban-server"
+FAIL2BAN_CLIENT = shutil.which("fail2ban-client") or "/usr/bin/fail2ban-client"
+
+
+class Fail2ban:
+    """fail2ban-server -f with the shipped jails and filter, reading a test's nginx log.
+
+    The shipped jail file is used with its documented paths replaced, the
+    institute's addresses written where the shipped include puts them, and
+    127.0.0.1/8 narrowed to 127.0.0.1/32 (on loopback, the other 127.0.0.X are
+    the test's internet). Every jail's action is fail2ban's stock ``dummy``,
+    which writes +IP / -IP lines to a file: no firewall is touched.
+    """
+
+    def __init__(
+        self, folder: Path, error_log: Path, institute: Sequence[str], bantime: int
+    ) -> None:
+        conf = folder / "conf"
+        for sub in ("jail.d", "filter.d", "action.d"):
+            (conf / sub).mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.socket = folder / "fail2ban.sock"
+        self.bans = folder / "bans"
+        (conf / "fail2ban.conf").write_text(
+            "[Definition]\nloglevel = INFO\n"
+            f"logtarget = {folder / 'fail2ban.log'}\nsocket = {self.socket}\n"
+            f"pidfile = {folder / 'fail2ban.pid'}\ndbfile = {folder / 'fail2ban.sqlite3'}\n"
+            "dbpurgeage = 1d\n"
+        )
+        (conf / "jail.conf").write_text(f'[DEFAULT]\naction = dummy[target="{self.bans}"]\n')
+        for name in ("nginx-limit-req.conf", "common.conf"):
+            source = Path("/etc/fail2ban/filter.d") / name
+            if source.exists():
+                shutil.copy(source, conf / "filter.d" / name)
+        shutil.copy(Path("/etc/fail2ban/action.d/dummy.conf"), conf / "action.d" / "dummy.conf")
+        shipped = PACKAGING / "fail2ban"
+        shutil.copy(
+            shipped / "prep-agent-modsecurity.conf",
+            conf / "filter.d" / "prep-agent-modsecurity.conf",
+        )
+        institute_file = folder / "fail2ban-institute.conf"
+        institute_file.write_text(f"[prep-agent]\ninstitute = {' '.join(institute)}\n")
+        subs = {
+            "/etc/prep-agent/fail2ban-institute.conf": str(institute_file),
+            "/var/log/nginx/prep-agent/error.log": str(error_log),
+            "/var/log/nginx/prep-agent/*.error.log": str(error_log.parent / "*.error.log"),
+            "127.0.0.1/8": "127.0.0.1/32",
+        }
+        text = (shipped / "prep-agent.conf").read_text()
+        for old, new in subs.items():
+            assert old in text, f"packaging/fail2ban/prep-agent.conf no longer contains {old}"
+            text = text.replace(old, new)
+        (conf / "jail.d" / "prep-agent.conf").write_text(text)
+        (conf / "jail.d" / "test.local").write_text(
+            "[sshd]\nenabled = false\n"
+            f"[nginx-limit-req]\nbantime = {bantime}\n"
+            f"[prep-agent-modsecurity]\nbantime = {bantime}\n"
+        )
+        self.conf = conf
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start in the foreground; wait until both jails run."""
+        out = open(self.folder / "server.out", "ab")  # noqa: SIM115
+        with out:
+            self.proc = subprocess.Popen(
+                [
+                    FAIL2BAN_SERVER,
+                    "-f",
+                    "-x",
+                    "-c",
+                    str(self.conf),
+                    "-s",
+                    str(self.socket),
+                    "-p",
+                    str(self.folder / "fail2ban.pid"),
+                ],  # fmt: skip
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"fail2ban-server exited: {self.log()[-2000:]}")
+            got = self.client("status")
+            return "nginx-limit-req" in got and "prep-agent-modsecurity" in got
+
+        wait_for(ready, 30, "fail2ban's jails running", interval=0.2)
+
+    def client(self, *args: str) -> str:
+        """fail2ban-client on this server's socket; its output ("" on failure)."""
+        got = subprocess.run(
+            [FAIL2BAN_CLIENT, "-c", str(self.conf), "-s", str(self.socket), *args],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+        return got.stdout if got.returncode == 0 else ""
+
+    def get(self, jail: str, key: str) -> str:
+        """A jail setting as the server holds it."""
+        return self.client("get", jail, key).strip()
+
+    def banned(self, jail: str) -> set[str]:
+        """Addresses banned in ``jail`` now."""
+        for line in self.client("status", jail).splitlines():
+            if "Banned IP list:" in line:
+                return set(line.split(":", 1)[1].split())
+        return set()
+
+    def actions(self) -> str:
+        """What the dummy action wrote (+IP on ban, -IP on unban)."""
+        return self.bans.read_text() if self.bans.exists() else ""
+
+    def log(self) -> str:
+        """fail2ban's own log."""
+        path = self.folder / "fail2ban.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        """Stop the server."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.client("stop")
+        stop_process(self.proc, timeout=15)
