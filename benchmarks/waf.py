@@ -32,7 +32,7 @@ from typing import Any
 from benchmarks.serve import CSV_PATH, SUMMARY_LUA, cut_files, run_wrk
 from tests.kit import OFFSET, AgentDaemon, Institute, free_port, make_config
 from tests.nginxkit import Nginx, instantiate, wait_published
-from tests.tlskit import MODSECURITY_MODULE, enable_waf
+from tests.wafkit import MODSECURITY_MODULE, enable_waf
 
 HEADERS = (
     "User-Agent: Mozilla/5.0 (Linux; Android 13; SM-A145M) AppleWebKit/537.36 "
@@ -121,7 +121,7 @@ def measure(seconds: int, rounds: int, out: Path | None) -> str:
 
 def _row(name: str, got: dict[str, list[dict[str, Any]]], ratios: list[float]) -> str:
     def med(label: str, key: str) -> float:
-        return statistics.median(r[key] for r in got[label])
+        return float(statistics.median(r[key] for r in got[label]))
 
     non2xx = sum(r["status"] + r["errors"] for runs in got.values() for r in runs)
     return (

@@ -27,7 +27,8 @@ import pytest
 from prep_agent.agent.config import Config
 from tests.kit import AgentDaemon, Institute, free_port, make_config, minute_ago, wait_for
 from tests.nginxkit import Nginx, instantiate, session_from, wait_published
-from tests.tlskit import Fail2ban, enable_waf
+from tests.tlskit import Fail2ban
+from tests.wafkit import enable_waf
 
 pytestmark = [pytest.mark.edge, pytest.mark.timeout(120)]
 

@@ -22,7 +22,7 @@ import pytest
 from prep_agent.agent.config import Config
 from tests.kit import AgentDaemon, Institute, free_port, make_config, minute_ago
 from tests.nginxkit import Nginx, instantiate, wait_published
-from tests.tlskit import MODSECURITY_MODULE, enable_waf
+from tests.wafkit import MODSECURITY_MODULE, enable_waf
 
 pytestmark = [pytest.mark.edge, pytest.mark.timeout(120)]
 
