@@ -345,17 +345,18 @@ class Fail2ban:
             f"pidfile = {folder / 'fail2ban.pid'}\ndbfile = {folder / 'fail2ban.sqlite3'}\n"
             "dbpurgeage = 1d\n"
         )
-        (conf / "jail.conf").write_text(f'[DEFAULT]\naction = dummy[target="{self.bans}"]\n')
+        # Debian's jail.conf defaults for filter (each jail must override it or have
+        # a filter.d file of its name), and the stock dummy action for every jail.
+        (conf / "jail.conf").write_text(
+            "[DEFAULT]\nmode = normal\nfilter = %(__name__)s[mode=%(mode)s]\n"
+            f'action = dummy[target="{self.bans}"]\n'
+        )
         for name in ("nginx-limit-req.conf", "common.conf"):
             source = Path("/etc/fail2ban/filter.d") / name
             if source.exists():
                 shutil.copy(source, conf / "filter.d" / name)
         shutil.copy(Path("/etc/fail2ban/action.d/dummy.conf"), conf / "action.d" / "dummy.conf")
         shipped = PACKAGING / "fail2ban"
-        shutil.copy(
-            shipped / "prep-agent-modsecurity.conf",
-            conf / "filter.d" / "prep-agent-modsecurity.conf",
-        )
         institute_file = folder / "fail2ban-institute.conf"
         institute_file.write_text(f"[prep-agent]\ninstitute = {' '.join(institute)}\n")
         subs = {

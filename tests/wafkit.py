@@ -26,8 +26,8 @@ def enable_waf(conf: Path) -> Path:
     rules.mkdir(exist_ok=True)
     (folder / "waf").mkdir(exist_ok=True)
     subs = {
-        "/etc/prep-agent/modsecurity/prep-agent.conf": str(rules / "prep-agent.conf"),
-        "/etc/prep-agent/modsecurity/exclusions.conf": str(rules / "exclusions.conf"),
+        "/usr/share/prep-agent/modsecurity/prep-agent.conf": str(rules / "prep-agent.conf"),
+        "/usr/share/prep-agent/modsecurity/exclusions.conf": str(rules / "exclusions.conf"),
     }
     for source, target in (
         (PACKAGING / "nginx" / "prep-agent-waf.conf", folder / "waf" / "prep-agent-waf.conf"),
