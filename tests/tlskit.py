@@ -1,11 +1,14 @@
-"""Certificates for edge tests: a test CA, Debian's pebble (ACME) and certbot, offline.
+"""Edge tests' tools: a test CA, Debian's pebble (ACME) and certbot, Chromium, fail2ban.
 
 ``TestCA`` makes a CA and leaves with ``cryptography`` (pebble's own HTTPS, the
 portal of the browser test). ``Pebble`` runs pebble-challtestsrv as the DNS
 server that answers 127.0.0.1 for every name, and pebble on loopback with its
 http-01 validations sent to the nginx site's port. ``certbot`` runs Debian's
-certbot against it with every directory under the test's folder. Nothing here
-touches /etc or the network beyond loopback.
+certbot against it with every directory under the test's folder. ``TLSPortal``
+and ``chrome_trusting`` are the HTTPS portal and the browser that trusts its
+certificates by SPKI hash. ``Fail2ban`` runs fail2ban-server in the foreground
+with the shipped jails. Nothing here touches /etc, the host's firewall or the
+network beyond loopback.
 """
 
 from __future__ import annotations
