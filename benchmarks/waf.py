@@ -11,7 +11,8 @@ measures ``/``, ``/status.json``, the release's index.html and CSV, the two
 servers in turn within each round (order alternating); reported: the median
 over rounds of the per-round ratio WAF/plain of req/s, and each server's CPU
 time per response (master + worker). A blocked request (SQL injection in the
-query) is measured on the WAF server alone.
+query) is measured on the WAF server alone, then the WAF server's CPU per
+``/status.json`` response with parts of the Core Rule Set (``BREAKDOWN``).
 
 Usage: .venv/bin/python -m benchmarks.waf [--quick] [--out FILE]
 """
@@ -22,6 +23,7 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +33,7 @@ from typing import Any
 
 from benchmarks.serve import CSV_PATH, SUMMARY_LUA, cut_files, run_wrk
 from tests.kit import OFFSET, AgentDaemon, Institute, free_port, make_config
-from tests.nginxkit import Nginx, instantiate, wait_published
+from tests.nginxkit import NGINX, Nginx, instantiate, wait_published
 from tests.wafkit import MODSECURITY_MODULE, enable_waf
 
 HEADERS = (
@@ -101,22 +103,80 @@ def measure(seconds: int, rounds: int, out: Path | None) -> str:
                 ratios.append(runs["waf"]["rps"] / runs["plain"]["rps"])
             rows.append(_row(name, got, ratios))
         attack = run_wrk(
-            waf.url + "/status.json?id=1%27%20OR%20%271%27%3D%271",
+            waf.url + "/static/frame.js?id=1%27%20OR%20%271%27%3D%271",
             seconds,
             script,
             HEADERS,
             pid=waf.proc.pid if waf.proc else None,
         )
         errors = waf.errors().count("Access denied")
+        breakdown = rule_breakdown(waf, script, seconds)
     finally:
         for nginx in servers:
             nginx.stop()
         agent.stop()
     ended = datetime.now(OFFSET)
     text = _report(seconds, rounds, started, ended, rows, attack, errors)
+    text += (
+        "\nWhere the CPU goes (`/status.json`, one run of each variant of the rules file: "
+        "the CRS's files included, in order; the rest of the rules file unchanged):\n\n"
+        "| rules | req/s | CPU/resp (µs) |\n|---|---:|---:|\n"
+        + "".join(f"| {name} | {rps:,.0f} | {cpu:.1f} |\n" for name, rps, cpu in breakdown)
+    )
     if out is not None:
         out.write_text(text)
     return text
+
+
+CRS_RULES = Path("/usr/share/modsecurity-crs/rules")
+BREAKDOWN = {
+    "engine Off (module loaded, no rule runs)": None,
+    "901 + 949 (initialisation, blocking evaluation)": ("901", "949"),
+    "901 + 920 + 949 (protocol enforcement)": ("901", "920", "949"),
+    "901 + 930-934 + 949 (LFI, RFI, RCE, PHP, Node.js)": ("901", "93", "949"),
+    "901 + 941 + 949 (XSS)": ("901", "941", "949"),
+    "901 + 942 + 949 (SQLi)": ("901", "942", "949"),
+    "every REQUEST-* file": ("REQUEST",),
+    "every file (shipped)": ("",),
+}
+"""Variants of the rules file: which CRS files are included (by name part)."""
+
+
+def rule_breakdown(waf: Nginx, script: Path, seconds: int) -> list[tuple[str, float, float]]:
+    """CPU per /status.json response for each variant of BREAKDOWN (reload between)."""
+    rules = waf.folder / "modsecurity" / "prep-agent.conf"
+    shipped = rules.read_text()
+    include = f"Include {CRS_RULES}/*.conf"
+    assert include in shipped, "the rules file no longer includes the CRS"
+    files = sorted(CRS_RULES.glob("*.conf"))
+    out = []
+    try:
+        for name, parts in BREAKDOWN.items():
+            if parts is None:
+                text = shipped.replace("SecRuleEngine On", "SecRuleEngine Off")
+            else:
+                chosen = [f for f in files if any(part in f.name for part in parts)]
+                text = shipped.replace(include, "\n".join(f"Include {f}" for f in chosen))
+            rules.write_text(text)
+            reload_nginx(waf)
+            run_wrk(waf.url + "/status.json", 1, script, HEADERS)
+            assert waf.proc is not None
+            got = run_wrk(waf.url + "/status.json", seconds, script, HEADERS, pid=waf.proc.pid)
+            out.append((name, got["rps"], got["cpu_us"]))
+    finally:
+        rules.write_text(shipped)
+    return out
+
+
+def reload_nginx(nginx: Nginx) -> None:
+    """``nginx -s reload`` and a moment for the old worker to leave."""
+    subprocess.run(
+        [NGINX, "-c", str(nginx.conf), "-p", f"{nginx.folder}/", "-s", "reload"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    time.sleep(1.5)
 
 
 def _row(name: str, got: dict[str, list[dict[str, Any]]], ratios: list[float]) -> str:
@@ -161,7 +221,8 @@ def _report(
         "|---|---:|---:|---:|---|---:|---|---:|",
         *rows,
         "",
-        f"Blocked request (SQL injection in the query, WAF server): {attack['rps']:,.0f} req/s, "
+        "Blocked request (SQL injection in the query of /static/frame.js, WAF server): "
+        f"{attack['rps']:,.0f} req/s, "
         f"CPU/resp {attack.get('cpu_us', 0):.1f} µs, p99 {attack['p99_us'] / 1000:.1f} ms, "
         f"non-2xx {attack['status']} of {attack['requests']}; 'Access denied' lines: {denials}.",
         "",
