@@ -73,6 +73,8 @@ def substitutions(
         "/etc/nginx/snippets/prep-agent-site.conf": str(folder / "prep-agent-site.conf"),
         "/var/log/nginx/prep-agent.access.log": str(folder / "logs" / "access.log"),
         "/var/log/nginx/prep-agent.error.log": str(folder / "logs" / "error.log"),
+        "/var/www/acme": str(folder / "acme"),
+        "/etc/prep-agent/nginx-waf/*.conf": str(folder / "waf" / "*.conf"),
     }
 
 

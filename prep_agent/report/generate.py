@@ -23,6 +23,7 @@ from typing import TextIO
 from prep_agent.agent.journal import read_journal
 from prep_agent.core.errors import EXIT_OK, ConfigError
 from prep_agent.report.bundle import render_pdf, write_archive, write_checksums
+from prep_agent.report.edge import edge_doc, parse_offset, read_edge
 from prep_agent.report.incidents import Incidents, read_incidents
 from prep_agent.report.render import render_html, write_csvs, write_summary
 from prep_agent.report.summary import Options, build_summary
@@ -51,6 +52,9 @@ class ReportJob:
     comments: str = ""
     jobs: int | None = None
     progress: bool = False
+    error_logs: tuple[Path, ...] = ()
+    fail2ban_logs: tuple[Path, ...] = ()
+    log_offset: str = "+00:00"
 
 
 class Progress:
@@ -107,6 +111,13 @@ def make_report(req: ReportJob) -> list[str]:
         raise ConfigError(f"access log not found: {', '.join(missing)}")
     if req.journal is not None and not req.journal.is_file():
         raise ConfigError(f"journal not found: {req.journal}")
+    missing = [str(p) for p in (*req.error_logs, *req.fail2ban_logs) if not p.is_file()]
+    if missing:
+        raise ConfigError(f"log not found: {', '.join(missing)}")
+    try:
+        log_tz = parse_offset(req.log_offset)
+    except ValueError as exc:
+        raise ConfigError(f"--log-offset: {exc}") from None
     req.out.mkdir(parents=True, exist_ok=True)
     offset = opts.tz.utcoffset(None)
     windows = Windows(
@@ -131,6 +142,10 @@ def make_report(req: ReportJob) -> list[str]:
             read_journal(req.journal), opts.operation, opts.period_seconds, opts.stale_periods
         )
     doc = build_summary(traffic, incidents, opts, [str(p) for p in req.logs])
+    if req.error_logs or req.fail2ban_logs:
+        edge = read_edge(req.error_logs, req.fail2ban_logs, opts.operation, log_tz, opts.tz)
+        doc["edge"] = edge_doc(edge, opts.tz)
+        doc["input"]["edge_files"] = [str(p) for p in (*req.error_logs, *req.fail2ban_logs)]
     names = write_csvs(doc, req.out)
     write_summary(doc, req.out)
     generated = datetime.now(timezone.utc).astimezone(opts.tz).strftime("%d/%m/%Y %H:%M")
@@ -157,6 +172,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="access logs (combined format and variants; plain or .gz; rotated sets)",
     )
     p.add_argument("--journal", metavar="FILE", help="the agent's journal.jsonl")
+    p.add_argument(
+        "--error-log",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="nginx error logs of the site: rate-limited and firewall-blocked requests",
+    )
+    p.add_argument(
+        "--fail2ban-log", nargs="+", default=[], metavar="FILE", help="fail2ban logs: bans"
+    )
+    p.add_argument(
+        "--log-offset",
+        default="+00:00",
+        metavar="OFFSET",
+        help="UTC offset of the times in those logs (default +00:00)",
+    )
     p.add_argument(
         "--from",
         dest="from_",
@@ -223,6 +254,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         comments=comments,
         jobs=args.jobs,
         progress=sys.stderr.isatty() if args.progress is None else args.progress,
+        error_logs=tuple(Path(p) for p in args.error_log),
+        fail2ban_logs=tuple(Path(p) for p in args.fail2ban_log),
+        log_offset=args.log_offset,
     )
     names = make_report(req)
     print(f"wrote {len(names)} files in {req.out}: {HTML_NAME}, summary.json, ...")

@@ -231,6 +231,31 @@ TABLES = (
         _inc("other"),
     ),
     Table(
+        "ataques_por_hora.csv",
+        "Ataques y contención por hora (bitácoras de nginx y fail2ban)",
+        (
+            Column("hour", "Hora"),
+            Column("rate_limited", "Solicitudes limitadas (429)", N),
+            Column("rate_limited_clients", "Clientes limitados", N),
+            Column("waf_blocks", "Solicitudes bloqueadas por el cortafuegos", N),
+            Column("waf_clients", "Clientes bloqueados", N),
+            Column("bans", "Bloqueos de dirección (fail2ban)", N),
+        ),
+        lambda doc: doc.get("edge", {}).get("hourly", []),
+    ),
+    Table(
+        "bloqueos_fail2ban.csv",
+        "Direcciones bloqueadas por fail2ban",
+        (
+            Column("jail", "Regla"),
+            Column("address", "Dirección"),
+            Column("start", "Inicio"),
+            Column("end", "Fin"),
+            Column("seconds", "Duración (s)", N),
+        ),
+        lambda doc: doc.get("edge", {}).get("bans", []),
+    ),
+    Table(
         "lineas_invalidas.csv",
         "Ejemplos de líneas no reconocidas en las bitácoras",
         (Column("file", "Archivo"), Column("line", "Línea", N), Column("text", "Texto")),
@@ -346,6 +371,10 @@ def render_html(doc: dict[str, Any], comments: str, generated: str) -> str:
         render_table(tables["desactualizacion.csv"], doc),
         render_table(tables["caidas_agente.csv"], doc),
         render_table(tables["otros_eventos.csv"], doc),
+        "<h3>Ataques y contención</h3>",
+        _edge_intro(doc),
+        render_table(tables["ataques_por_hora.csv"], doc),
+        render_table(tables["bloqueos_fail2ban.csv"], doc),
         "<h2>6. Línea de tiempo de los cortes</h2>",
         render_table(tables["cortes.csv"], doc),
         "<h2>7. Definiciones</h2>",
@@ -401,4 +430,21 @@ def _incidents_intro(doc: dict[str, Any]) -> str:
         f"máxima {_fmt(lat['total_ms_max'], True)} ms. De la hora de corte a la publicación: "
         f"mediana {_fmt(lat['delay_s_p50'], True)} s, p95 {_fmt(lat['delay_s_p95'], True)} s, "
         f"máxima {_fmt(lat['delay_s_max'], True)} s.</p>"
+    )
+
+
+def _edge_intro(doc: dict[str, Any]) -> str:
+    edge = doc.get("edge")
+    if edge is None:
+        return (
+            '<p class="muted">No se proporcionaron las bitácoras de errores de nginx ni de '
+            "fail2ban (--error-log, --fail2ban-log).</p>"
+        )
+    tot = edge["totals"]
+    return (
+        f"<p>Durante la operación, los límites por cliente rechazaron "
+        f"{_fmt(tot['rate_limited'], True)} solicitudes, el cortafuegos de aplicaciones "
+        f"bloqueó {_fmt(tot['waf_blocks'], True)} y fail2ban bloqueó direcciones "
+        f"{_fmt(tot['bans'], True)} veces ({_fmt(tot['clients'], True)} clientes distintos "
+        "involucrados). Cada bloqueo de fail2ban dura un tiempo acotado.</p>"
     )
