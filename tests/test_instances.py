@@ -142,7 +142,7 @@ def test_nginx_sites_have_their_own_names_paths_and_agent(tmp_path: Path) -> Non
         code = "\n".join(directives(site))
         defined = set(re.findall(r"(?:log_format|upstream|geo|map \S+) \$?(\w+)", code))
         defined |= set(re.findall(r"zone=(\w+):", code))
-        assert len(defined) == 9, defined  # 1 log format, 3 zones, 4 variables, 1 upstream
+        assert len(defined) == 10, defined  # 1 log format, 3 zones, 5 variables, 1 upstream
         assert defined and all(n.startswith(prefix) for n in defined), defined
         assert "prep_agent_" not in both.replace(prefix, "")
         names[name] = defined
