@@ -434,7 +434,7 @@
     if (!/^https?:\/\//.test(url)) { result.textContent = "Escriba la dirección completa del difusor (https://…)."; return; }
     var base = url.replace(/[?#].*$/, "").replace(/\/?$/, "/");
     var expect = parseInt(document.getElementById("secuencia").value, 10) || null;
-    var wait = parseInt(document.getElementById("espera").value, 10) || WAIT;
+    var wait = Math.min(Math.max(parseInt(document.getElementById("espera").value, 10) || WAIT, 1), 600);
     result.dataset.verdict = "";
     result.textContent = "Verificando…";
     try {
