@@ -102,6 +102,19 @@ def test_slow_difusor(browser: WebDriver, cut: Cut) -> None:
     assert took < 15, f"CLI and page took {took:.1f} s with a 1 s wait"
 
 
+def test_slow_status_json(browser: WebDriver, cut: Cut) -> None:
+    """A difusor whose status.json never ends: no answer, and nothing else is read."""
+    with Front(cut.s.url) as front:
+        front.spoiled["/status.json"] = SLOW
+        seen = agree(
+            browser, cut.s, f"{cut.kind}-lento-status", "--timeout", "1", url=front.url, wait=1
+        )
+    page = seen["page"]
+    assert seen["code"] == EXIT_AUDIT_UNREACHABLE and page["verdict"] == "unreachable"
+    assert page["findings"] == ["status.json"] and page["rows"] == {}
+    assert "sin respuesta en 1 s" in page["finding_texts"][0], page
+
+
 def test_huge_answers_are_cut_short(browser: WebDriver, cut: Cut) -> None:
     """A 10 GB Content-Length and an endless body: cut short, not read whole."""
     with Front(cut.s.url) as front:
