@@ -25,6 +25,8 @@ ENDLESS = "endless"
 """Answer 200 with no Content-Length and bytes until the client goes away."""
 HUGE = "huge"
 """Answer 200 announcing a 10 GB Content-Length."""
+TRICKLE = "trickle"
+"""Answer 200 with no Content-Length and one byte every 0.2 s until the front stops."""
 
 NO_CACHE = "no-cache"
 """Pass the answer on with ``Cache-Control: no-cache`` in place of the difusor's."""
@@ -61,6 +63,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"{")
             self.wfile.flush()
             self.server.front.stopping.wait(30)
+        elif spoil == TRICKLE:
+            self.send_response(200)
+            self.send_header("Access-Control-Allow-Origin", "*")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self._trickle()
         elif spoil == HUGE:
             self.send_response(200)
             self.send_header("Access-Control-Allow-Origin", "*")
@@ -84,6 +92,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(chunk)
                 with self.server.front.lock:
                     self.server.front.sent += len(chunk)
+        except OSError:
+            return
+
+    def _trickle(self) -> None:
+        try:
+            for _ in range(600):  # two minutes at most
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                if self.server.front.stopping.wait(0.2):
+                    return
         except OSError:
             return
 
@@ -127,7 +145,8 @@ class Front:
     def __init__(self, backend: str) -> None:
         self.backend = urlsplit(backend)
         self.spoiled: dict[str, str] = {}
-        """Request path (as sent, percent-encoded) -> HTML_ERROR, SLOW, ENDLESS, HUGE, NO_CACHE."""
+        """Request path (as sent, percent-encoded) -> HTML_ERROR, SLOW, TRICKLE, ENDLESS,
+        HUGE, NO_CACHE."""
         self.bodies: dict[str, bytes] = {}
         """Request path -> a body answered with 200 in place of the difusor's."""
         self.endings: dict[str, str] = {}
