@@ -2,8 +2,8 @@
 
 A real agent serves a real signed cut through its embedded server and through
 the packaged nginx site; a hostile front (``tests.auditkit``) before it answers
-200 with an HTML error page (for a file, for status.json), answers slowly, or
-sends a huge or endless body. In headless Chromium the page must reach the
+200 with an HTML error page (for a file, for status.json), answers slowly (or
+a byte at a time), or sends a huge or endless body. In headless Chromium the page must reach the
 CLI's verdict on the CLI's paths, show the per-file result, give up on a slow
 read after its wait, and stop reading a body past the file's signed size.
 """
@@ -19,7 +19,7 @@ import pytest
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from prep_agent.core.errors import EXIT_AUDIT_ALTERED, EXIT_AUDIT_UNREACHABLE
-from tests.auditkit import ENDLESS, HTML_ERROR, HUGE, SLOW, Front
+from tests.auditkit import ENDLESS, HTML_ERROR, HUGE, SLOW, TRICKLE, Front
 from tests.verifierkit import Setup, agree, browser, require_browser, setup
 
 pytestmark = pytest.mark.timeout(150)
@@ -87,12 +87,15 @@ def test_html_error_page_for_status_json(browser: WebDriver, cut: Cut) -> None:
     assert page["rows"] == {}
 
 
-def test_slow_difusor(browser: WebDriver, cut: Cut) -> None:
-    """A file whose answer never ends: no answer after the wait, on that file only."""
+@pytest.mark.parametrize("how", [SLOW, TRICKLE])
+def test_slow_difusor(browser: WebDriver, cut: Cut, how: str) -> None:
+    """A file whose answer never ends (stalled, or a byte at a time): no answer
+    after the wait, on that file only."""
     with Front(cut.s.url) as front:
-        front.spoiled[cut.base + LOGO] = SLOW
+        front.spoiled[cut.base + LOGO] = how
         started = time.monotonic()
-        seen = agree(browser, cut.s, f"{cut.kind}-lento", "--timeout", "1", url=front.url, wait=1)
+        name = f"{cut.kind}-lento-{how}"
+        seen = agree(browser, cut.s, name, "--timeout", "1", url=front.url, wait=1)
         took = time.monotonic() - started
     assert seen["code"] == EXIT_AUDIT_UNREACHABLE
     assert seen["page"]["verdict"] == "unreachable"
