@@ -4,7 +4,9 @@
 (the agent's embedded server or nginx), byte for byte, except for the paths it
 was told to spoil: answer 200 with an HTML error page, answer slowly, or send
 an endless body. What it sent of an endless body is counted, so a test can
-check that the auditor stopped reading.
+check that the auditor stopped reading. Spoiled answers carry the difusor's
+``Access-Control-Allow-Origin: *`` too, so the verifier page in a browser
+reads them as the CLI does (without it, the browser hides the answer).
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ ENDLESS = "endless"
 """Answer 200 with no Content-Length and bytes until the client goes away."""
 HUGE = "huge"
 """Answer 200 announcing a 10 GB Content-Length."""
+TRICKLE = "trickle"
+"""Answer 200 with no Content-Length and one byte every 0.2 s until the front stops."""
 
 NO_CACHE = "no-cache"
 """Pass the answer on with ``Cache-Control: no-cache`` in place of the difusor's."""
 
 ERROR_PAGE = b"<html><body><h1>502 Bad Gateway</h1></body></html>\n"
 _HOP = {"connection", "keep-alive", "transfer-encoding"}
+_CORS = ("Access-Control-Allow-Origin", "*")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -44,25 +49,35 @@ class _Handler(BaseHTTPRequestHandler):
         if spoil is None:
             spoil = next((v for k, v in front.endings.items() if self.path.endswith(k)), None)
         if self.path in front.bodies:
-            self._send(200, [("Content-Type", "application/json")], front.bodies[self.path])
+            body = front.bodies[self.path]
+            self._send(200, [("Content-Type", "application/json"), _CORS], body)
         elif spoil is None or spoil == NO_CACHE:
             self._pass(spoil == NO_CACHE)
         elif spoil == HTML_ERROR:
-            self._send(200, [("Content-Type", "text/html")], ERROR_PAGE)
+            self._send(200, [("Content-Type", "text/html"), _CORS], ERROR_PAGE)
         elif spoil == SLOW:
             self.send_response(200)
+            self.send_header("Access-Control-Allow-Origin", "*")
             self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(b"{")
             self.wfile.flush()
             self.server.front.stopping.wait(30)
+        elif spoil == TRICKLE:
+            self.send_response(200)
+            self.send_header("Access-Control-Allow-Origin", "*")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self._trickle()
         elif spoil == HUGE:
             self.send_response(200)
+            self.send_header("Access-Control-Allow-Origin", "*")
             self.send_header("Content-Length", str(10 * 1000**3))
             self.end_headers()
             self._endless()
         else:
             self.send_response(200)
+            self.send_header("Access-Control-Allow-Origin", "*")
             self.send_header("Connection", "close")
             self.end_headers()
             self._endless()
@@ -77,6 +92,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(chunk)
                 with self.server.front.lock:
                     self.server.front.sent += len(chunk)
+        except OSError:
+            return
+
+    def _trickle(self) -> None:
+        try:
+            for _ in range(600):  # two minutes at most
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                if self.server.front.stopping.wait(0.2):
+                    return
         except OSError:
             return
 
@@ -120,7 +145,8 @@ class Front:
     def __init__(self, backend: str) -> None:
         self.backend = urlsplit(backend)
         self.spoiled: dict[str, str] = {}
-        """Request path (as sent, percent-encoded) -> HTML_ERROR, SLOW, ENDLESS, HUGE, NO_CACHE."""
+        """Request path (as sent, percent-encoded) -> HTML_ERROR, SLOW, TRICKLE, ENDLESS,
+        HUGE, NO_CACHE."""
         self.bodies: dict[str, bytes] = {}
         """Request path -> a body answered with 200 in place of the difusor's."""
         self.endings: dict[str, str] = {}

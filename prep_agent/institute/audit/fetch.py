@@ -3,7 +3,8 @@
 The difusor under audit may be broken or hostile: it may trickle a byte at a
 time, send gigabytes, or answer 200 with an error page. Every GET has one
 deadline for the whole exchange (connect, headers, body): a watchdog thread
-shuts the socket down when it passes, so a read blocked on it returns at once.
+shuts the socket down when it passes, so a read blocked on it returns at once;
+a body that "ends" that way (no Content-Length) timed out, it is not the answer.
 The body is read up to a limit the caller gives (a listed file's signed size
 plus one byte: enough to see it is too long) and hashed as it arrives, so
 memory stays bounded whatever the file.
@@ -191,6 +192,8 @@ class Fetcher:
             conn.request("GET", self.target(path), headers={"Accept-Encoding": "identity"})
             response = conn.getresponse()
             fetched = _read(response, max_bytes, keep)
+            if watched.expired:  # the watchdog's shutdown ended the body, not the server
+                raise FetchError(TIMEOUT)
             if response.will_close or fetched.status != 200:
                 self._drop(conn)
             return fetched

@@ -11,6 +11,7 @@
   var RELEASES = "cortes/";
   var WELL_KNOWN = ".well-known/prep-cut/";
   var WORKERS = 6;
+  var WAIT = 10;  // seconds per GET, headers and body (the CLI's --timeout default)
   var MIN_RSA_BITS = 3072;
   var VERDICTS = {
     intact: "Copia íntegra: el difusor publica exactamente el corte firmado por el Instituto.",
@@ -231,6 +232,10 @@
   }
 
   // --- bounded reads ---
+  // Every GET has one deadline for the whole exchange (headers and body): an
+  // AbortController aborts it, which also ends a body still arriving. A body is
+  // read through a stream reader and never past `limit` bytes (a listed file's
+  // signed size): a huge or endless answer is cut short, not read whole.
 
   function quotePath(path) { return path.split("/").map(encodeURIComponent).join("/"); }
 
@@ -244,20 +249,50 @@
       var step = await reader.read();
       if (step.done) { break; }
       size += step.value.length;
-      if (size > limit) { await reader.cancel(); return { tooLarge: "más de " + limit + " bytes" }; }
+      if (size > limit) { reader.cancel().catch(function () {}); return { tooLarge: "más de " + limit + " bytes" }; }
       chunks.push(step.value);
     }
     return { bytes: concat(chunks) };
   }
 
-  async function get(url, limit) {
-    var response;
-    try { response = await fetch(url, { cache: "no-store", credentials: "omit", redirect: "error" }); }
-    catch (err) { return { error: "no se pudo leer (red o CORS)" }; }
-    if (response.status !== 200) { return { status: response.status, error: "HTTP " + response.status }; }
-    var read = await readAtMost(response, limit);
-    read.status = 200;
-    return read;
+  // {status, type, bytes} or {tooLarge} (an answer, not the one asked for), or
+  // {error, timeout} (no answer: network, CORS, deadline) or {status, error} (not 200).
+  async function get(url, limit, wait) {
+    var controller = new AbortController();
+    var timer = setTimeout(function () { controller.abort(); }, wait * 1000);
+    try {
+      var response = await fetch(url, { cache: "no-store", credentials: "omit", redirect: "error", signal: controller.signal });
+      if (response.status !== 200) { return { status: response.status, error: "HTTP " + response.status }; }
+      var read = await readAtMost(response, limit);
+      read.status = 200;
+      read.type = response.headers.get("Content-Type") || "sin tipo";
+      return read;
+    } catch (err) {
+      if (controller.signal.aborted) { return { timeout: true, error: "sin respuesta en " + wait + " s" }; }
+      return { error: "no se pudo leer (red o CORS)" };
+    } finally {
+      clearTimeout(timer);
+      controller.abort();  // whatever was not read of the body is not downloaded
+    }
+  }
+
+  function isHtml(got) {
+    if (/^\s*text\/html/i.test(got.type || "")) { return true; }
+    var head = decoder.decode(got.bytes.subarray(0, 256)).trim().toLowerCase();
+    return head.indexOf("<!doctype html") === 0 || head.indexOf("<html") === 0;
+  }
+
+  function describe(got) {  // what an answer that is not the expected one was
+    var what = isHtml(got) ? "una página HTML" : "otro contenido";
+    return what + " (" + got.type + ", " + got.bytes.length + " bytes)";
+  }
+
+  // A GET that brought no usable answer, as `prep-agent audit` classifies it:
+  // 4xx but 429 and a body over its limit are an altered copy; the rest, no answer.
+  function failure(report, path, expected, got) {
+    if (got.tooLarge) { report.add("altered", path, expected, got.tooLarge); return; }
+    var missing = got.status >= 400 && got.status < 500 && got.status !== 429;
+    report.add(missing ? "altered" : "unreachable", path, "200 OK", got.error);
   }
 
   // --- the audit ---
@@ -279,48 +314,57 @@
 
   async function checkFile(report, folder, entry) {
     var path = folder + entry.path;
-    var got = await get(report.base + folder + quotePath(entry.path), entry.size);
+    var got = await get(report.base + folder + quotePath(entry.path), entry.size, report.wait);
     var row = { path: entry.path, size: entry.size, result: "ok", text: "coincide" };
-    if (got.error) {
+    if (got.error || got.tooLarge) {
+      failure(report, path, entry.size + " bytes", got);
       var missing = got.status >= 400 && got.status < 500 && got.status !== 429;
-      row.result = missing ? "falta" : "error";
-      row.text = got.error;
-      report.add(missing ? "altered" : "unreachable", path, "200 OK", got.error);
-    } else if (got.tooLarge) {
-      row.result = "alterado";
-      row.text = got.tooLarge;
-      report.add("altered", path, entry.size + " bytes", got.tooLarge);
-    } else if (got.bytes.length !== entry.size) {
-      row.result = "alterado";
-      row.text = got.bytes.length + " bytes en vez de " + entry.size;
-      report.add("altered", path, entry.size + " bytes", got.bytes.length + " bytes");
+      row.result = got.tooLarge ? "alterado" : missing ? "falta" : "error";
+      row.text = got.tooLarge ? "respuesta de " + got.tooLarge + " en vez de " + entry.size : got.error;
     } else {
       var sha = hex(await crypto.subtle.digest("SHA-256", got.bytes));
-      if (sha !== entry.sha256) {
+      var htmlInstead = isHtml(got) && !/\.html?$/i.test(entry.path);
+      if (got.bytes.length !== entry.size) {
+        row.result = "alterado";
+        row.text = got.bytes.length + " bytes en vez de " + entry.size;
+        report.add("altered", path, entry.size + " bytes", got.bytes.length + " bytes");
+      } else if (sha !== entry.sha256) {
         row.result = "alterado";
         row.text = "SHA-256 distinta: " + sha;
         report.add("altered", path, "sha256 " + entry.sha256, "sha256 " + sha);
+      }
+      if (row.result === "alterado" && htmlInstead) {
+        row.text = "el difusor respondió " + describe(got) + " en lugar del archivo";
       }
     }
     report.files.push(row);
   }
 
-  async function audit(base, signers, expectSequence) {
+  async function audit(base, signers, expectSequence, wait) {
     var report = new Report(base);
-    var status = await get(base + "status.json", 65536);
+    report.wait = wait;
+    var status = await get(base + "status.json", 65536, wait);
+    if (!status.bytes) {
+      failure(report, "status.json", "un documento prep-status/1", status);
+      return report;
+    }
     var doc = null;
-    try { doc = status.bytes ? JSON.parse(decoder.decode(status.bytes)) : null; } catch (err) { doc = null; }
-    if (!doc || doc.format !== "prep-status/1" || typeof doc.release !== "string" || !/^[0-9A-Za-z_-][0-9A-Za-z._-]*$/.test(doc.release)) {
-      report.add(status.error ? "unreachable" : "altered", "status.json", "un documento prep-status/1", status.error || "otro contenido");
+    try { doc = JSON.parse(decoder.decode(status.bytes)); } catch (err) { doc = null; }
+    if (!doc || doc.format !== "prep-status/1") {
+      report.add("altered", "status.json", "un documento prep-status/1", describe(status));
+      return report;
+    }
+    if (typeof doc.release !== "string" || !/^[0-9A-Za-z_-][0-9A-Za-z._-]*$/.test(doc.release)) {
+      report.add("altered", "status.json", "un corte publicado", String(doc.release).slice(0, 80));
       return report;
     }
     var folder = RELEASES + doc.release + "/";
-    var manifest = await get(base + folder + WELL_KNOWN + "manifest.json", 32 * 1024 * 1024);
-    var sig = await get(base + folder + WELL_KNOWN + "manifest.json.sig", 1024 * 1024);
-    if (!manifest.bytes || !sig.bytes) {
-      report.add("unreachable", folder + WELL_KNOWN, "manifiesto y firma", manifest.error || sig.error || "demasiado grandes");
-      return report;
-    }
+    var manifestPath = folder + WELL_KNOWN + "manifest.json";
+    var manifest = await get(base + manifestPath, 32 * 1024 * 1024, wait);
+    var sig = await get(base + manifestPath + ".sig", 1024 * 1024, wait);
+    if (!manifest.bytes) { failure(report, manifestPath, "el manifiesto", manifest); }
+    if (!sig.bytes) { failure(report, manifestPath + ".sig", "la firma", sig); }
+    if (!manifest.bytes || !sig.bytes) { return report; }
     var signed;
     try { signed = await trustedSigners(decoder.decode(sig.bytes), manifest.bytes, signers, Date.now()); }
     catch (err) { signed = { count: 0, reasons: [err.message] }; }
@@ -336,8 +380,8 @@
     if (expectSequence && m.sequence < expectSequence) {
       report.add("stale", "status.json", "secuencia " + expectSequence + " o posterior", "secuencia " + m.sequence);
     }
-    var frame = await get(base, 1024 * 1024);
-    if (frame.bytes) {
+    var frame = await get(base, 1024 * 1024, wait);
+    if (!frame.bytes) { failure(report, "/ (marco)", "el marco", frame); } else {
       var shown = /<time id="cut-time" datetime="([^"]*)"/.exec(decoder.decode(frame.bytes));
       if (!shown || shown[1] !== m.cut_time) { report.add("altered", "/ (marco)", "corte " + m.cut_time, shown ? shown[1] : "sin hora de corte"); }
     }
@@ -390,11 +434,12 @@
     if (!/^https?:\/\//.test(url)) { result.textContent = "Escriba la dirección completa del difusor (https://…)."; return; }
     var base = url.replace(/[?#].*$/, "").replace(/\/?$/, "/");
     var expect = parseInt(document.getElementById("secuencia").value, 10) || null;
+    var wait = Math.min(Math.max(parseInt(document.getElementById("espera").value, 10) || WAIT, 1), 600);
     result.dataset.verdict = "";
     result.textContent = "Verificando…";
     try {
       var signers = parseAllowedSigners(document.getElementById("llaves").value);
-      show(await audit(base, signers, expect));
+      show(await audit(base, signers, expect, wait));
     } catch (err) {
       result.dataset.verdict = "error";
       result.textContent = "No se pudo verificar: " + err.message;
@@ -413,6 +458,7 @@
     });
     var params = new URLSearchParams(location.search);
     if (params.get("secuencia")) { document.getElementById("secuencia").value = params.get("secuencia"); }
+    if (params.get("espera")) { document.getElementById("espera").value = params.get("espera"); }
     if (params.get("difusor")) {
       document.getElementById("difusor").value = params.get("difusor");
       run();
