@@ -59,12 +59,10 @@ from prep_agent.agent.source_config import SourceConfig
 from prep_agent.core import sshsig
 from prep_agent.core.allowed_signers import AllowedSigner
 from prep_agent.core.errors import SIGNATURE_MALFORMED, SIGNATURE_UNTRUSTED, SignatureFormatError
+from prep_agent.core.package import package_stamp
 from prep_agent.core.protocol import NAMESPACE_PACKAGE
 from prep_agent.core.verify import MAX_SIGNATURE_BYTES
 
-PACKAGE_NAME = re.compile(r"(\d{8})_(\d{4})_PREP(?:_([A-Z0-9]+(?:_[A-Z0-9]+)*))?\.zip")
-"""A package's file name: ``YYYYMMDD_HHMM_PREP[_STATE].zip`` (the stamp in the
-institute's local time)."""
 MAX_INDEX_BYTES = 2 * 1024**2
 """Largest index page or JSON list read."""
 MAX_REDIRECTS = 5
@@ -320,19 +318,6 @@ def package_file_name(url: str, disposition: str) -> str:
 
 def _plain_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and not re.search(r"[/\\\x00-\x1f\x7f]", name)
-
-
-def package_stamp(name: str) -> str | None:
-    """``YYYYMMDDHHMM`` of a package file name, or None if it is not one."""
-    found = PACKAGE_NAME.fullmatch(name)
-    if not found:
-        return None
-    stamp = found.group(1) + found.group(2)
-    try:
-        datetime.strptime(stamp, "%Y%m%d%H%M")
-    except ValueError:
-        return None
-    return stamp
 
 
 class _Links(HTMLParser):

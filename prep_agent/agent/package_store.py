@@ -36,7 +36,7 @@ from datetime import datetime
 from typing import Any, Callable, Protocol
 
 from prep_agent.agent.config import Config
-from prep_agent.agent.fetch import Fetcher, package_stamp
+from prep_agent.agent.fetch import Fetcher
 from prep_agent.agent.https_get import UNSIGNED, FetchError
 from prep_agent.agent.journal import Journal
 from prep_agent.agent.lock import LockFile
@@ -52,7 +52,7 @@ from prep_agent.core.errors import (
     Rejection,
 )
 from prep_agent.core.manifest import FORMAT, WELL_KNOWN, parse_manifest
-from prep_agent.core.package import Package, check_order, inspect_package
+from prep_agent.core.package import Package, check_order, inspect_package, package_stamp
 from prep_agent.shared.clock import Clock
 from prep_agent.shared.fsutil import fsync_dir
 
