@@ -268,6 +268,9 @@ class PackageIntake:
         self.notify: Callable[[], None] = lambda: None
         """Called after a publication or a rejection (the health push)."""
         self._source_error: str | None = None
+        self.source_error: str | None = None
+        """Why the last poll failed to get an answer from the source, in one line
+        (``reason: detail``, health's ``source:fetch``); None once one succeeds."""
 
     def poll(self, load_state: Callable[[], State]) -> tuple[PackageOutcome, State | None]:
         """Poll the source once (without the publication lock: a download may take up
@@ -281,7 +284,10 @@ class PackageIntake:
         try:
             fetched = self.fetcher.poll(self.clock())
         except FetchError as exc:
+            refused = exc.reason in PACKAGE_REFUSALS
+            self.source_error = None if refused else f"{exc.reason}: {exc.detail}"
             return self._source_failed(exc, load_state)
+        self.source_error = None
         if self._source_error is not None:
             self.journal.write("source-recovered", reason=self._source_error)
             self._source_error = None
