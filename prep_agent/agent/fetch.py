@@ -133,6 +133,9 @@ class Package:
     signed_by: tuple[str, ...] | None
     """Fingerprints of the trusted keys that signed it, or None: no ``.sig`` published."""
     validators: Validators
+    signature: bytes | None = None
+    """The ``.sig`` bytes as published, when they verified (None: unsigned), kept in the
+    release so that anyone can verify the zip again."""
 
     @property
     def host(self) -> str:
@@ -199,19 +202,21 @@ class Fetcher:
             check_zip_end(answer.body)
             if disposition:
                 name = package_file_name(final, answer.headers.get("content-disposition", ""))
-            signed_by = self._signature(web, final, answer.body, now)
+            signed_by, signature = self._signature(web, final, answer.body, now)
         validators = Validators(answer.headers.get("etag"), answer.headers.get("last-modified"))
-        return url, Package(final, name, answer.body, signed_by, validators)
+        return url, Package(final, name, answer.body, signed_by, validators, signature)
 
     def _signature(
         self, web: Client, url: str, data: bytes, now: datetime
-    ) -> tuple[str, ...] | None:
+    ) -> tuple[tuple[str, ...] | None, bytes | None]:
+        """The fingerprints of the trusted keys that signed ``data`` and the ``.sig``
+        bytes, or ``(None, None)`` if none is published."""
         sig_url = url + ".sig"
         final, answer = _follow(web, sig_url, {}, MAX_SIGNATURE_BYTES)
         if answer.status in (404, 410):
             if self.settings.require_signature:
                 raise FetchError(UNSIGNED, f"no signature at {sig_url} and one is required")
-            return None
+            return None, None
         _expect_ok(answer, final)
         try:
             blocks = sshsig.parse_armored(answer.body)
@@ -224,7 +229,7 @@ class Fetcher:
                 SIGNATURE_UNTRUSTED,
                 f"signed by {len(result.keys)}/{self.threshold} required trusted keys ({why})",
             )
-        return tuple(key.fingerprint() for key in result.keys)
+        return tuple(key.fingerprint() for key in result.keys), answer.body
 
 
 _INDEX_ACCEPT = {"Accept": "application/json, text/html;q=0.9, */*;q=0.1"}
