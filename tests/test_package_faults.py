@@ -1,4 +1,4 @@
-"""A failing institute server, through the real daemon (issue 15's faults).
+"""A failing institute server, and a killed agent, through the real daemon (issue 15).
 
 The agent is the real ``prep-agent run`` (``--once`` per poll, or the daemon)
 polling a real HTTPS server on loopback (``tests/kit/https_site.py``) that hangs,
@@ -6,12 +6,16 @@ answers 200 with an HTML error page, cuts the body short, or presents a
 certificate of another CA. Each poll gives its one-line reason (the ``run
 --once`` line, the journal, the daemon's health ``source:fetch``) and the
 published cut keeps serving: the release, the frame and ``status.json`` stay
-byte for byte (but the time they were written).
+byte for byte (but the time they were written). An agent killed with SIGKILL
+while a large package trickles in leaves the root as it was, and the next
+agent's poll publishes the package.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +25,8 @@ import pytest
 
 from prep_agent.institute.simulation.testca import TestCA, issue, make_ca, write_server_files
 from tests.kit import AgentDaemon, Institute, wait_for
-from tests.kit.https_site import Site, cut_short, hang
-from tests.test_package_checks import CUT_STAMPS, cut_package
+from tests.kit.https_site import Site, cut_short, hang, trickle
+from tests.test_package_checks import CUT_STAMPS, cut_members, cut_package, zip_bytes
 from tests.test_package_publish import Env, tree, urlopen, write_conf
 
 DEADLINE = 2
@@ -187,3 +191,55 @@ def test_the_daemon_reports_a_failing_server_in_health_and_recovers(env: Env) ->
     events = [e for e in agent.journal() if e["event"].startswith("source-")]
     assert events[0]["event"] == "source-error" and events[0]["reason"] == "package-not-zip"
     assert events[-1] == {**events[-1], "event": "source-recovered", "reason": "package-not-zip"}
+
+
+def root_files(env: Env) -> dict[str, bytes]:
+    """Every file and link under the agent's root (public files without ``written_at``;
+    the journal aside), to tell whether anything was published or left behind."""
+    found: dict[str, bytes] = {}
+    for path in sorted(env.root.rglob("*")):
+        relative = path.relative_to(env.root).as_posix()
+        if relative == "journal.jsonl" or (path.is_dir() and not path.is_symlink()):
+            continue
+        if path.is_symlink():
+            found[relative] = f"-> {os.readlink(path)}".encode()
+        else:
+            found[relative] = unwritten(path.read_bytes())
+    return found
+
+
+@pytest.mark.core
+def test_kill_9_during_a_slow_download_publishes_nothing_and_the_next_poll_does(
+    env: Env,
+) -> None:
+    conf = fault_conf(env, poll_seconds=1)
+    name, data = cut_package(CUT_STAMPS[0])
+    env.offer(name, data)
+    agent = AgentDaemon(conf).start(timeout=30)
+    wait_for(lambda: agent.status()["sequence"] == 202106062240, 30, "the first cut")
+    before = root_files(env)
+    big_name = f"{CUT_STAMPS[-1]}_PREP_CAMP.zip"
+    filler = random.Random(15).randbytes(8 * 1024**2)  # incompressible: the zip is as big
+    big = zip_bytes({**cut_members(CUT_STAMPS[-1]), "anexos/relleno.bin": filler})
+    sent = [0]
+    env.site.routes[f"/paquetes/{big_name}"] = trickle(big, 256 * 1024, 0.05, sent)
+    env.offer(big_name, big)
+    try:
+        wait_for(lambda: sent[0] >= len(big) // 2, 30, "half the package sent")
+    finally:
+        assert agent.kill() == -9
+    assert 0 < sent[0] < len(big)
+    assert root_files(env) == before  # nothing partial published, written or left behind
+    events = [e["event"] for e in agent.journal()]
+    assert events.count("cut-published") == 1 and "cut-rejected" not in events
+
+    env.site.routes.clear()
+    agent = AgentDaemon(conf).start(timeout=30)
+    try:
+        wait_for(lambda: agent.status()["sequence"] == 202106072000, 60, "the big package")
+    finally:
+        assert agent.stop() == 0
+    release = env.current()
+    assert (release / "paquete" / big_name).read_bytes() == big
+    assert (release / "archivos" / "anexos" / "relleno.bin").read_bytes() == filler
+    assert not any((env.root / "staging").iterdir())
