@@ -67,7 +67,6 @@ def ssh_keygen_verify(allowed_signers: Path, sig: Path, data: bytes) -> int:
     return subprocess.run(args, input=data, capture_output=True, env=env, check=False).returncode
 
 
-@pytest.mark.core
 def test_the_fetcher_returns_the_sig_bytes_of_a_signed_package_only(env: Env) -> None:
     name, data = cut_package(CUT_STAMPS[0])
     sig = ssh_sign(env.institute.key, data, namespace="prep-package")
@@ -81,7 +80,6 @@ def test_the_fetcher_returns_the_sig_bytes_of_a_signed_package_only(env: Env) ->
     assert package is not None and package.signed_by is None and package.signature is None
 
 
-@pytest.mark.core
 def test_a_signed_release_keeps_the_sig_and_verify_checks_it_again(env: Env) -> None:
     name, data = cut_package(CUT_STAMPS[0])
     sig = ssh_sign(env.institute.key, data, namespace="prep-package")
@@ -127,7 +125,6 @@ def test_a_signed_release_keeps_the_sig_and_verify_checks_it_again(env: Env) -> 
     assert (code, out) == (3, f"rejected: file-mismatch: {path} changed since it was published")
 
 
-@pytest.mark.core
 def test_an_unsigned_release_keeps_no_sig_and_verifies_as_unsigned(env: Env) -> None:
     code, out = verify(env)
     assert code != 0 and "nothing to verify" in out and "\n" not in out
@@ -155,7 +152,6 @@ def test_an_unsigned_release_keeps_no_sig_and_verifies_as_unsigned(env: Env) -> 
     )
 
 
-@pytest.mark.core
 def test_a_rejected_signed_package_is_quarantined_with_its_sig(env: Env) -> None:
     name, data = cut_package(CUT_STAMPS[1])
     env.offer(name, data, ssh_sign(env.institute.key, data, namespace="prep-package"))

@@ -84,7 +84,6 @@ def served(env: Env) -> dict[str, bytes]:
     }
 
 
-@pytest.mark.core
 def test_each_server_fault_gives_its_reason_and_the_published_cut_keeps_serving(
     env: Env, tmp_path: Path
 ) -> None:
@@ -156,7 +155,6 @@ def fetch_check(agent: AgentDaemon) -> dict[str, Any]:
     return check
 
 
-@pytest.mark.core
 def test_the_daemon_reports_a_failing_server_in_health_and_recovers(env: Env) -> None:
     conf = fault_conf(env, poll_seconds=1)
     name, data = cut_package(CUT_STAMPS[0])
@@ -208,7 +206,6 @@ def root_files(env: Env) -> dict[str, bytes]:
     return found
 
 
-@pytest.mark.core
 def test_kill_9_during_a_slow_download_publishes_nothing_and_the_next_poll_does(
     env: Env,
 ) -> None:
