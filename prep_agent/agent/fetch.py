@@ -20,7 +20,8 @@ end-of-central-directory record at the end), then the signature
 (``core/protocol.py``), trusted by the same ``allowed_signers`` and threshold
 as prep-cut/1. A ``.sig`` that is absent (404/410) leaves the package unsigned,
 refused if ``require_signature``; one that is present but does not verify is
-always refused. Index and signature are not fetched conditionally: they are
+always refused; one that verifies is returned with the package, byte for byte,
+for the release to keep. Index and signature are not fetched conditionally: they are
 small, and an unchanged index must not hide a package replaced under the same
 name. The transport (TLS, pins, deadline, byte caps) is ``agent/https_get.py``.
 
