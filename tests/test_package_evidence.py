@@ -9,6 +9,7 @@ in force. Real HTTPS on loopback (``tests/kit/https_site.py``), real processes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -18,8 +19,18 @@ from pathlib import Path
 
 import pytest
 
+from prep_agent.agent.config import load
 from prep_agent.agent.fetch import Fetcher, Settings
+from prep_agent.agent.package_store import (
+    PACKAGE_INFO,
+    PackageInfo,
+    build_release,
+    release_files,
+    release_manifest,
+)
+from prep_agent.agent.store import Store
 from prep_agent.core.allowed_signers import parse_allowed_signers
+from prep_agent.core.package import inspect_package
 from prep_agent.institute.simulation.testca import TestCA, issue, make_ca, write_server_files
 from tests.kit import PREP_AGENT, Institute, keygen, ssh_sign
 from tests.kit.https_site import Site
@@ -164,3 +175,26 @@ def test_a_rejected_signed_package_is_quarantined_with_its_sig(env: Env) -> None
     entry = env.quarantined()[-1]
     assert (entry / old_name).read_bytes() == old
     assert (entry / f"{old_name}.sig").read_bytes() == old_sig
+
+
+def test_a_release_that_kept_no_sig_verifies_with_the_signers_it_recorded(env: Env) -> None:
+    """A release built before the agent kept the ``.sig`` (package.json without
+    ``signature``) is checked in all else and reported as signed when published."""
+    name, data = cut_package(CUT_STAMPS[0])
+    env.offer(name, data)
+    assert env.once()[0] == 0  # the root's layout and state
+    config = load(env.conf)
+    store = Store(config.layout, config.limits)
+    package = inspect_package(name, data)
+    sha256 = hashlib.sha256(data).hexdigest()
+    info = PackageInfo(
+        name, sha256, package.stamp.isoformat(), package.sequence, "127.0.0.1", "", ("SHA256:x",)
+    )
+    files = release_files(package, info, data)
+    doc = json.loads(files[PACKAGE_INFO])
+    del doc["signature"]
+    files[PACKAGE_INFO] = json.dumps(doc).encode()
+    store.swap(build_release(store, files, release_manifest(config, package, files)).name)
+    code, out = verify(env)
+    assert code == 0, out
+    assert out.endswith(" files, signed by SHA256:x when published (no .sig kept to check again)")

@@ -50,7 +50,19 @@ class Verified:
     sha256: str
     files: int
     signers: tuple[str, ...] | None
-    """Fingerprints of the trusted keys whose kept signature verified; None: unsigned."""
+    """Fingerprints of the trusted keys whose kept signature verified; None: no .sig kept."""
+    signed_when_published: tuple[str, ...] | None = None
+    """The signers ``package.json`` records: for a release of an agent that kept no
+    ``.sig`` (before it did), the only word on its signature."""
+
+    def signature_text(self) -> str:
+        """How the package was signed, for the operator."""
+        if self.signers is not None:
+            return f"signed by {', '.join(self.signers)}"
+        if self.signed_when_published is not None:
+            keys = ", ".join(self.signed_when_published)
+            return f"signed by {keys} when published (no .sig kept to check again)"
+        return "unsigned"
 
 
 def verify_release(release: Release, signers: Sequence[AllowedSigner], threshold: int) -> Verified:
@@ -77,10 +89,8 @@ def verify_release(release: Release, signers: Sequence[AllowedSigner], threshold
     keys = None
     if info.signature is not None:
         keys = _signers(_read(release, info.signature), data, signers, threshold, package.stamp)
-    elif info.signed_by is not None:
-        raise Rejection(SIGNATURE_MALFORMED, "signed when published, but no .sig was kept")
     count = len(release.manifest.files)
-    return Verified(info.sequence, info.name, info.sha256, count, keys)
+    return Verified(info.sequence, info.name, info.sha256, count, keys, info.signed_by)
 
 
 def _signers(

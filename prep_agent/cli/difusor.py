@@ -223,10 +223,9 @@ def _verify_package(config: Config) -> int:
     except Rejection as exc:
         print(f"rejected: {exc.reason}: {exc.detail}")
         return EXIT_REJECTED
-    signed = f"signed by {', '.join(found.signers)}" if found.signers is not None else "unsigned"
     print(
         f"verified: sequence {found.sequence}, package {found.name} (sha256 {found.sha256}), "
-        f"{found.files} files, {signed}"
+        f"{found.files} files, {found.signature_text()}"
     )
     return EXIT_OK
 
