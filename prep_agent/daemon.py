@@ -339,6 +339,8 @@ class Agent:
             system=self.system.read() if full else None,
             failed_steps=failing[0],
             last_error=failing[1],
+            source_polled=self.packages is not None,
+            source_error=self.packages.source_error if self.packages is not None else None,
         )
 
     def _notify_push(self) -> None:

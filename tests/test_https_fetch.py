@@ -1,28 +1,26 @@
 """The https-package source (agent/fetch.py): one poll against a real HTTPS server.
 
-The server is Python's own (``http.server``, its directory listing is a real
-autoindex page, ``Last-Modified``/``If-Modified-Since`` are its own) over TLS on
-loopback, with a CA made by the test (``institute/simulation/testca.py``). Each
-failure gives its one-line reason and nothing is returned.
+The server is Python's own (``tests/kit/https_site.py``: ``http.server``, its
+directory listing is a real autoindex page, ``Last-Modified``/``If-Modified-Since``
+are its own) over TLS on loopback, with a CA made by the test
+(``institute/simulation/testca.py``). Each failure gives its one-line reason and
+nothing is returned.
 """
 
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import io
 import json
 import shutil
 import ssl
-import threading
 import time
 import zipfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -36,85 +34,17 @@ from prep_agent.agent.fetch import (
     check_zip_end,
     newest_in_index,
     package_file_name,
-    package_stamp,
 )
 from prep_agent.agent.https_get import FetchError, spki_sha256
 from prep_agent.core.allowed_signers import parse_allowed_signers
+from prep_agent.core.package import package_stamp
 from prep_agent.institute.simulation.testca import TestCA, issue, make_ca, write_server_files
 from tests.kit import SHARED, keygen, ssh_sign
+from tests.kit.https_site import Site
+from tests.kit.https_site import SiteHandler as _Handler
 
 CAMPECHE = SHARED / "fixtures" / "prep-real" / "campeche-2021-20210601_1852_PREP_CAMP.zip"
 NAME = "20210601_1852_PREP_CAMP.zip"
-
-Route = Callable[["_Handler"], object]
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # clients that hang up early (refused bodies) are expected here
-
-    routes: dict[str, Route]
-    seen: list[tuple[str, dict[str, str]]]
-    release: threading.Event
-
-
-class _Handler(SimpleHTTPRequestHandler):
-    server: _Server
-
-    def do_GET(self) -> None:
-        self.server.seen.append((self.path, dict(self.headers.items())))
-        route = self.server.routes.get(self.path)
-        if route is not None:
-            route(self)
-        else:
-            super().do_GET()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def answer(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-        """Send a whole answer with a Content-Length."""
-        self.send_response(status)
-        for key, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-
-class Site:
-    """An HTTPS server on 127.0.0.1 serving ``folder``, plus routes of its own."""
-
-    def __init__(self, folder: Path, cert: Path, key: Path, ca_file: Path) -> None:
-        self.folder = folder
-        self.ca_file = str(ca_file)
-        handler = functools.partial(_Handler, directory=str(folder))
-        self.server = _Server(("127.0.0.1", 0), handler)
-        self.server.routes, self.server.seen = {}, []
-        self.server.release = threading.Event()
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key)
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"https://{host}:{self.server.server_address[1]}{path}"
-
-    @property
-    def routes(self) -> dict[str, Route]:
-        return self.server.routes
-
-    @property
-    def seen(self) -> list[tuple[str, dict[str, str]]]:
-        return self.server.seen
-
-    def close(self) -> None:
-        self.server.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 @pytest.fixture(scope="module")

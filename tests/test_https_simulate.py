@@ -11,8 +11,9 @@ from pathlib import Path
 
 import requests  # type: ignore[import-untyped]
 
-from prep_agent.agent.fetch import Fetcher, Settings, package_stamp
+from prep_agent.agent.fetch import Fetcher, Settings
 from prep_agent.core.allowed_signers import parse_allowed_signers
+from prep_agent.core.package import package_stamp
 from tests.kit import Daemon, free_port, keygen, wait_for
 
 

@@ -1,6 +1,6 @@
 """The https-package source through the real daemon: fetched, checked, published.
 
-A real HTTPS server on loopback (``tests/test_https_fetch.Site``, a test CA) serves
+A real HTTPS server on loopback (``tests/kit/https_site.Site``, a test CA) serves
 the real Campeche 2021 cuts as ``YYYYMMDD_HHMM_PREP_CAMP.zip`` packages from a
 folder whose autoindex names them; the agent is the real ``prep-agent run``
 command (``--once`` per poll, or the daemon). Everything is checked from outside:
@@ -38,7 +38,7 @@ from tests.kit import (
     status_json,
     wait_for,
 )
-from tests.test_https_fetch import Site
+from tests.kit.https_site import Site
 from tests.test_package_checks import CUT_STAMPS, cut_members, cut_package, zip_bytes
 
 ELECTION = "camp-2021"

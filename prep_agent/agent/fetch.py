@@ -20,7 +20,8 @@ end-of-central-directory record at the end), then the signature
 (``core/protocol.py``), trusted by the same ``allowed_signers`` and threshold
 as prep-cut/1. A ``.sig`` that is absent (404/410) leaves the package unsigned,
 refused if ``require_signature``; one that is present but does not verify is
-always refused. Index and signature are not fetched conditionally: they are
+always refused; one that verifies is returned with the package, byte for byte,
+for the release to keep. Index and signature are not fetched conditionally: they are
 small, and an unchanged index must not hide a package replaced under the same
 name. The transport (TLS, pins, deadline, byte caps) is ``agent/https_get.py``.
 
@@ -59,12 +60,10 @@ from prep_agent.agent.source_config import SourceConfig
 from prep_agent.core import sshsig
 from prep_agent.core.allowed_signers import AllowedSigner
 from prep_agent.core.errors import SIGNATURE_MALFORMED, SIGNATURE_UNTRUSTED, SignatureFormatError
+from prep_agent.core.package import package_stamp
 from prep_agent.core.protocol import NAMESPACE_PACKAGE
 from prep_agent.core.verify import MAX_SIGNATURE_BYTES
 
-PACKAGE_NAME = re.compile(r"(\d{8})_(\d{4})_PREP(?:_([A-Z0-9]+(?:_[A-Z0-9]+)*))?\.zip")
-"""A package's file name: ``YYYYMMDD_HHMM_PREP[_STATE].zip`` (the stamp in the
-institute's local time)."""
 MAX_INDEX_BYTES = 2 * 1024**2
 """Largest index page or JSON list read."""
 MAX_REDIRECTS = 5
@@ -135,6 +134,9 @@ class Package:
     signed_by: tuple[str, ...] | None
     """Fingerprints of the trusted keys that signed it, or None: no ``.sig`` published."""
     validators: Validators
+    signature: bytes | None = None
+    """The ``.sig`` bytes as published, when they verified (None: unsigned), kept in the
+    release so that anyone can verify the zip again."""
 
     @property
     def host(self) -> str:
@@ -201,19 +203,21 @@ class Fetcher:
             check_zip_end(answer.body)
             if disposition:
                 name = package_file_name(final, answer.headers.get("content-disposition", ""))
-            signed_by = self._signature(web, final, answer.body, now)
+            signed_by, signature = self._signature(web, final, answer.body, now)
         validators = Validators(answer.headers.get("etag"), answer.headers.get("last-modified"))
-        return url, Package(final, name, answer.body, signed_by, validators)
+        return url, Package(final, name, answer.body, signed_by, validators, signature)
 
     def _signature(
         self, web: Client, url: str, data: bytes, now: datetime
-    ) -> tuple[str, ...] | None:
+    ) -> tuple[tuple[str, ...] | None, bytes | None]:
+        """The fingerprints of the trusted keys that signed ``data`` and the ``.sig``
+        bytes, or ``(None, None)`` if none is published."""
         sig_url = url + ".sig"
         final, answer = _follow(web, sig_url, {}, MAX_SIGNATURE_BYTES)
         if answer.status in (404, 410):
             if self.settings.require_signature:
                 raise FetchError(UNSIGNED, f"no signature at {sig_url} and one is required")
-            return None
+            return None, None
         _expect_ok(answer, final)
         try:
             blocks = sshsig.parse_armored(answer.body)
@@ -226,7 +230,7 @@ class Fetcher:
                 SIGNATURE_UNTRUSTED,
                 f"signed by {len(result.keys)}/{self.threshold} required trusted keys ({why})",
             )
-        return tuple(key.fingerprint() for key in result.keys)
+        return tuple(key.fingerprint() for key in result.keys), answer.body
 
 
 _INDEX_ACCEPT = {"Accept": "application/json, text/html;q=0.9, */*;q=0.1"}
@@ -320,19 +324,6 @@ def package_file_name(url: str, disposition: str) -> str:
 
 def _plain_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and not re.search(r"[/\\\x00-\x1f\x7f]", name)
-
-
-def package_stamp(name: str) -> str | None:
-    """``YYYYMMDDHHMM`` of a package file name, or None if it is not one."""
-    found = PACKAGE_NAME.fullmatch(name)
-    if not found:
-        return None
-    stamp = found.group(1) + found.group(2)
-    try:
-        datetime.strptime(stamp, "%Y%m%d%H%M")
-    except ValueError:
-        return None
-    return stamp
 
 
 class _Links(HTMLParser):

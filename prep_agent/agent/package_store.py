@@ -13,6 +13,7 @@ A package release holds::
     archivos/<path>                           every entry unpacked, byte-identical
     resultados/index.html, resultados/...     the results pages rendered from the CSVs
     .well-known/prep-package/package.json     name, SHA-256, stamp, source host, signers
+    .well-known/prep-package/<file name>.sig  the institute's signature as published, if signed
     .well-known/prep-cut/manifest.json        the release's file list, written by the agent
 
 The last is in the prep-cut/1 format (no ``.sig``: the agent signs nothing), so
@@ -36,7 +37,7 @@ from datetime import datetime
 from typing import Any, Callable, Protocol
 
 from prep_agent.agent.config import Config
-from prep_agent.agent.fetch import Fetcher, package_stamp
+from prep_agent.agent.fetch import Fetcher
 from prep_agent.agent.https_get import UNSIGNED, FetchError
 from prep_agent.agent.journal import Journal
 from prep_agent.agent.lock import LockFile
@@ -52,7 +53,7 @@ from prep_agent.core.errors import (
     Rejection,
 )
 from prep_agent.core.manifest import FORMAT, WELL_KNOWN, parse_manifest
-from prep_agent.core.package import Package, check_order, inspect_package
+from prep_agent.core.package import Package, check_order, inspect_package, package_stamp
 from prep_agent.shared.clock import Clock
 from prep_agent.shared.fsutil import fsync_dir
 
@@ -64,6 +65,8 @@ FILES_FOLDER = "archivos"
 """Folder of a package release holding the package's entries, unpacked."""
 PACKAGE_INFO = ".well-known/prep-package/package.json"
 """The package's metadata in its release."""
+PACKAGE_FOLDER = ".well-known/prep-package"
+"""Folder of a package release holding its metadata and the institute's signature."""
 MAX_JOURNALED_WARNINGS = 20
 """Warnings of one package written to the journal (all of them go to package.json)."""
 PACKAGE_REFUSALS = (SIGNATURE_MALFORMED, SIGNATURE_UNTRUSTED, UNSIGNED)
@@ -97,6 +100,8 @@ class PackageInfo:
     signed_by: tuple[str, ...] | None
     """Fingerprints of the trusted keys whose signature verified, or None: unsigned."""
     warnings: tuple[str, ...] = ()
+    signature: str | None = None
+    """Path in the release of the institute's ``.sig`` as published (None: unsigned)."""
 
     @property
     def signed(self) -> bool:
@@ -116,6 +121,7 @@ class PackageInfo:
             "signed": self.signed,
             "signed_by": list(self.signed_by) if self.signed_by is not None else None,
             "warnings": list(self.warnings),
+            "signature": self.signature,
         }
 
 
@@ -142,6 +148,7 @@ def read_package_info(release: Release) -> PackageInfo | None:
             url=str(doc["url"]),
             signed_by=None if signed_by is None else tuple(str(k) for k in signed_by),
             warnings=tuple(str(w) for w in doc.get("warnings", ())),
+            signature=None if doc.get("signature") is None else str(doc["signature"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise Error(f"release {release.name}: {PACKAGE_INFO} is damaged: {exc!r}") from None
@@ -153,10 +160,20 @@ def source_text(info: PackageInfo) -> str:
     return f"Origen: paquete del instituto descargado de {info.host} ({signed})"
 
 
-def release_files(package: Package, info: PackageInfo, data: bytes) -> dict[str, bytes]:
+def signature_path(name: str) -> str:
+    """Where a release keeps the ``.sig`` of the package ``name``."""
+    return f"{PACKAGE_FOLDER}/{name}.sig"
+
+
+def release_files(
+    package: Package, info: PackageInfo, data: bytes, signature: bytes | None = None
+) -> dict[str, bytes]:
     """Every file of the package's release but the manifest: the zip ``data``, its
-    entries unpacked, the results pages and package.json. Raises nothing."""
+    entries unpacked, the results pages, package.json and the institute's
+    ``signature`` (at ``info.signature``) if given. Raises nothing."""
     files = {f"{ZIP_FOLDER}/{package.name}": data}
+    if signature is not None and info.signature is not None:
+        files[info.signature] = signature
     files.update({f"{FILES_FOLDER}/{path}": data for path, data in package.entries.items()})
     files.update(render_results_pages(package, FILES_FOLDER))
     doc = json.dumps(info.document(), ensure_ascii=False, indent=1).encode("utf-8") + b"\n"
@@ -268,6 +285,9 @@ class PackageIntake:
         self.notify: Callable[[], None] = lambda: None
         """Called after a publication or a rejection (the health push)."""
         self._source_error: str | None = None
+        self.source_error: str | None = None
+        """Why the last poll failed to get an answer from the source, in one line
+        (``reason: detail``, health's ``source:fetch``); None once one succeeds."""
 
     def poll(self, load_state: Callable[[], State]) -> tuple[PackageOutcome, State | None]:
         """Poll the source once (without the publication lock: a download may take up
@@ -281,7 +301,10 @@ class PackageIntake:
         try:
             fetched = self.fetcher.poll(self.clock())
         except FetchError as exc:
+            refused = exc.reason in PACKAGE_REFUSALS
+            self.source_error = None if refused else f"{exc.reason}: {exc.detail}"
             return self._source_failed(exc, load_state)
+        self.source_error = None
         if self._source_error is not None:
             self.journal.write("source-recovered", reason=self._source_error)
             self._source_error = None
@@ -297,6 +320,7 @@ class PackageIntake:
                     fetched.host,
                     fetched.url,
                     polled,
+                    fetched.signature,
                 )
         except BaseException:
             self.fetcher.forget()
@@ -356,12 +380,14 @@ class PackageIntake:
         host: str,
         url: str = "",
         polled: float | None = None,
+        signature: bytes | None = None,
     ) -> tuple[PackageOutcome, State]:
         """Decide the package ``data`` published as ``name`` on ``host`` and publish it
         if it is the newest; return the outcome and the new state (already saved).
 
         ``signed_by`` names the trusted keys whose signature over ``data`` verified
-        (None: unsigned); ``polled`` is when its poll began (``time.monotonic()``).
+        (None: unsigned), ``signature`` is that ``.sig`` as published, kept in the
+        release; ``polled`` is when its poll began (``time.monotonic()``).
         Raises ``OSError`` or ``Error`` (a failure of the agent's own: nothing was
         decided, the published cut stays).
         """
@@ -382,16 +408,19 @@ class PackageIntake:
                 state = replace(state, package_decided_sha256=sha256)
                 save_state(self.config.layout.state_file, state)
                 return PackageOutcome("replay", sequence), state
+            kept_sig = signature_path(name) if signature is not None else None
             info = PackageInfo(
                 name, sha256, package.stamp.isoformat(), sequence, host, url, signed_by,
-                package.warnings,
+                package.warnings, kept_sig,
             )  # fmt: skip
-            files = release_files(package, info, data)
+            files = release_files(package, info, data, signature)
             manifest_bytes = release_manifest(self.config, package, files)
             checked = time.monotonic()
             release = build_release(self.store, files, manifest_bytes)
         except Rejection as rejection:
-            return self._refuse(state, rejection, name, data, sha256, sequence, host, signed_by)
+            return self._refuse(
+                state, rejection, name, data, sha256, sequence, host, signed_by, signature
+            )
         built = time.monotonic()
         self.store.swap(release.name)
         swapped = time.monotonic()
@@ -450,12 +479,20 @@ class PackageIntake:
         sequence: int | None,
         host: str,
         signed_by: tuple[str, ...] | None,
+        signature: bytes | None = None,
     ) -> tuple[PackageOutcome, State]:
-        """Quarantine a rejected package (its zip and reason), record and journal it."""
+        """Quarantine a rejected package (its zip, its signature if signed, and the
+        reason), record and journal it."""
         if rejection.reason == EQUIVOCATION:
             log.error("ALARM: the institute published two packages for one cut: %s", rejection)
         kept_name = name if _PLAIN_NAME.fullmatch(name) and not name.startswith(".") else "paquete"
         about = {"name": name, "sha256": sha256, "host": host, "signed_by": signed_by}
+        files = {
+            kept_name: data,
+            "package.json": json.dumps(about, ensure_ascii=False, indent=1).encode() + b"\n",
+        }
+        if signature is not None:
+            files[f"{kept_name}.sig"] = signature
         folder = self.store.quarantine(
             rejection,
             None,
@@ -463,10 +500,7 @@ class PackageIntake:
             sequence,
             self.config.keep_quarantine,
             self.config.keep_quarantine_bytes,
-            files={
-                kept_name: data,
-                "package.json": json.dumps(about, ensure_ascii=False, indent=1).encode() + b"\n",
-            },
+            files=files,
         )
         now = self.clock().isoformat(timespec="seconds")
         state = replace(

@@ -18,6 +18,7 @@ from prep_agent.agent.intake import read_delivery
 from prep_agent.agent.journal import Journal
 from prep_agent.agent.layout import Layout
 from prep_agent.agent.lock import LockFile
+from prep_agent.agent.package_verify import verify_release
 from prep_agent.agent.state import State, load_state, save_state
 from prep_agent.agent.store import Store
 from prep_agent.cli.options import AddCommand, add_config, load_config, operator, positive_int
@@ -182,8 +183,11 @@ def _print_outcome(status: str, sequence: int | None, rejection: Rejection | Non
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Decide a cut in DIR (default: the drop folder) without publishing it."""
+    """Decide a cut in DIR (default: the drop folder) without publishing it; with
+    ``[source] type = https-package`` and no DIR, check the published package again."""
     config = load_config(args)
+    if config.source.type == "https-package" and not args.dir:
+        return _verify_package(config)
     folder = Path(args.dir).resolve() if args.dir else config.inbox
     policy = load_policy(config)
     store = Store(config.layout, config.limits)
@@ -205,6 +209,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(
         f"{verdict}: sequence {m.sequence}, cut_time {m.cut_time_text}, {len(m.files)} files, "
         f"signed by {', '.join(decision.signers)}"
+    )
+    return EXIT_OK
+
+
+def _verify_package(config: Config) -> int:
+    """``verify`` of an https-package root: the current release checked again."""
+    current = Store(config.layout, config.limits).current()
+    if current is None:
+        raise Error("no package is published yet: nothing to verify")
+    try:
+        found = verify_release(current, load_policy(config).signers, config.threshold)
+    except Rejection as exc:
+        print(f"rejected: {exc.reason}: {exc.detail}")
+        return EXIT_REJECTED
+    print(
+        f"verified: sequence {found.sequence}, package {found.name} (sha256 {found.sha256}), "
+        f"{found.files} files, {found.signature_text()}"
     )
     return EXIT_OK
 
@@ -413,7 +434,12 @@ def add_commands(add: AddCommand) -> None:
         help="process the drop folder as it is now, without waiting to settle, and exit",
     )
 
-    p = add("verify", cmd_verify, "decide a cut without publishing it (exit 0 only if accepted)")
+    p = add(
+        "verify",
+        cmd_verify,
+        "decide a cut without publishing it (exit 0 only if accepted); https-package: "
+        "check the published package again",
+    )
     add_config(p)
     p.add_argument("dir", nargs="?", metavar="DIR", help="folder holding the cut (default: inbox)")
 

@@ -98,6 +98,9 @@ _ELECTION_NAME = re.compile(
 )
 _NAME_STAMP = re.compile(r"\d{8}_\d{4}_PREP", re.ASCII | re.IGNORECASE)
 """A ``YYYYMMDD_HHMM_PREP`` stamp anywhere in a name."""
+PACKAGE_NAME = re.compile(r"\d{8}_\d{4}_PREP(?:_[A-Z0-9]+)*\.zip", re.ASCII)
+"""A package's file name as institutes publish it: ``YYYYMMDD_HHMM_PREP[_STATE].zip``
+(the stamp in the institute's local time)."""
 _CANDIDATES = re.compile(r"CANDIDAT", re.IGNORECASE)
 """Marks a candidates list (``CAMP_GOB_CANDIDATURA_2021.csv``), not a results file."""
 _READABLE_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
@@ -230,6 +233,18 @@ def check_order(last: tuple[datetime, str] | None, package: Package) -> bool:
             f"with other bytes (sha256 {package.sha256[:16]}…)",
         )
     return order is Order.NEWER
+
+
+def package_stamp(name: str) -> str | None:
+    """``YYYYMMDDHHMM`` of a package file name (:data:`PACKAGE_NAME`), or None if
+    ``name`` is not one or its digits denote no valid date and time. Raises nothing."""
+    if PACKAGE_NAME.fullmatch(name) is None:
+        return None
+    try:
+        found = parse_zip_name_stamp(name, timezone.utc)
+    except InvalidStampError:
+        return None
+    return None if found is None else f"{found:%Y%m%d%H%M}"
 
 
 def election_of(path: str) -> str | None:

@@ -93,6 +93,10 @@ class Snapshot:
     """Steps in a row that failed with an error of the agent's own (0: the last one ran)."""
     last_error: str | None = None
     """That error, in one line (None when ``failed_steps`` is 0)."""
+    source_polled: bool = False
+    """Whether cuts come from polling a URL (``[source] type = https-package``)."""
+    source_error: str | None = None
+    """Why the last poll of that URL failed, in one line (None: it answered)."""
 
 
 def _check(
@@ -172,6 +176,9 @@ def all_checks(s: Snapshot) -> Checks:
     report_status = "warn" if s.push_configured and s.last_report_age is None else "pass"
     checks = {**cut_checks(s), "inbox:watcher": _check(watcher, now, s.watcher_mode)}
     checks["agent:publication"] = _check(publication_status(s), now, s.last_error)
+    if s.source_polled:
+        # The institute's server failing is the institute not sending: warn, never fail.
+        checks["source:fetch"] = _check("warn" if s.source_error else "pass", now, s.source_error)
     if s.system is not None:
         checks.update(system_checks(s.system, now))
     checks["report:delivery"] = _check(report_status, now, s.last_report_age, "s")

@@ -99,7 +99,7 @@ def run_institute(
         stop.wait(interval)
 
 
-class _MinuteApart:
+class MinuteApart:
     """The institute's clock for packages: readings at least a minute apart, as a
     package is named by its cut minute (with ``--interval`` under 60 s the stamps run
     ahead of the real clock)."""
@@ -163,7 +163,7 @@ def main(args: argparse.Namespace) -> int:
             args.interval,
             args.cuts,
             stop,
-            clock=_MinuteApart() if publisher else now_utc6,
+            clock=MinuteApart() if publisher else now_utc6,
             final=args.final,
         )
         if publisher is not None and getattr(args, "keep_serving", False):
