@@ -163,7 +163,6 @@ def assert_release_of(env: Env, name: str, data: bytes, signed: bool = False) ->
     return release
 
 
-@pytest.mark.core
 def test_the_campeche_series_in_order_then_rollback_replay_and_equivocation(env: Env) -> None:
     packages = [cut_package(cut) for cut in CUT_STAMPS]
     for name, data in packages:
@@ -222,7 +221,6 @@ def test_the_campeche_series_in_order_then_rollback_replay_and_equivocation(env:
     assert len(env.quarantined()) == 2
 
 
-@pytest.mark.core
 @pytest.mark.parametrize(
     ("member", "size", "reason", "words"),
     [
@@ -254,7 +252,6 @@ def test_an_unsafe_package_is_quarantined_and_the_cut_keeps_serving(
     assert status["sequence"] == 202106062240
 
 
-@pytest.mark.core
 def test_a_bad_signature_or_a_failing_server_gives_its_reason_and_the_cut_keeps_serving(
     env: Env,
 ) -> None:
@@ -283,7 +280,6 @@ def test_a_bad_signature_or_a_failing_server_gives_its_reason_and_the_cut_keeps_
     assert [c.sequence for c in incidents.cuts] == [202106062240]
 
 
-@pytest.mark.core
 def test_the_daemon_polls_publishes_signed_packages_and_serves_the_frame(env: Env) -> None:
     conf = write_conf(env.tmp, env.site, env.institute, poll_seconds=1)
     first_name, first = cut_package(CUT_STAMPS[-2])
@@ -359,7 +355,6 @@ def kill_while_building(env: Env, extra: float) -> bool:
     return any(staging.iterdir())
 
 
-@pytest.mark.core
 def test_kill_9_during_publication_leaves_the_old_or_the_new_cut_complete(env: Env) -> None:
     old_name, old = cut_package(CUT_STAMPS[0])
     env.offer(old_name, old)
