@@ -15,7 +15,6 @@ thread that made it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -36,6 +35,7 @@ from urllib3.connectionpool import HTTPSConnectionPool  # type: ignore[import-un
 
 from prep_agent import __version__
 from prep_agent.core.errors import Error
+from prep_agent.shared.deadline import SocketDeadline
 
 StartCheck = Callable[[dict[str, str], bytes], None]
 """Looks at an answer's headers and first bytes; raises FetchError to refuse the body."""
@@ -172,47 +172,30 @@ class Client:
         self.pins = pins
         self.timeouts = (connect_timeout, read_timeout)
         self.deadline_seconds = deadline_seconds
-        self.expired = False
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        self._timer = threading.Timer(deadline_seconds, self._expire)
-        self._timer.daemon = True
+        self._deadline = SocketDeadline(deadline_seconds)
         self._ends = 0.0
         self._session = requests.Session()
         self._session.mount("https://", _Adapter())
 
     def __enter__(self) -> Client:
         self._ends = time.monotonic() + self.deadline_seconds
-        self._timer.start()
+        self._deadline.start()
         _local.client = self
         return self
 
     def __exit__(self, *exc: object) -> None:
         _local.client = None
-        self._timer.cancel()
-        self._timer.join()
+        self._deadline.close()
         self._session.close()
-        with self._lock:
-            for sock in self._sockets:
-                sock.close()
-            self._sockets.clear()
+
+    @property
+    def expired(self) -> bool:
+        """Whether the poll's deadline has passed (its sockets were shut down)."""
+        return self._deadline.expired
 
     def watch(self, sock: socket.socket) -> None:
-        """Shut ``sock`` down when the deadline passes (through a duplicate of its
-        descriptor: TLS takes over the original's, and either ends the connection)."""
-        copy = sock.dup()
-        with self._lock:
-            self._sockets.append(copy)
-            expired = self.expired
-        if expired:
-            _shut(copy)
-
-    def _expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            sockets = list(self._sockets)
-        for sock in sockets:
-            _shut(sock)
+        """Shut ``sock`` down when the poll's deadline passes."""
+        self._deadline.watch(sock)
 
     def _timeout(self) -> FetchError:
         return FetchError(TIMEOUT, f"no complete answer within {self.deadline_seconds:g} s")
@@ -310,11 +293,6 @@ def _content_length(headers: dict[str, str]) -> int | None:
     if length < 0:
         raise FetchError(TRUNCATED, f"Content-Length {length} is negative")
     return length
-
-
-def _shut(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):  # the other side may have closed it already
-        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _describe(exc: BaseException) -> FetchError:

@@ -14,7 +14,6 @@ proxy). Through a SOCKS proxy only the per-read timeouts and the byte cap hold.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 from typing import Any
@@ -32,6 +31,7 @@ from urllib3.connectionpool import (  # type: ignore[import-untyped]
 )
 
 from prep_agent.core.errors import Error
+from prep_agent.shared.deadline import SocketDeadline
 
 CHUNK = 16 * 1024
 """Bytes asked of the body per read."""
@@ -41,56 +41,11 @@ CONNECTION_FAILED = "connection failed"
 """The error of a poll that could not connect."""
 
 _local = threading.local()
-"""``deadline``: the ``_Deadline`` of the poll running in this thread, if any."""
+"""``deadline``: the ``SocketDeadline`` of the poll running in this thread, if any."""
 
 
 class PollError(Error):
     """A poll failed; the message is what the dashboard shows (one line)."""
-
-
-class _Deadline:
-    """Shuts down every socket it watches once ``seconds`` have passed."""
-
-    def __init__(self, seconds: float) -> None:
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        self.expired = False
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-
-    def start(self) -> None:
-        self._timer.start()
-
-    def watch(self, sock: socket.socket) -> None:
-        """Watch ``sock`` through a duplicate of its descriptor: TLS takes over the
-        original's, and shutting down either ends the one connection."""
-        copy = sock.dup()
-        with self._lock:
-            self._sockets.append(copy)
-            expired = self.expired
-        if expired:
-            _shut(copy)
-
-    def _expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            sockets = list(self._sockets)
-        for sock in sockets:
-            _shut(sock)
-
-    def close(self) -> None:
-        """Stop the timer and close the duplicates."""
-        self._timer.cancel()
-        self._timer.join()
-        with self._lock:
-            for sock in self._sockets:
-                sock.close()
-            self._sockets.clear()
-
-
-def _shut(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):  # the other side may have closed it already
-        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _watched(sock: socket.socket) -> socket.socket:
@@ -150,7 +105,7 @@ def get_health(
     ``PollError``: ``TIMEOUT``, ``CONNECTION_FAILED``, ``body over N bytes``, a
     compressed body, or the error's own text.
     """
-    deadline = _Deadline(connect_timeout + read_timeout)
+    deadline = SocketDeadline(connect_timeout + read_timeout)
     session = requests.Session()
     adapter = _Adapter()
     session.mount("http://", adapter)
