@@ -67,6 +67,18 @@ def serve(folder: Path, cert: Path, key: Path) -> None:
     server.serve_forever()
 
 
+def start_server(www: Path, cert: Path, key: Path) -> tuple[subprocess.Popen[str], int]:
+    """Serve ``www`` over HTTPS in a child process (``serve``); return it and its port."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.https_fetch", "--serve", str(www), str(cert), str(key)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=PROJECT,
+    )
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
 def big_zip(size: int) -> bytes:
     """A stored zip of ``size`` seeded random bytes."""
     rng = random.Random(2021)
@@ -139,22 +151,7 @@ def main() -> int:
             (www / f"{name}.sig").write_bytes(
                 sshsig.armor(sshsig.sign(private, data, NAMESPACE_PACKAGE))
             )
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.https_fetch",
-                "--serve",
-                str(www),
-                str(cert),
-                str(key),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=PROJECT,
-        )
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline())
+        proc, port = start_server(www, cert, key)
         signers = parse_allowed_signers(f"bench {public.openssh()}\n")
         lines = []
         for name, data in packages.items():

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from benchmarks.https_fetch import start_server
 from benchmarks.package_checks import packages
 from prep_agent.agent.config import load, render_template
 from prep_agent.core import sshkeys
@@ -143,22 +144,7 @@ def main() -> int:
         )
         for _label, name, data in chosen:
             (www / name).write_bytes(data)
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.https_fetch",
-                "--serve",
-                str(www),
-                str(cert),
-                str(key),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=PROJECT,
-        )
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline())
+        proc, port = start_server(www, cert, key)
         lines = []
         for label, name, data in chosen:
             url = f"https://127.0.0.1:{port}/{name}"
