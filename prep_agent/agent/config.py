@@ -70,6 +70,9 @@ class Config:
     push_period: float = 60.0
     push_connect_timeout: float = 5.0
     push_read_timeout: float = 10.0
+    purge_nodes: tuple[str, ...] = ()
+    """``[purge] nodes``: Varnish nodes soft-purged after each swap (packaging/ha)."""
+    purge_timeout: float = 2.0
 
     @property
     def layout(self) -> Layout:
@@ -211,6 +214,15 @@ period_seconds = 60
 connect_timeout = 5
 read_timeout = 10
 
+[purge]
+# Varnish nodes of an HA edge (packaging/ha) to soft-purge the frame and
+# status.json on after each new cut, space separated, e.g. http://10.0.0.2:80
+# http://10.0.0.3:80. An accelerator only: a failed purge is logged and counted
+# in /metrics, never delays a publication. Empty: no purge.
+nodes =
+# Seconds to wait for each node's answer.
+timeout = 2
+
 [limits]
 max_manifest_bytes = 33554432
 max_files = 200000
@@ -301,6 +313,7 @@ def load(path: Path) -> Config:
         **_frame(parser, base),
         **_health(parser, base),
         **_push(parser, base),
+        **_purge(parser),
     )
 
 
@@ -405,6 +418,20 @@ def _push(parser: configparser.ConfigParser, base: Path) -> dict[str, Any]:
         "push_connect_timeout": _push_seconds(parser, "connect_timeout", 5.0),
         "push_read_timeout": _push_seconds(parser, "read_timeout", 10.0),
     }
+
+
+def _purge(parser: configparser.ConfigParser) -> dict[str, Any]:
+    nodes = tuple(parser.get("purge", "nodes", fallback="").split())
+    for node in nodes:
+        if not re.fullmatch(r"http://[^\s/?#]+/?", node):
+            raise ConfigError(f"[purge] nodes: {node!r} is not a node like http://10.0.0.2:80")
+    try:
+        timeout = parser.getfloat("purge", "timeout", fallback=2.0)
+    except ValueError:
+        raise ConfigError("[purge] timeout must be a number of seconds") from None
+    if not timeout > 0:
+        raise ConfigError("[purge] timeout must be positive")
+    return {"purge_nodes": nodes, "purge_timeout": timeout}
 
 
 def check_instance_name(name: str) -> str:
