@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from tests.browserkit import Agent, Portal, chrome
@@ -28,10 +27,13 @@ POLL = 5
 
 
 def shown(driver: WebDriver) -> tuple[str, str]:
-    """The sequence on screen and the src of the visible publication iframe."""
-    body = driver.find_element(By.TAG_NAME, "body").get_attribute("data-sequence") or ""
-    frames = driver.find_elements(By.ID, "publication")
-    return body, (frames[0].get_attribute("src") or "") if frames else ""
+    """The sequence on screen and the src of the visible publication iframe (read at once)."""
+    got = driver.execute_script(
+        "var f = document.getElementById('publication');"
+        "return [document.body.getAttribute('data-sequence') || '',"
+        " f ? f.getAttribute('src') || '' : ''];"
+    )
+    return str(got[0]), str(got[1])
 
 
 def put(path: Path, data: bytes) -> None:
@@ -70,11 +72,10 @@ def test_frame_waits_for_a_missing_release_and_never_steps_back(tmp_path: Path) 
         time.sleep(2 * POLL + 1)
         sequence, src = shown(driver)
         assert sequence == "1" and first["release"] in src, (sequence, src)
-        assert not [
-            f.get_attribute("src")
-            for f in driver.find_elements(By.TAG_NAME, "iframe")
-            if second["release"] in (f.get_attribute("src") or "")
-        ], "no iframe ever loads the missing release"
+        sources = driver.execute_script(
+            "return Array.from(document.querySelectorAll('iframe'), f => f.getAttribute('src'));"
+        )
+        assert not [s for s in sources if second["release"] in s], "no iframe loads it"
         # The release arrives: the frame swaps to it.
         shutil.copytree(tmp_path / "release-2", site / "cortes" / second["release"])
         wait_for(lambda: shown(driver)[0] == "2", 2 * POLL + 5, "cut 2 on screen")
