@@ -45,6 +45,8 @@ class Worker:
         self.regressions = 0
         self.statuses: dict[str, int] = {}
         self.missing_release = 0
+        self.answered: list[float] = []
+        """Times of the successful status.json answers."""
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         """One GET; raises OSError or HTTPException on a failed exchange."""
@@ -82,6 +84,7 @@ class Worker:
         if status != 200:
             self.errors.append((time.time(), f"status.json {status}"))
             return
+        self.answered.append(time.time())
         doc = json.loads(body)
         sequence = doc.get("sequence") or 0
         if sequence < self.shown:
@@ -148,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     for w in workers:
         for k, v in w.statuses.items():
             statuses[k] = statuses.get(k, 0) + v
+    answered = sorted(t for w in workers for t in w.answered)
+    gaps = [(b - a, a) for a, b in zip(answered, answered[1:])] or [(0.0, started)]
+    gap, gap_from = max(gaps)
     summary: dict[str, Any] = {
         "started": started,
         "ended": time.time(),
@@ -162,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         "missing_release": sum(w.missing_release for w in workers),
         "sequences": [w.sequences for w in workers],
         "statuses": statuses,
+        "max_gap": gap,
+        "max_gap_from": gap_from,
     }
     json.dump(summary, sys.stdout)
     return 0

@@ -146,7 +146,9 @@ class Origin:
             [PREP_AGENT, "run", "--config", str(folder / "prep-agent.conf")],
             folder / "agent.log",
         )
-        exempt = ("127.0.0.1", *(f"{PREFIX}.{h}" for h in BALANCERS.values()))
+        # The balancers (health checks) and the benchmark's client are exempt from
+        # the site's per-address limits.
+        exempt = ("127.0.0.1", *(f"{PREFIX}.{h}" for h in (*BALANCERS.values(), CLIENT)))
         conf = instantiate(folder / "nginx", self.config.root, "127.0.0.1:8080", 80, exempt)
         site = folder / "nginx" / "prep-agent.conf"
         site.write_text(
@@ -237,8 +239,15 @@ class Balancer:
     def holds_vip(self) -> bool:
         return f" {VIP}/" in self.node.run(["ip", "-4", "addr", "show", "dev", "eth0"])
 
+    def lose(self) -> None:
+        """The machine gone: its link down first (no goodbye advertisement leaves;
+        a killed keepalived's VRRP child would otherwise announce priority 0),
+        then every process SIGKILLed."""
+        self.node.run(["ip", "link", "set", "eth0", "down"])
+        self.kill()
+
     def kill(self) -> None:
-        """The whole balancer gone at once (keepalived, Varnish, HAProxy: SIGKILL)."""
+        """Every process of the balancer, SIGKILL (keepalived, Varnish, HAProxy)."""
         for p in (self.keepalived, self.varnish, self.haproxy):
             p.kill()
 
@@ -250,8 +259,10 @@ class Balancer:
 class Stand:
     """The whole edge; ``deliver`` sends cuts to each origin after its own delay."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, extra: dict[str, bytes] | None = None) -> None:
         self.folder = folder
+        self.extra = dict(extra or {})
+        """Files added to every cut (the benchmark's 100 KB CSV)."""
         self.net = Network(PREFIX)
         self.institute = Institute(folder / "institute")
         self.sequence = 0
@@ -260,6 +271,9 @@ class Stand:
         self.missed: dict[str, tuple[int, dict[str, bytes], bytes]] = {}
         """The newest cut each held origin missed."""
         self.delivered: dict[str, int] = {}
+        self.published_at: dict[int, float] = {}
+        """When each cut was handed to the deliveries (time.time())."""
+        self.cut_times: dict[int, str] = {}
         self.rng = random.Random(13)
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -306,15 +320,27 @@ class Stand:
         )
         return int(out or 0)
 
+    def client_get(self, path: str) -> tuple[dict[str, str], str]:
+        """GET ``path`` on the floating address from the client: headers (lowercase), body."""
+        out = self.client.run(["curl", "-s", "-i", "--max-time", "3", f"http://{VIP}{path}"])
+        head, _, body = out.partition("\n\n")  # run() reads text: CRLF became LF
+        headers = {}
+        for line in head.splitlines()[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return headers, body
+
     def cut_files(self, sequence: int) -> tuple[dict[str, bytes], dict[str, Any]]:
         when = (datetime.now(MIDDLE) - timedelta(seconds=AGE)).replace(microsecond=0)
-        files = self.institute.files(when, sequence)
+        files = {**self.institute.files(when, sequence), **self.extra}
         return files, self.institute.manifest(files, sequence, when, period_seconds=PERIOD)
 
     def publish(self, spread: float = 5.0) -> int:
         """The institute's next cut, to each origin after a random 0..``spread`` s delay."""
         self.sequence += 1
         files, doc = self.cut_files(self.sequence)
+        self.published_at[self.sequence] = time.time()
+        self.cut_times[self.sequence] = str(doc["cut_time"])
         data = json.dumps(doc, indent=1).encode()
         for name, origin in self.origins.items():
             delay = self.rng.uniform(0, spread)
