@@ -14,6 +14,8 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -125,3 +127,71 @@ class Network:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+RELAY = """
+import socket, sys, threading
+def address(spec):
+    kind, _, rest = spec.partition(":")
+    if kind == "unix":
+        return socket.AF_UNIX, rest
+    host, _, port = rest.rpartition(":")
+    return socket.AF_INET, (host, int(port))
+def pipe(a, b):
+    try:
+        while True:
+            data = a.recv(65536)
+            if not data:
+                break
+            b.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+family, where = address(sys.argv[1])
+server = socket.socket(family)
+server.bind(where)
+server.listen(64)
+target = address(sys.argv[2])
+while True:
+    client, _ = server.accept()
+    upstream = socket.socket(target[0])
+    try:
+        upstream.connect(target[1])
+    except OSError:
+        client.close()
+        continue
+    threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+    threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+"""
+"""A byte relay: listens on argv[1], connects each client to argv[2]
+(``unix:PATH`` or ``tcp:HOST:PORT``)."""
+
+
+class Tunnel:
+    """127.0.0.1:``port`` on this host's loopback relayed to ``host``:``target_port``
+    as seen from inside ``node``, through a Unix socket (no link between the
+    namespaces): two relay processes, one on each side. For programs that cannot
+    run in the namespace themselves (a browser driven by its driver over loopback).
+    """
+
+    def __init__(self, node: Node, host: str, target_port: int, folder: str, port: int) -> None:
+        self.port = port
+        path = os.path.join(folder, f"tunnel-{node.name}.sock")
+        inside = [sys.executable, "-c", RELAY, f"unix:{path}", f"tcp:{host}:{target_port}"]
+        self.inside = node.popen(inside, subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        outside = [sys.executable, "-c", RELAY, f"tcp:127.0.0.1:{port}", f"unix:{path}"]
+        self.outside = subprocess.Popen(outside, stdin=subprocess.DEVNULL)
+
+    def close(self) -> None:
+        """Stop both relay processes."""
+        for proc in (self.outside, self.inside):
+            proc.kill()
+            proc.wait(timeout=10)
