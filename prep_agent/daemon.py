@@ -435,7 +435,8 @@ class Agent:
             self.pusher = pusher
             pusher.start()
         if self.config.purge_nodes:
-            self.purger = Purger(self.config.purge_nodes, self.metrics, self.config.purge_timeout)
+            c = self.config
+            self.purger = Purger(c.purge_nodes, self.metrics, c.purge_timeout, c.purge_delay)
             self.purger.start()
         self.journal.write("agent-started", watcher=watcher.mode, failure=watcher.failure)
         outcome = Outcome("idle")

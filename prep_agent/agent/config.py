@@ -73,6 +73,7 @@ class Config:
     purge_nodes: tuple[str, ...] = ()
     """``[purge] nodes``: Varnish nodes soft-purged after each swap (packaging/ha)."""
     purge_timeout: float = 2.0
+    purge_delay: float = 1.5
 
     @property
     def layout(self) -> Layout:
@@ -222,6 +223,9 @@ read_timeout = 10
 nodes =
 # Seconds to wait for each node's answer.
 timeout = 2
+# Seconds after the swap before purging: longer than nginx may serve the previous
+# status.json (open_file_cache_valid 1s in the packaged site).
+delay = 1.5
 
 [limits]
 max_manifest_bytes = 33554432
@@ -431,7 +435,13 @@ def _purge(parser: configparser.ConfigParser) -> dict[str, Any]:
         raise ConfigError("[purge] timeout must be a number of seconds") from None
     if not timeout > 0:
         raise ConfigError("[purge] timeout must be positive")
-    return {"purge_nodes": nodes, "purge_timeout": timeout}
+    try:
+        delay = parser.getfloat("purge", "delay", fallback=1.5)
+    except ValueError:
+        raise ConfigError("[purge] delay must be a number of seconds") from None
+    if not 0 <= delay <= 60:
+        raise ConfigError("[purge] delay must be between 0 and 60 seconds")
+    return {"purge_nodes": nodes, "purge_timeout": timeout, "purge_delay": delay}
 
 
 def check_instance_name(name: str) -> str:

@@ -11,7 +11,8 @@ the new cut at once instead of after the pointer's max-age.
 
 Purge is an accelerator, never a dependency: publication only calls
 ``notify()``, which sets an event and returns; one background thread per node
-sends the request with short timeouts; a failure is logged and counted
+sends the request ``delay`` seconds later (nginx may serve the previous
+pointer for up to 1 s after the swap) with short timeouts; a failure is logged and counted
 (``prep_purge_total{result="failed"}`` in /metrics) and never retried: the
 pointer's own max-age (5 s) bounds what a missed purge costs.
 """
@@ -66,10 +67,13 @@ def send_softpurge(node: str, tag: str, timeout: float) -> int:
 class Purger:
     """One background thread per Varnish node, soft-purging ``POINTER_TAG`` on ``notify()``."""
 
-    def __init__(self, nodes: Sequence[str], metrics: Metrics, timeout: float = 2.0) -> None:
+    def __init__(
+        self, nodes: Sequence[str], metrics: Metrics, timeout: float = 2.0, delay: float = 1.5
+    ) -> None:
         self.nodes = tuple(nodes)
         self.metrics = metrics
         self.timeout = timeout
+        self.delay = delay
         self._events = [threading.Event() for _ in self.nodes]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -102,6 +106,12 @@ class Purger:
             if self._stop.is_set():
                 return
             event.clear()
+            # After the swap, nginx may serve the previous status.json for up to
+            # its open_file_cache_valid (1 s, packaging/nginx): a purge before
+            # that would make the cache fetch the old pointer again and keep it
+            # for a whole max-age. Wait longer than that first.
+            if self._stop.wait(self.delay):
+                return
             self.purge_once(node)
 
     def purge_once(self, node: str) -> bool:
