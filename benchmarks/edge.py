@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             report += ["### 30-cut steady drill", "", *drill(stand, 30), ""]
     finally:
         stand.close()
+        shutil.rmtree(folder, ignore_errors=True)
     text = "\n".join(report) + "\n"
     print(text)
     if args.out:

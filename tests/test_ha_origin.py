@@ -178,9 +178,12 @@ def test_soft_purge_after_each_swap_never_delays_publication(
         assert took < 2.0, f"cut 2 took {took:.2f} s to publish"
         wait_for(lambda: len(node.purges) >= 2, 10, "purge 2 received")
         assert [(p, t) for p, t, _ in node.purges] == [("/", POINTER_TAG)] * 2
-        text = metrics(agent)
-        assert f'prep_purge_total{{node="{node.url}",result="ok"}} 2' in text
-        assert f'prep_purge_total{{node="{refused}",result="failed"}} 2' in text
+        # Counted once each node's answer (or its failure) is in: a moment after.
+        counted = (
+            f'prep_purge_total{{node="{node.url}",result="ok"}} 2',
+            f'prep_purge_total{{node="{refused}",result="failed"}} 2',
+        )
+        wait_for(lambda: all(c in metrics(agent) for c in counted), 10, "purges counted")
         wait_for(
             lambda: f'prep_purge_total{{node="{silent}",result="failed"}}' in metrics(agent),
             15,
