@@ -45,6 +45,7 @@ from prep_agent.shared.httpserver import Server
 from prep_agent.shared.notify import sd_notify
 from prep_agent.web.frame import install_static, stale_deadline, write_public
 from prep_agent.web.health import Metrics, Snapshot, health_document
+from prep_agent.web.purge import Purger
 from prep_agent.web.push import Pusher, load_push_key
 from prep_agent.web.server import build_app, make_server, write_nginx_snippets
 from prep_agent.web.system import SystemProbe
@@ -126,6 +127,7 @@ class Agent:
         self.metrics = Metrics(instance=config.instance)
         self.system = SystemProbe(config.root)
         self.pusher: Pusher | None = None
+        self.purger: Purger | None = None
         self._running = False
         self._failing: tuple[int, str | None] = (0, None)
         self.store.ensure_layout()
@@ -310,6 +312,8 @@ class Agent:
             release, decision.signers, copied, started, verified, built, swapped
         )
         self._notify_push()
+        if self.purger is not None:
+            self.purger.notify()  # returns at once: never delays publication
         self.pending = None
         pruned = self.store.prune(self.config.keep_releases, self.config.keep_replaced_seconds)
         if pruned:
@@ -460,6 +464,10 @@ class Agent:
         if pusher is not None:
             self.pusher = pusher
             pusher.start()
+        if self.config.purge_nodes:
+            c = self.config
+            self.purger = Purger(c.purge_nodes, self.metrics, c.purge_timeout, c.purge_delay)
+            self.purger.start()
         self.journal.write("agent-started", watcher=watcher.mode, failure=watcher.failure)
         outcome = Outcome("idle")
         try:
@@ -480,6 +488,8 @@ class Agent:
             self._running = False
             if self.pusher is not None:
                 self.pusher.stop()
+            if self.purger is not None:
+                self.purger.stop()
             watcher.stop()
             self.journal.write("agent-stopped")
         return outcome

@@ -118,6 +118,10 @@ def test_deb_report_is_its_own_package(debs: dict[str, Path]) -> None:
         "./usr/share/prep-agent/templates/ssh/prep-agent-upload.conf",
         "./usr/share/prep-agent/templates/nginx/prep-agent.conf",
         "./usr/share/prep-agent/templates/nginx/prep-agent-site.conf",
+        "./usr/share/prep-agent/examples/ha/README.md",
+        "./usr/share/prep-agent/examples/ha/haproxy.cfg",
+        "./usr/share/prep-agent/examples/ha/keepalived.conf",
+        "./usr/share/prep-agent/examples/ha/default.vcl",
         "./usr/bin/prep-agent",
     ):
         assert path in agent, path
@@ -141,5 +145,7 @@ def test_rpm_report_is_its_own_package(rpms: dict[str, Path]) -> None:
     assert {p for p in python_files(agent, marker) if p in SOURCES} == set(SOURCES) - report_py
     assert "/usr/lib/systemd/system/prep-agent@.service" in agent
     assert "/usr/share/prep-agent/templates/nginx/prep-agent.conf" in agent
+    for name in ("README.md", "haproxy.cfg", "keepalived.conf", "default.vcl"):
+        assert f"/usr/share/prep-agent/examples/ha/{name}" in agent, name
     suggests = check(["rpm", "-qp", "--suggests", str(rpms["agent"])])
     assert "prep-agent-report" in suggests

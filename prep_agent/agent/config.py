@@ -72,6 +72,10 @@ class Config:
     push_connect_timeout: float = 5.0
     push_read_timeout: float = 10.0
     source: SourceConfig = field(default_factory=SourceConfig)
+    purge_nodes: tuple[str, ...] = ()
+    """``[purge] nodes``: Varnish nodes soft-purged after each swap (packaging/ha)."""
+    purge_timeout: float = 2.0
+    purge_delay: float = 1.5
 
     @property
     def layout(self) -> Layout:
@@ -213,6 +217,18 @@ period_seconds = 60
 connect_timeout = 5
 read_timeout = 10
 
+[purge]
+# Varnish nodes of an HA edge (packaging/ha) to soft-purge the frame and
+# status.json on after each new cut, space separated, e.g. http://10.0.0.2:80
+# http://10.0.0.3:80. An accelerator only: a failed purge is logged and counted
+# in /metrics, never delays a publication. Empty: no purge.
+nodes =
+# Seconds to wait for each node's answer.
+timeout = 2
+# Seconds after the swap before purging: longer than nginx may serve the previous
+# status.json (open_file_cache_valid 1s in the packaged site).
+delay = 1.5
+
 [limits]
 max_manifest_bytes = 33554432
 max_files = 200000
@@ -336,6 +352,7 @@ def load(path: Path) -> Config:
         **_health(parser, base),
         **_push(parser, base),
         source=source,
+        **_purge(parser),
     )
 
 
@@ -440,6 +457,26 @@ def _push(parser: configparser.ConfigParser, base: Path) -> dict[str, Any]:
         "push_connect_timeout": _push_seconds(parser, "connect_timeout", 5.0),
         "push_read_timeout": _push_seconds(parser, "read_timeout", 10.0),
     }
+
+
+def _purge(parser: configparser.ConfigParser) -> dict[str, Any]:
+    nodes = tuple(parser.get("purge", "nodes", fallback="").split())
+    for node in nodes:
+        if not re.fullmatch(r"http://[^\s/?#]+/?", node):
+            raise ConfigError(f"[purge] nodes: {node!r} is not a node like http://10.0.0.2:80")
+    try:
+        timeout = parser.getfloat("purge", "timeout", fallback=2.0)
+    except ValueError:
+        raise ConfigError("[purge] timeout must be a number of seconds") from None
+    if not timeout > 0:
+        raise ConfigError("[purge] timeout must be positive")
+    try:
+        delay = parser.getfloat("purge", "delay", fallback=1.5)
+    except ValueError:
+        raise ConfigError("[purge] delay must be a number of seconds") from None
+    if not 0 <= delay <= 60:
+        raise ConfigError("[purge] delay must be between 0 and 60 seconds")
+    return {"purge_nodes": nodes, "purge_timeout": timeout, "purge_delay": delay}
 
 
 def check_instance_name(name: str) -> str:

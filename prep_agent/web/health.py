@@ -53,6 +53,9 @@ full, drop folder gone): the next cut cannot be published. At the default
 ``rescan_interval`` of 5 s that is within about 10 s; fewer failures in a row warn.
 One step that completes (a cut published, refused or none waiting) passes again."""
 
+SEQUENCE_HEADER = "X-Prep-Sequence"
+"""Header of ``/readyz`` answers: the published cut's sequence (0 before the first)."""
+
 Checks = dict[str, list[dict[str, Any]]]
 
 
@@ -242,6 +245,7 @@ class Metrics:
     publish_count: int = 0
     publish_sum: float = 0.0
     rejected: dict[str, int] = field(default_factory=dict)
+    purges: dict[tuple[str, str], int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def observe_publish(self, seconds: float) -> None:
@@ -257,6 +261,12 @@ class Metrics:
         """Record one rejected cut by reason class."""
         with self.lock:
             self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def count_purge(self, node: str, ok: bool) -> None:
+        """Record one soft purge sent to a cache node (``web.purge``), done or failed."""
+        key = (node, "ok" if ok else "failed")
+        with self.lock:
+            self.purges[key] = self.purges.get(key, 0) + 1
 
     def _sample(self, name: str, value: object, labels: str = "") -> str:
         """``name{labels} value``, with this instance's label first when it has one."""
@@ -292,7 +302,37 @@ class Metrics:
             lines.append("# TYPE prep_cuts_rejected_total counter")
             for reason, count in sorted(self.rejected.items()):
                 lines.append(sample("prep_cuts_rejected_total", count, f'reason="{reason}"'))
+            if self.purges:
+                lines.append("# HELP prep_purge_total Soft purges sent to cache nodes, by result.")
+                lines.append("# TYPE prep_purge_total counter")
+            for (node, result), count in sorted(self.purges.items()):
+                labels = f'node="{node}",result="{result}"'
+                lines.append(sample("prep_purge_total", count, labels))
         return "\n".join(lines) + "\n"
+
+
+def behind(s: Snapshot, lag: str) -> str | None:
+    """Why this origin is behind (one line), or None: ``/readyz?lag=SECONDS``.
+
+    An origin cannot know the newest sequence its peers hold without talking to
+    them; what it knows is when the institute's next cut was due: ``cut_time`` +
+    ``period_seconds``. ``lag`` seconds after that, with no newer cut, this
+    origin has missed a cut its peers may hold, and a balancer that checks
+    ``/readyz?lag=N`` takes it out of rotation for the pointers until a cut
+    arrives (packaging/ha). A final cut is never behind. A malformed ``lag`` is
+    read as 0.
+    """
+    m = s.manifest
+    if m is None or m.final:
+        return None
+    try:
+        allowed = max(0.0, float(lag))
+    except ValueError:
+        allowed = 0.0
+    overdue = (s.now - m.cut_time).total_seconds() - m.period_seconds
+    if overdue <= allowed:
+        return None
+    return f"cut {m.sequence} is {overdue:.0f} s past its period"
 
 
 def create_app(
@@ -338,7 +378,15 @@ def create_app(
     def readyz() -> Response:
         s = snapshot(False)
         ready = s.manifest is not None and s.agent_alive and publication_status(s) != "fail"
-        return no_store("ok\n" if ready else "not ready\n", 200 if ready else 503, "text/plain")
+        body, code = ("ok\n", 200) if ready else ("not ready\n", 503)
+        lag = request.args.get("lag")
+        if ready and lag is not None:
+            late = behind(s, lag)
+            if late:
+                body, code = f"behind: {late}\n", 503
+        response = no_store(body, code, "text/plain")
+        response.headers[SEQUENCE_HEADER] = str(s.manifest.sequence if s.manifest else 0)
+        return response
 
     @app.get("/metrics")
     def metrics_text() -> Response:

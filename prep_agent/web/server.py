@@ -32,6 +32,7 @@ from prep_agent.shared.httpserver import (
 )
 from prep_agent.web.frame import RELEASES_URL
 from prep_agent.web.health import Metrics, Snapshot, create_app
+from prep_agent.web.purge import POINTER_TAG, RELEASE_TAG, STATIC_TAG, tag_headers
 
 IMMUTABLE = CACHE_RELEASE
 """Cache-Control of release files: a release URL never changes content."""
@@ -147,17 +148,21 @@ class PublicApp:
             ("Referrer-Policy", "strict-origin-when-cross-origin"),
             ("Access-Control-Allow-Origin", CORS_ORIGIN),
         ]
+        # Tag headers (web.purge): a cache in front purges the pointers by tag.
+        self.pointer_headers = self.frame_headers + tag_headers(POINTER_TAG)
+        self.static_headers = self.frame_headers + tag_headers(STATIC_TAG)
+        self.release_headers = self.content_headers + tag_headers(RELEASE_TAG)
 
     def route(self, path: str) -> tuple[Path, str, list[tuple[str, str]]] | None:
         """The file, Cache-Control and security headers for a URL path, or None."""
         public = self.config.public
         if path in ("/", "/index.html"):
-            return public / "index.html", SHORT, self.frame_headers
+            return public / "index.html", SHORT, self.pointer_headers
         if path == "/status.json":
-            return public / "status.json", SHORT, self.frame_headers
+            return public / "status.json", SHORT, self.pointer_headers
         if path.startswith("/static/"):
             rel = safe_relative(path[len("/static/") :])
-            return (public / "static" / rel, ASSETS, self.frame_headers) if rel else None
+            return (public / "static" / rel, ASSETS, self.static_headers) if rel else None
         prefix = f"/{RELEASES_URL}/"
         if path.startswith(prefix):
             rel = safe_relative(path[len(prefix) :])
@@ -166,7 +171,7 @@ class PublicApp:
             target = self.config.releases / rel
             if path.endswith("/"):
                 target = target / "index.html"
-            return target, IMMUTABLE, self.content_headers
+            return target, IMMUTABLE, self.release_headers
         return None
 
     def __call__(

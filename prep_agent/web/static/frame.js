@@ -9,6 +9,8 @@
   var latest = initial;      // the newest status received
   var skewMs = 0;            // server clock minus this browser's clock
   var skewKnown = false;     // until the server's clock is known, trust the server's page
+  var pending = null;        // release whose entry page is being checked
+  var retryTimer = null;     // a pointer retry after a missing release
   var poll = Math.max(5, Number(document.body.getAttribute("data-poll")) || 15) * 1000;
 
   function el(id) { return document.getElementById(id); }
@@ -89,6 +91,29 @@
     main.appendChild(next);
   }
 
+  // Swap only once the new cut's entry page answers: an origin that published it
+  // may have answered status.json while the one asked next does not hold it yet.
+  // If it is missing, ask for status.json again a little later (never a 404 page).
+  function confirm(s) {
+    var req = new XMLHttpRequest();
+    req.open("GET", s.entry, true);
+    req.onload = function () {
+      pending = null;
+      if (req.status < 200 || req.status > 299) { retrySoon(); return; }
+      if (latest.sequence !== null && s.sequence < latest.sequence) { return; }
+      latest = s;
+      swapTo(s);
+    };
+    req.onerror = function () { pending = null; retrySoon(); };
+    req.send();
+  }
+
+  function retrySoon() {
+    if (retryTimer === null) {
+      retryTimer = setTimeout(function () { retryTimer = null; check(); }, 2000);
+    }
+  }
+
   function check() {
     var req = new XMLHttpRequest();
     req.open("GET", "status.json", true);
@@ -101,9 +126,13 @@
       if (req.status === 200) {
         try { s = JSON.parse(req.responseText); } catch (e) { s = null; }
       }
+      // Never step back: behind a balancer, origins switch cuts at slightly
+      // different moments, and one that has not switched yet may answer next.
+      if (s && latest.sequence !== null && (s.sequence === null || s.sequence < latest.sequence)) {
+        s = null;
+      }
       if (s && s.release !== latest.release) {
-        latest = s;
-        swapTo(s);
+        if (pending !== s.release) { pending = s.release; confirm(s); }
       } else if (s && s.release === shown.release) {
         latest = s;
         shown = s;
