@@ -244,6 +244,8 @@ class Agent:
             self._refresh_public()
         done, state = packages.poll(self._load_state)
         self.state = state or self.state
+        if done.status == "published":
+            self._purge()
         return Outcome(done.status, done.sequence, done.rejection)
 
     def _judged(self, settle: bool) -> tuple[str, FileIdentity] | None:
@@ -312,8 +314,7 @@ class Agent:
             release, decision.signers, copied, started, verified, built, swapped
         )
         self._notify_push()
-        if self.purger is not None:
-            self.purger.notify()  # returns at once: never delays publication
+        self._purge()
         self.pending = None
         pruned = self.store.prune(self.config.keep_releases, self.config.keep_replaced_seconds)
         if pruned:
@@ -346,6 +347,12 @@ class Agent:
             source_polled=self.packages is not None,
             source_error=self.packages.source_error if self.packages is not None else None,
         )
+
+    def _purge(self) -> None:
+        """Soft-purge the pointers on the configured caches; returns at once, so it
+        never delays publication."""
+        if self.purger is not None:
+            self.purger.notify()
 
     def _notify_push(self) -> None:
         """Ask for a health report now (health-v1 §3); returns at once."""
@@ -460,14 +467,7 @@ class Agent:
         watcher = Watcher(self.config.inbox, on_change=self._watcher_changed)
         self._watcher = watcher
         watcher.start()
-        self._running = True
-        if pusher is not None:
-            self.pusher = pusher
-            pusher.start()
-        if self.config.purge_nodes:
-            c = self.config
-            self.purger = Purger(c.purge_nodes, self.metrics, c.purge_timeout, c.purge_delay)
-            self.purger.start()
+        self._start_senders(pusher)
         self.journal.write("agent-started", watcher=watcher.mode, failure=watcher.failure)
         outcome = Outcome("idle")
         try:
@@ -484,12 +484,7 @@ class Agent:
                 else:
                     watcher.wait(self.config.rescan_interval)
         finally:
-            sd_notify("STOPPING=1")
-            self._running = False
-            if self.pusher is not None:
-                self.pusher.stop()
-            if self.purger is not None:
-                self.purger.stop()
+            self._stop_senders()
             watcher.stop()
             self.journal.write("agent-stopped")
         return outcome
@@ -498,10 +493,7 @@ class Agent:
         """``run`` for the https-package source: a poll every ``fetcher.delay()``
         seconds and, between polls, the public files kept true every
         ``rescan_interval`` (an operator rollback, the cut turning stale)."""
-        self._running = True
-        if pusher is not None:
-            self.pusher = pusher
-            pusher.start()
+        self._start_senders(pusher)
         self.journal.write("agent-started", source="https-package", url=self.config.source.url)
         outcome = Outcome("idle")
         next_poll = 0.0
@@ -519,12 +511,28 @@ class Agent:
                 wait = min(self.config.rescan_interval, next_poll - time.monotonic())
                 self.stop_event.wait(max(0.0, wait))
         finally:
-            sd_notify("STOPPING=1")
-            self._running = False
-            if self.pusher is not None:
-                self.pusher.stop()
+            self._stop_senders()
             self.journal.write("agent-stopped")
         return outcome
+
+    def _start_senders(self, pusher: Pusher | None) -> None:
+        """Start the health pusher and the cache purger, if configured."""
+        self._running = True
+        if pusher is not None:
+            self.pusher = pusher
+            pusher.start()
+        if self.config.purge_nodes:
+            c = self.config
+            self.purger = Purger(c.purge_nodes, self.metrics, c.purge_timeout, c.purge_delay)
+            self.purger.start()
+
+    def _stop_senders(self) -> None:
+        sd_notify("STOPPING=1")
+        self._running = False
+        if self.pusher is not None:
+            self.pusher.stop()
+        if self.purger is not None:
+            self.purger.stop()
 
     def _watcher_changed(self, event: str, detail: str) -> None:
         """Journal a watch lost or re-armed (``watcher-lost``, ``watcher-rearmed``)."""
