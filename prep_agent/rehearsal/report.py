@@ -90,9 +90,16 @@ def build(records: dict[str, Any]) -> dict[str, Any]:
         findings[sid] = [
             {"at": iso(f.at), "kind": f.kind, "detail": f.detail} for f in viewer.findings
         ]
-        for f in viewer.findings:
-            if f.kind in ALWAYS_WRONG or not excused(records, sid, f.at):
-                problems.append(f"viewer of {sid}: {f.kind}: {f.detail}")
+        counted = [
+            f for f in viewer.findings if f.kind in ALWAYS_WRONG or not excused(records, sid, f.at)
+        ]
+        for kind in sorted({f.kind for f in counted}):
+            same = [f for f in counted if f.kind == kind]
+            first = same[0]
+            problems.append(
+                f"viewer of {sid}: {kind} ({len(same)} times, first at {iso(first.at)}: "
+                f"{first.detail})"
+            )
     faults = []
     for fault in records["faults"]:
         entry = {**fault, "injected_at": iso(fault["injected_at"]),
