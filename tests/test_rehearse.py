@@ -3,7 +3,7 @@ serving a modified file makes it fail.
 
 The command runs as a real process and builds its own stand (sshd, agents,
 collector, distribute, simulate) on loopback; as root (CI) the disk-full fault
-gets a real tmpfs. About 25 s each on an idle machine.
+gets a real tmpfs; the first test also watches the frames in headless Chromium.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from prep_agent.rehearsal.browser import CHROMIUM
 from tests.kit import PREP_AGENT
 
 INJECTED = {"kill-agent", "bad-signature", "network-cut", "replay", "disk-full"}
@@ -45,7 +46,7 @@ def test_short_night_with_every_fault_passes(tmp_path: Path) -> None:
     for cut in doc["cuts"]:
         assert set(cut["difusores"]) == {"a", "b", "c"}
         for entry in cut["difusores"].values():
-            assert set(entry) == {"delivered", "published", "first_seen"}
+            assert set(entry) == {"delivered", "published", "first_seen", "first_seen_browser"}
     last = doc["cuts"][-1]["difusores"]
     assert all(last[d]["published"] for d in last), last  # every difusor ends on the final cut
     kinds = {f["kind"]: f for f in doc["faults"]}
@@ -64,6 +65,10 @@ def test_short_night_with_every_fault_passes(tmp_path: Path) -> None:
     for kind in NOT_AVAILABLE:
         assert kinds[kind]["status"] == "not-available" and kinds[kind]["detected_at"] is None
     assert doc["latency_seconds"]["visible"]["n"] > 0
+    if Path(CHROMIUM).exists():  # Debian's chromium, as tests/test_browser.py uses it
+        assert doc["browser"]["ran"] and doc["browser"]["error"] is None, doc["browser"]
+        assert doc["latency_seconds"]["visible_browser"]["n"] > 0
+        assert (out / doc["browser"]["screenshot"]).is_file()
     for d in doc["difusores"]:
         assert (out / d["memoria"] / "memoria-tecnica.html").is_file(), d
     page = (out / "rehearsal.html").read_text(encoding="utf-8")
@@ -74,7 +79,8 @@ def test_a_modified_file_on_a_difusor_fails_the_rehearsal(tmp_path: Path) -> Non
     schedule = tmp_path / "fallas.txt"
     schedule.write_text("# a defect, not a fault\n3 tamper a\n", encoding="utf-8")
     out = tmp_path / "ensayo"
-    proc, doc = rehearse(out, "--cuts", "6", "--period", "2", "--faults", str(schedule))
+    args = ["--cuts", "6", "--period", "2", "--faults", str(schedule), "--no-browser"]
+    proc, doc = rehearse(out, *args)
     assert proc.returncode == 9, proc.stdout + proc.stderr
     assert doc["verdict"] == "fail"
     (tamper,) = doc["faults"]
@@ -82,4 +88,5 @@ def test_a_modified_file_on_a_difusor_fails_the_rehearsal(tmp_path: Path) -> Non
     assert "the public copy of a was found altered" in doc["problems"]
     assert any(p.startswith("viewer of a: mixed") for p in doc["problems"]), doc["problems"]
     assert not any(p.startswith(("viewer of b", "viewer of c")) for p in doc["problems"])
+    assert doc["browser"] == {"ran": False, "why": "not asked for"}
     assert "NO APROBADO" in (out / "rehearsal.html").read_text(encoding="utf-8")

@@ -21,7 +21,8 @@ def cmd_rehearse(args: argparse.Namespace) -> int:
     """
     if not 0.5 <= args.period <= 600:
         raise ConfigError("--period must be between 0.5 and 600 seconds")
-    options = Options(Path(args.out), args.cuts, args.period, args.faults and Path(args.faults))
+    faults = Path(args.faults) if args.faults else None
+    options = Options(Path(args.out), args.cuts, args.period, faults, args.browser)
     doc = report.build(rehearse(options))
     report.write(options.out, doc)
     where = options.out / "rehearsal.html"
@@ -38,3 +39,9 @@ def add_commands(add: AddCommand) -> None:
     p.add_argument("--cuts", type=positive_int, default=8, help="cuts of the night (default 8)")
     p.add_argument("--period", type=float, default=2.0, help="seconds between cuts (default 2)")
     p.add_argument("--faults", metavar="FILE", help="fault schedule (default: every kind once)")
+    p.add_argument(
+        "--browser",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also watch the frames in headless Chromium (needs selenium; default: yes)",
+    )

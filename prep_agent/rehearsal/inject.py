@@ -195,7 +195,7 @@ class Injection:
         placed = self.placed[k]
         sig = d.inbox / "prep-manifest.json.sig"
         arrived = until(
-            lambda: sig.exists() and sig.stat().st_mtime >= placed - 1, 3 * self.period, self.stop
+            lambda: sig.exists() and sig.stat().st_mtime >= placed, 3 * self.period, self.stop
         )
         assert d.agent is not None
         d.agent.kill()

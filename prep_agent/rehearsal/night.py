@@ -17,6 +17,8 @@ from typing import Any
 
 from prep_agent.core.errors import Error
 from prep_agent.rehearsal import faults as schedule
+from prep_agent.rehearsal.browser import Browser, Frame
+from prep_agent.rehearsal.browser import unavailable as browser_unavailable
 from prep_agent.rehearsal.inject import Injection, api_rows, published, standing
 from prep_agent.rehearsal.stand import COMMAND, Proc, Stand, build, is_root, run, wait
 from prep_agent.rehearsal.viewer import Viewer
@@ -33,6 +35,7 @@ class Options:
     cuts: int = 8
     period: float = 2.0
     faults: Path | None = None
+    browser: bool = True
 
 
 def simulate(stand: Stand, cuts: int, period: float) -> Proc:
@@ -157,6 +160,12 @@ def rehearse(options: Options) -> dict[str, Any]:
             v.start(horizon)
         board = Board(stand)
         board.start(horizon)
+        browser: Browser | None = None
+        if options.browser and browser_unavailable() is None:
+            frames = [Frame(d.service_id, d.url) for d in stand.difusores]
+            browser = Browser(out / "navegador", frames)
+            browser.start(stand.portal_port, horizon)
+            browser.ready.wait(60)  # the night starts once the portal is on screen
         placed: dict[int, float] = {}
         stop = threading.Event()
         injections: list[Injection] = []
@@ -181,6 +190,8 @@ def rehearse(options: Options) -> dict[str, Any]:
         for v in viewers:
             v.stop()
         board.stop()
+        if browser is not None:
+            browser.stop()
         ended = time.time()
         journals = {d.service_id: published(d) for d in stand.difusores}
         records: dict[str, Any] = {
@@ -201,6 +212,10 @@ def rehearse(options: Options) -> dict[str, Any]:
             "journals": journals,
             "deliveries": deliveries(stand),
             "viewers": {v.service_id: v for v in viewers},
+            "browser": browser,
+            "browser_unavailable": None
+            if browser is not None
+            else ("not asked for" if not options.browser else browser_unavailable()),
             "faults": [i.record for i in injections],
             "timeline": board.timeline,
         }

@@ -16,8 +16,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from prep_agent.rehearsal.viewer import Viewer
+from prep_agent.rehearsal.browser import Browser
+from prep_agent.rehearsal.viewer import Finding, Viewer
 
+LATENCY = {
+    "delivery": "delivered",
+    "publish": "published",
+    "visible": "first_seen",
+    "visible_browser": "first_seen_browser",
+}
+"""Latency measure → the time of a cut it is measured to (from when the cut was ready)."""
 ALWAYS_WRONG = {"mixed", "unsigned", "backwards", "notice"}
 """Viewer findings that fail the verdict even under a fault."""
 KIND_ES = {
@@ -50,32 +58,81 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def excused(records: dict[str, Any], service_id: str, at: float) -> bool:
-    """Whether ``service_id`` was under a fault at ``at`` (one period either side)."""
+    """Whether ``service_id`` was under a fault at ``at``: from one period before
+    the fault (or from the cut before the fault's cut, which may still have been
+    in flight) to two periods after its recovery."""
     period = float(records["options"]["period"])
     for fault in records["faults"]:
         window = fault.get("window")
-        mine = fault.get("difusor") == service_id and window
-        if mine and window[0] - period <= at <= window[1] + 2 * period:
+        if fault.get("difusor") != service_id or not window:
+            continue
+        start = min(window[0] - period, records["placed"].get(fault["at_cut"] - 1, window[0]))
+        if start <= at <= window[1] + 2 * period:
             return True
     return False
+
+
+def judge_findings(
+    records: dict[str, Any], who: str, sid: str, found: list[Finding], problems: list[str]
+) -> list[dict[str, Any]]:
+    """Add the findings of one viewer that fail the verdict to ``problems`` (once
+    per kind); return them all as JSON."""
+    counted = [f for f in found if f.kind in ALWAYS_WRONG or not excused(records, sid, f.at)]
+    for kind in sorted({f.kind for f in counted}):
+        same = [f for f in counted if f.kind == kind]
+        problems.append(
+            f"{who} of {sid}: {kind} ({len(same)} times, first at {iso(same[0].at)}: "
+            f"{same[0].detail})"
+        )
+    return [{"at": iso(f.at), "kind": f.kind, "detail": f.detail} for f in found]
+
+
+def browser_part(records: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The browser viewer's summary; its failures go to ``problems``."""
+    browser: Browser | None = records["browser"]
+    if browser is None:
+        return {"ran": False, "why": records["browser_unavailable"]}
+    if browser.error:
+        problems.append(f"browser viewer: {browser.error}")
+    return {
+        "ran": True,
+        "error": browser.error,
+        "screenshot": "navegador/portal.png",
+        "samples": {f.service_id: f.samples for f in browser.frames},
+        "findings": {
+            f.service_id: judge_findings(records, "browser", f.service_id, f.findings, problems)
+            for f in browser.frames
+        },
+    }
 
 
 def build(records: dict[str, Any]) -> dict[str, Any]:
     """The report document, verdict included."""
     viewers: dict[str, Viewer] = records["viewers"]
+    browser: Browser | None = records["browser"]
+    frames = {f.service_id: f for f in browser.frames} if browser is not None else {}
     journals: dict[str, dict[int, float]] = records["journals"]
     placed: dict[int, float] = records["placed"]
     problems: list[str] = []
-    cuts, latencies = [], {"delivery": [], "publish": [], "visible": []}  # type: ignore[var-annotated]
+    cuts: list[dict[str, Any]] = []
+    latencies: dict[str, list[float]] = {
+        "delivery": [],
+        "publish": [],
+        "visible": [],
+        "visible_browser": [],
+    }
     for k, at in sorted(placed.items()):
         per: dict[str, Any] = {}
         for sid, published in journals.items():
-            delivered = records["deliveries"].get((sid, k))
-            seen = viewers[sid].first_seen.get(k)
-            per[sid] = {"delivered": iso(delivered), "published": iso(published.get(k)),
-                        "first_seen": iso(seen)}  # fmt: skip
-            for name, value in (("delivery", delivered), ("publish", published.get(k)),
-                                ("visible", seen)):  # fmt: skip
+            times = {
+                "delivered": records["deliveries"].get((sid, k)),
+                "published": published.get(k),
+                "first_seen": viewers[sid].first_seen.get(k),
+                "first_seen_browser": frames[sid].first_seen.get(k) if sid in frames else None,
+            }
+            per[sid] = {name: iso(value) for name, value in times.items()}
+            for name, key in LATENCY.items():
+                value = times[key]
                 if value is not None:
                     latencies[name].append(value - at)
             if k not in published and not excused(records, sid, at):
@@ -85,21 +142,11 @@ def build(records: dict[str, Any]) -> dict[str, Any]:
     for sid, published in journals.items():
         if final is not None and final not in published:
             problems.append(f"the final cut {final} is not published by {sid}")
-    findings = {}
-    for sid, viewer in viewers.items():
-        findings[sid] = [
-            {"at": iso(f.at), "kind": f.kind, "detail": f.detail} for f in viewer.findings
-        ]
-        counted = [
-            f for f in viewer.findings if f.kind in ALWAYS_WRONG or not excused(records, sid, f.at)
-        ]
-        for kind in sorted({f.kind for f in counted}):
-            same = [f for f in counted if f.kind == kind]
-            first = same[0]
-            problems.append(
-                f"viewer of {sid}: {kind} ({len(same)} times, first at {iso(first.at)}: "
-                f"{first.detail})"
-            )
+    findings = {
+        sid: judge_findings(records, "viewer", sid, viewer.findings, problems)
+        for sid, viewer in viewers.items()
+    }
+    browser_doc = browser_part(records, problems)
     faults = []
     for fault in records["faults"]:
         entry = {**fault, "injected_at": iso(fault["injected_at"]),
@@ -137,6 +184,7 @@ def build(records: dict[str, Any]) -> dict[str, Any]:
         "latency_seconds": stats,
         "faults": faults,
         "viewer_findings": findings,
+        "browser": browser_doc,
         "collector_timeline": [
             {"at": iso(s["at"]), "difusores": s["difusores"]} for s in records["timeline"]
         ],  # fmt: skip
@@ -155,7 +203,8 @@ def render(doc: dict[str, Any]) -> str:
         for sid, v in cut["difusores"].items():
             rows.append(f"<tr><td>{cut['sequence']}</td><td>{_cell(sid)}</td><td>{_cell(cut['placed'])}</td>"
                         f"<td>{_cell(v['delivered'])}</td><td>{_cell(v['published'])}</td>"
-                        f"<td>{_cell(v['first_seen'])}</td></tr>")  # fmt: skip
+                        f"<td>{_cell(v['first_seen'])}</td>"
+                        f"<td>{_cell(v['first_seen_browser'])}</td></tr>")  # fmt: skip
     faults = [
         f"<tr><td>{_cell(KIND_ES.get(f['kind'], f['kind']))}</td><td>{_cell(f['difusor'])}</td>"
         f"<td>{_cell(f['injected_at'])}</td><td>{_cell(f['expected'])}</td>"
@@ -174,6 +223,13 @@ def render(doc: dict[str, Any]) -> str:
         for s in doc["collector_timeline"]
     )
     verdict = "APROBADO" if ok else "NO APROBADO"
+    b = doc["browser"]
+    browser_line = (
+        f"Chromium sin interfaz mostró el portal con los {len(b['samples'])} marcos; "
+        f"muestras por difusor: {b['samples']}; captura: {b['screenshot']}."
+        if b["ran"]
+        else f"El visor en navegador no se ejecutó: {b['why']}."
+    )
     return f"""<!doctype html>
 <html lang="es-MX"><head><meta charset="utf-8"><title>Simulacro del PREP: {verdict}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
@@ -192,7 +248,9 @@ Par de alta disponibilidad: no disponible en esta versión del simulacro.</p>
 <th>por</th><th>estado</th><th>detalle</th></tr>{''.join(faults)}</table>
 <h2>Cortes por difusor</h2>
 <table><tr><th>corte</th><th>difusor</th><th>listo</th><th>entregado</th><th>publicado</th>
-<th>visto por primera vez</th></tr>{''.join(rows)}</table>
+<th>visto por primera vez (consulta HTTP)</th><th>visto en el navegador</th></tr>
+{''.join(rows)}</table>
+<h2>Navegador</h2><p>{_cell(browser_line)}</p>
 <h2>Indicadores del colector a lo largo del simulacro</h2>
 <table><tr><th>hora</th><th>difusores</th></tr>{flags}</table>
 </body></html>

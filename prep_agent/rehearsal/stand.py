@@ -27,8 +27,9 @@ ELECTION = "coah-ayun-2021"
 COMMAND = (sys.executable, "-m", "prep_agent.cli")
 """``prep-agent`` as this interpreter runs it."""
 SSHD = "/usr/sbin/sshd"
-TMPFS_BYTES = 48 * 1024 * 1024
-"""Size of the storage of a difusor whose disk is filled (root only)."""
+TMPFS_BYTES = 160 * 1024 * 1024
+"""Size of the storage of a difusor whose disk is filled (root only): a 60-cut night at a
+2 s period retains ~30 releases of the simulated publication, ~50 MB."""
 
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -225,6 +226,8 @@ class Stand:
     procs: list[Proc] = field(default_factory=list)
     mounts: list[Path] = field(default_factory=list)
     collector_port: int = 0
+    portal_port: int = 0
+    """Where the browser viewer's portal page is served (allowed to frame the difusores)."""
     key: Path = Path()
     rogue_key: Path = Path()
     identity: Path = Path()
@@ -302,7 +305,11 @@ def _agent(stand: Stand, d: Difusor) -> None:
         d.conf,
         {
             "agent": {"rescan_interval": 1, "settle_timeout": max(10, int(4 * stand.period))},
-            "frame": {"difusor_name": f"Diario {d.service_id.upper()}", "poll_seconds": 2},
+            "frame": {
+                "difusor_name": f"Diario {d.service_id.upper()}",
+                "poll_seconds": 5,  # the frame's minimum
+                "frame_ancestors": f"'self' http://127.0.0.1:{stand.portal_port}",
+            },
             "health": {"token_file": d.home / "token"},
             "push": {
                 "urls": f"{stand.collector_url}/reports",
@@ -353,7 +360,7 @@ def build(out: Path, period: float, names: Sequence[str], tmpfs: Sequence[str]) 
     stand = Stand(out, period)
     try:
         _institute(stand)
-        stand.collector_port = free_port()
+        stand.collector_port, stand.portal_port = free_port(), free_port()
         for name in names:
             d = Difusor(name, out / "difusores" / name, free_port(), free_port(), name in tmpfs)
             d.home.mkdir(parents=True)
