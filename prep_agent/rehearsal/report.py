@@ -26,6 +26,24 @@ LATENCY = {
     "visible_browser": "first_seen_browser",
 }
 """Latency measure → the time of a cut it is measured to (from when the cut was ready)."""
+EXPECTED_ES = {
+    "kill-agent": "el agente reinicia y publica el corte (o uno más nuevo)",
+    "disk-full": "distribute registra el envío fallido (o el agente un error); "
+    "al liberar espacio se publica el corte más reciente",
+    "network-cut": "el colector lo marca y lo quita de la lista de difusores vigentes; "
+    "al recuperarse vuelve a la lista",
+    "bad-signature": "distribute rechaza el corte; todo difusor lo rechaza (firma no confiable)",
+    "replay": "distribute rechaza el corte anterior; todo difusor lo rechaza (retroceso)",
+    "tamper": "la auditoría del colector encuentra la copia alterada",
+}
+"""What each fault should cause, for the Spanish page."""
+STATUS_ES = {"detected": "detectada", "missed": "no detectada", "not-available": "no disponible"}
+MEASURE_ES = {
+    "delivery": "entrega (sftp)",
+    "publish": "publicación",
+    "visible": "visible (consulta HTTP)",
+    "visible_browser": "visible (navegador)",
+}
 ALWAYS_WRONG = {"mixed", "unsigned", "backwards", "notice"}
 """Viewer findings that fail the verdict even under a fault."""
 KIND_ES = {
@@ -207,14 +225,16 @@ def render(doc: dict[str, Any]) -> str:
                         f"<td>{_cell(v['first_seen_browser'])}</td></tr>")  # fmt: skip
     faults = [
         f"<tr><td>{_cell(KIND_ES.get(f['kind'], f['kind']))}</td><td>{_cell(f['difusor'])}</td>"
-        f"<td>{_cell(f['injected_at'])}</td><td>{_cell(f['expected'])}</td>"
+        f"<td>{_cell(f['injected_at'])}</td><td>{_cell(EXPECTED_ES.get(f['kind']))}</td>"
         f"<td>{_cell(f['detected_at'])}</td><td>{_cell(f['detected_by'])}</td>"
-        f"<td>{_cell(f['status'])}</td><td>{_cell(f['detail'])}</td></tr>"
+        f"<td>{_cell(STATUS_ES.get(f['status'], f['status']))}</td>"
+        f"<td>{_cell(f['detail'])}</td></tr>"
         for f in doc["faults"]
     ]
     problems = "".join(f"<li>{_cell(p)}</li>" for p in doc["problems"]) or "<li>Ninguno.</li>"
     stats = "".join(
-        f"<tr><td>{_cell(name)}</td><td>{_cell(s['p50'])}</td><td>{_cell(s['p99'])}</td><td>{s['n']}</td></tr>"
+        f"<tr><td>{_cell(MEASURE_ES.get(name, name))}</td><td>{_cell(s['p50'])}</td>"
+        f"<td>{_cell(s['p99'])}</td><td>{s['n']}</td></tr>"
         for name, s in doc["latency_seconds"].items()
     )
     flags = "".join(
@@ -239,7 +259,8 @@ td,th{{border:1px solid #999;padding:2px 6px;font-size:13px}}
 <p class="v">Veredicto: <strong>{verdict}</strong></p>
 <p>Inicio {_cell(doc['started'])}, fin {_cell(doc['ended'])}; {len(doc['cuts'])} cortes, periodo de
 {_cell(doc['options']['period'])} s; modo {_cell(doc['options']['mode'])}.
-Par de alta disponibilidad: no disponible en esta versión del simulacro.</p>
+Par de alta disponibilidad: no disponible en esta versión del simulacro.
+Los problemas y los detalles técnicos se muestran en inglés, como en las bitácoras.</p>
 <h2>Problemas</h2><ul>{problems}</ul>
 <h2>Latencias (segundos desde que el corte estuvo listo)</h2>
 <table><tr><th>medida</th><th>p50</th><th>p99</th><th>n</th></tr>{stats}</table>
