@@ -281,7 +281,8 @@ def _sshd(stand: Stand, d: Difusor) -> None:
         "MaxStartups 50:30:100\nLogLevel VERBOSE\n",
         encoding="ascii",
     )
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    if is_root():  # sshd's privilege separation folder (a user's own sshd does without)
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     run([SSHD, "-t", "-f", str(config)], f"sshd -t of {d.service_id}")
     d.sshd = Proc(f"sshd {d.service_id}", [SSHD, "-D", "-e", "-f", str(config)], folder / "log")
     d.sshd.start()
