@@ -176,7 +176,7 @@ def build(records: dict[str, Any]) -> dict[str, Any]:
         if fault.get("window"):
             entry["window"] = [iso(t) for t in fault["window"]]
         faults.append(entry)
-        if fault["status"] == "missed":
+        if fault["status"] not in ("detected", "not-available"):  # missed, or still running
             problems.append(f"fault {fault['kind']} ({fault.get('difusor') or '-'}) not detected: "
                             f"{fault['detail']}")  # fmt: skip
         elif fault["kind"] == "tamper":
