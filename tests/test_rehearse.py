@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from prep_agent.rehearsal.browser import CHROMIUM
+from prep_agent.rehearsal.browser import unavailable
 from tests.kit import PREP_AGENT
 
 INJECTED = {"kill-agent", "bad-signature", "network-cut", "replay", "disk-full"}
@@ -65,7 +65,7 @@ def test_short_night_with_every_fault_passes(tmp_path: Path) -> None:
     for kind in NOT_AVAILABLE:
         assert kinds[kind]["status"] == "not-available" and kinds[kind]["detected_at"] is None
     assert doc["latency_seconds"]["visible"]["n"] > 0
-    if Path(CHROMIUM).exists():  # Debian's chromium, as tests/test_browser.py uses it
+    if unavailable() is None:  # Debian's chromium and selenium, as tests/test_browser.py uses
         assert doc["browser"]["ran"] and doc["browser"]["error"] is None, doc["browser"]
         assert doc["latency_seconds"]["visible_browser"]["n"] > 0
         assert (out / doc["browser"]["screenshot"]).is_file()
