@@ -30,7 +30,8 @@ BELOW = {
     "daemon": {"core", "shared", "agent", "web"},
     "institute": {"core", "shared"},
     "report": {"core", "shared", "agent"},
-    "cli": {"core", "shared", "agent", "web", "daemon", "institute", "report"},
+    "rehearsal": {"core", "shared"},
+    "cli": {"core", "shared", "agent", "web", "daemon", "institute", "report", "rehearsal"},
 }
 """The floors each floor may import besides itself (and, above core, ``ROOT``)."""
 CORE_FORBIDDEN = {

@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import Callable
 
 from prep_agent import __version__
-from prep_agent.cli import demo, difusor, institute
+from prep_agent.cli import demo, difusor, institute, rehearse
 from prep_agent.core.errors import EXIT_ERROR, EXIT_INTERNAL, Error
 
 log = logging.getLogger("prep_agent")
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Exit codes: 0 ok, 2 error, 3 cut rejected, 4 locked, 5 undelivered, "
             "6 audit: copy altered, 7 audit: copy stale, 8 audit: difusor unreachable, "
-            "70 internal error."
+            "9 rehearsal failed, 70 internal error."
         ),
     )
     parser.add_argument("--version", action="version", version=f"prep-agent {__version__}")
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = add("report", cmd_report, f"write the memoria técnica (package {REPORT_PACKAGE})")
         p.set_defaults(any_arguments=True)
     demo.add_commands(add)
+    rehearse.add_commands(add)
     return parser
 
 

@@ -1,0 +1,107 @@
+"""The fault schedule of a rehearsal: a small text file, one fault a line.
+
+Each line is ``CUT KIND [DIFUSOR]``: the fault is injected once cut number
+``CUT`` (1-based) of the night was placed; ``#`` starts a comment. Kinds:
+
+- ``kill-agent D``: SIGKILL the agent of D while it takes the cut, restart it
+  one period later; expected: the cut (or a newer one) published after restart.
+- ``disk-full D``: fill D's storage (a small tmpfs, root only) for two periods;
+  expected: the failed upload recorded by ``distribute``, then recovery.
+- ``network-cut D``: nothing of D answers (its sshd and agent are stopped with
+  SIGSTOP) for ``unlink_periods`` + 1 periods; expected: flagged and dropped
+  from the good-standing list by the collector, then listed again.
+- ``bad-signature``: a cut signed by a key the institute does not trust;
+  expected: ``distribute`` refuses it, every difusor rejects it.
+- ``replay``: the previous cut uploaded again; expected: ``distribute``
+  refuses it, every difusor rejects it (rollback).
+- ``tamper D``: a defect, not a fault: a file of D's published copy is changed
+  on disk; expected: the collector's audit finds the copy altered (and the
+  verdict fails, since viewers were shown bytes the institute did not sign).
+- ``clock-skew D``, ``balancer-kill``, ``origin-stop``: not available in this
+  build (no clock setting in the agent, no HA pair): reported as such.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prep_agent.core.errors import ConfigError
+
+WITH_DIFUSOR = {"kill-agent", "disk-full", "network-cut", "tamper", "clock-skew"}
+"""Kinds aimed at one difusor."""
+GLOBAL = {"bad-signature", "replay", "balancer-kill", "origin-stop"}
+"""Kinds aimed at the whole night."""
+NOT_AVAILABLE = {
+    "clock-skew": "the agent has no clock setting and faketime is not installed",
+    "balancer-kill": "the HA pair is not part of this rehearsal build",
+    "origin-stop": "the HA pair is not part of this rehearsal build",
+}
+"""Kinds this build reports without injecting them, and why (English, for the JSON)."""
+
+DEFAULT = """\
+# CUT KIND [DIFUSOR]  (prep-agent rehearse --faults FILE)
+2 kill-agent a
+3 bad-signature
+3 network-cut b
+4 replay
+4 disk-full c
+5 clock-skew a
+5 balancer-kill
+5 origin-stop
+"""
+"""The default schedule: every kind once (the HA ones are reported as not available)."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One scheduled fault."""
+
+    at_cut: int
+    kind: str
+    difusor: str | None
+
+
+def parse(text: str, difusores: tuple[str, ...], cuts: int) -> list[Fault]:
+    """The faults of a schedule, in cut order.
+
+    Raises ConfigError naming the line of an unknown kind, a missing or unknown
+    difusor, or a cut outside 1..``cuts``.
+    """
+    faults = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        words = raw.split("#", 1)[0].split()
+        if not words:
+            continue
+        where = f"fault schedule line {number}"
+        if len(words) not in (2, 3) or not words[0].isdigit():
+            raise ConfigError(f"{where}: expected CUT KIND [DIFUSOR], got {raw.strip()!r}")
+        at_cut, kind = int(words[0]), words[1]
+        target = words[2] if len(words) == 3 else None
+        if kind not in WITH_DIFUSOR | GLOBAL:
+            raise ConfigError(f"{where}: unknown fault kind {kind!r}")
+        if kind in WITH_DIFUSOR and target not in difusores:
+            raise ConfigError(f"{where}: {kind} needs one of the difusores {', '.join(difusores)}")
+        if kind in GLOBAL and target is not None:
+            raise ConfigError(f"{where}: {kind} takes no difusor")
+        if not 1 <= at_cut <= cuts:
+            raise ConfigError(f"{where}: cut {at_cut} is outside 1..{cuts}")
+        faults.append(Fault(at_cut, kind, target))
+    return sorted(faults, key=lambda f: f.at_cut)
+
+
+def load(path: Path | None, difusores: tuple[str, ...], cuts: int) -> list[Fault]:
+    """The schedule in ``path`` (None: the default one, clipped to ``cuts``).
+
+    Raises ConfigError when the file cannot be read or a line is wrong.
+    """
+    if path is None:
+        lines = [
+            ln for ln in DEFAULT.splitlines() if not ln[:1].isdigit() or int(ln.split()[0]) <= cuts
+        ]
+        return parse("\n".join(lines), difusores, cuts)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the fault schedule {path}: {exc.strerror}") from None
+    return parse(text, difusores, cuts)

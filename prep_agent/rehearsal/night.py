@@ -1,0 +1,230 @@
+"""The compressed night: cuts made by ``prep-agent simulate``, placed one per
+period into the folder ``distribute --watch`` follows, faults injected on
+schedule, viewers and the collector followed, and at the end the records
+gathered into the rehearsal report (``report.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prep_agent.core.errors import Error
+from prep_agent.rehearsal import faults as schedule
+from prep_agent.rehearsal.browser import Browser, Frame
+from prep_agent.rehearsal.browser import unavailable as browser_unavailable
+from prep_agent.rehearsal.inject import Injection, api_rows, published, standing
+from prep_agent.rehearsal.stand import COMMAND, Proc, Stand, build, is_root, run, wait
+from prep_agent.rehearsal.viewer import Viewer
+
+NAMES = ("a", "b", "c")
+"""The difusores of the rehearsal (all standalone; see the report's notes)."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """What ``prep-agent rehearse`` was asked for."""
+
+    out: Path
+    cuts: int = 8
+    period: float = 2.0
+    faults: Path | None = None
+    browser: bool = True
+
+
+def simulate(stand: Stand, cuts: int, period: float) -> Proc:
+    """Start ``prep-agent simulate``: a signed cut into the watched folder every ``period``."""
+    scratch = stand.out / "institute" / "buzon-simulado"
+    scratch.mkdir(parents=True)
+    argv = [*COMMAND, "simulate", "--key", str(stand.key), "--out", str(stand.watch)]
+    argv += ["--inbox", str(scratch), "--interval", str(period), "--cuts", str(cuts), "--final"]
+    proc = Proc("simulate", argv, stand.out / "institute" / "simulate.log")
+    stand.procs.append(proc)
+    proc.start()
+    return proc
+
+
+def appeared(stand: Stand, k: int) -> float | None:
+    """When cut ``k``'s signature was written into the watched folder (None: not yet)."""
+    try:
+        return (stand.watch / f"{k:06d}" / "prep-manifest.json.sig").stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def wait_cut(stand: Stand, k: int, timeout: float, institute: Proc) -> float:
+    """When cut ``k`` appeared in the watched folder, once it has.
+
+    Raises Error when it does not within ``timeout`` or the simulation exits first.
+    """
+    wait(lambda: appeared(stand, k), timeout, f"cut {k}", institute)
+    return appeared(stand, k) or time.time()
+
+
+class Board:
+    """The collector's flags over time: one sample whenever something changes."""
+
+    def __init__(self, stand: Stand) -> None:
+        self.stand = stand
+        self.timeline: list[dict[str, Any]] = []
+        self._last: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self, max_seconds: float) -> None:
+        self._max = max_seconds
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        deadline = time.monotonic() + self._max
+        while not self._stop.wait(0.5) and time.monotonic() < deadline:
+            rows, listed = api_rows(self.stand), standing(self.stand)
+            if not rows or listed is None:
+                continue
+            now = {
+                sid: {"state": r.get("state"), "unlink": bool(r.get("unlink")),
+                      "copy": r.get("copy"), "listed": sid in listed}
+                for sid, r in rows.items()
+            }  # fmt: skip
+            if now != self._last:
+                self.timeline.append({"at": time.time(), "difusores": now})
+                self._last = now
+
+
+def deliveries(stand: Stand) -> dict[tuple[str, int], float]:
+    """(difusor, sequence) → when ``distribute`` finished delivering it."""
+    db = stand.out / "institute" / "collector.sqlite"
+    if not db.exists():
+        return {}
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+        rows = conn.execute(
+            "SELECT difusor, sequence, MIN(ended) FROM delivery_attempt "
+            "WHERE result = 'delivered' GROUP BY difusor, sequence"
+        ).fetchall()
+    return {(str(d), int(s)): float(t) for d, s, t in rows}
+
+
+def memorias(stand: Stand, start: float, end: float) -> dict[str, str]:
+    """Each difusor's memoria técnica by ``prep-agent report`` from its own journal.
+
+    The embedded web server keeps no access log, so the traffic part is empty.
+    Returns difusor → folder or the error line.
+    """
+    found = {}
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(start - 60))
+    end_stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(end + 60))
+    for d in stand.difusores:
+        log = d.home / "access.log"
+        log.touch()
+        folder = stand.out / "memorias" / d.service_id
+        journal = d.home / "journal.jsonl"
+        args = [*COMMAND, "report", "--access-log", str(log), "--journal", str(journal),
+                "--from", stamp, "--to", end_stamp, "--baseline-from", stamp,
+                "--baseline-to", end_stamp, "--out", str(folder), "--jobs", "1",
+                "--period", str(max(1, round(stand.period)))]  # fmt: skip
+        try:
+            run(args, f"memoria técnica of {d.service_id}", timeout=120)
+            found[d.service_id] = str(folder.relative_to(stand.out))
+        except Error as exc:
+            found[d.service_id] = f"error: {exc}"
+    return found
+
+
+def rehearse(options: Options) -> dict[str, Any]:
+    """Run the night; return the records the report is made of.
+
+    Raises Error when the stand cannot be built.
+    """
+    out = options.out
+    if out.exists() and any(out.iterdir()):
+        raise Error(f"{out} is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    plan = schedule.load(options.faults, NAMES, options.cuts)
+    tmpfs = {f.difusor for f in plan if f.kind == "disk-full" and f.difusor} if is_root() else set()
+    started = time.time()
+    stand = build(out, options.period, NAMES, sorted(tmpfs))
+    try:
+        horizon = options.cuts * options.period + 120 + 20 * len(plan)
+        viewers = [Viewer(d.service_id, d.url, stand.allowed_signers) for d in stand.difusores]
+        for v in viewers:
+            v.start(horizon)
+        board = Board(stand)
+        board.start(horizon)
+        browser: Browser | None = None
+        if options.browser and browser_unavailable() is None:
+            frames = [Frame(d.service_id, d.url) for d in stand.difusores]
+            browser = Browser(out / "navegador", frames)
+            browser.start(stand.portal_port, horizon)
+            browser.ready.wait(60)  # the night starts once the portal is on screen
+        placed: dict[int, float] = {}
+        stop = threading.Event()
+        injections: list[Injection] = []
+        busy: set[str] = set()
+        institute = simulate(stand, options.cuts, options.period)
+        for k in range(1, options.cuts + 1):
+            placed[k] = wait_cut(stand, k, 10 * options.period + 30, institute)
+            for fault in (f for f in plan if f.at_cut == k):
+                injection = Injection(fault, stand, placed, stop, busy)
+                injection.start()
+                injections.append(injection)
+        deadline = time.monotonic() + 20 * len(plan) + 10 * options.period + 60
+        for injection in injections:
+            injection.join(max(1.0, deadline - time.monotonic()))
+        final = options.cuts
+        for d in stand.difusores:
+            until_final = time.monotonic() + 6 * options.period + 30
+            while final not in published(d) and time.monotonic() < until_final:
+                time.sleep(0.2)
+        time.sleep(min(3.0, options.period))  # the viewers' last look
+        stop.set()
+        for v in viewers:
+            v.stop()
+        board.stop()
+        if browser is not None:
+            browser.stop()
+        ended = time.time()
+        journals = {d.service_id: published(d) for d in stand.difusores}
+        records: dict[str, Any] = {
+            "options": {
+                "cuts": options.cuts,
+                "period": options.period,
+                "faults": str(options.faults) if options.faults else "default",
+                "mode": "loopback",
+                "root": is_root(),
+            },  # fmt: skip
+            "started": started,
+            "ended": ended,
+            "placed": placed,
+            "difusores": [
+                {"service_id": d.service_id, "url": d.url, "tmpfs": d.tmpfs, "kind": "standalone"}
+                for d in stand.difusores
+            ],
+            "journals": journals,
+            "deliveries": deliveries(stand),
+            "viewers": {v.service_id: v for v in viewers},
+            "browser": browser,
+            "browser_unavailable": None
+            if browser is not None
+            else ("not asked for" if not options.browser else browser_unavailable()),
+            "faults": [i.record for i in injections],
+            "timeline": board.timeline,
+        }
+        for d in stand.difusores:
+            if d.agent is not None:
+                d.agent.stop()
+            shutil.copyfile(d.journal, d.home / "journal.jsonl")  # the tmpfs goes away
+    finally:
+        stand.close()
+    records["memorias"] = memorias(stand, started, records["ended"])
+    (out / "plan.json").write_text(json.dumps([f.__dict__ for f in plan]), encoding="utf-8")
+    return records

@@ -1,0 +1,286 @@
+"""The rehearsal report: the verdict, ``rehearsal.json`` and ``rehearsal.html`` (Spanish).
+
+The verdict fails when a viewer saw a mixed or altered page, a cut time that
+went backwards, a cut not signed by the institute, an error from a difusor not
+under a fault, or a missing interruption notice; when an accepted cut is
+missing from the journal of a difusor that was not under a fault then; when the
+final cut is missing anywhere at the end; when a fault was not detected where
+the spec says; and when a copy was found altered (a ``tamper`` defect).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prep_agent.rehearsal.browser import Browser
+from prep_agent.rehearsal.viewer import Finding, Viewer
+
+LATENCY = {
+    "delivery": "delivered",
+    "publish": "published",
+    "visible": "first_seen",
+    "visible_browser": "first_seen_browser",
+}
+"""Latency measure → the time of a cut it is measured to (from when the cut was ready)."""
+EXPECTED_ES = {
+    "kill-agent": "el agente reinicia y publica el corte (o uno más nuevo)",
+    "disk-full": "distribute registra el envío fallido (o el agente un error); "
+    "al liberar espacio se publica el corte más reciente",
+    "network-cut": "el colector lo marca y lo quita de la lista de difusores vigentes; "
+    "al recuperarse vuelve a la lista",
+    "bad-signature": "distribute rechaza el corte; todo difusor lo rechaza (firma no confiable)",
+    "replay": "distribute rechaza el corte anterior; todo difusor lo rechaza (retroceso)",
+    "tamper": "la auditoría del colector encuentra la copia alterada",
+}
+"""What each fault should cause, for the Spanish page."""
+STATUS_ES = {"detected": "detectada", "missed": "no detectada", "not-available": "no disponible"}
+MEASURE_ES = {
+    "delivery": "entrega (sftp)",
+    "publish": "publicación",
+    "visible": "visible (consulta HTTP)",
+    "visible_browser": "visible (navegador)",
+}
+ALWAYS_WRONG = {"mixed", "unsigned", "backwards", "notice"}
+"""Viewer findings that fail the verdict even under a fault."""
+KIND_ES = {
+    "kill-agent": "kill -9 del agente durante la publicación",
+    "disk-full": "disco lleno",
+    "network-cut": "red cortada 3+ periodos",
+    "bad-signature": "corte mal firmado",
+    "replay": "corte repetido (replay)",
+    "tamper": "copia alterada (defecto)",
+    "clock-skew": "reloj desfasado",
+    "balancer-kill": "balanceador activo detenido",
+    "origin-stop": "origen del par detenido",
+}
+
+
+def iso(at: float | None) -> str | None:
+    """An epoch time as RFC 3339 UTC with milliseconds (None stays None)."""
+    if at is None:
+        return None
+    return datetime.fromtimestamp(at, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The nearest-rank percentile ``q`` (0-100) of ``values``, None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return round(ordered[rank - 1], 3)
+
+
+def excused(records: dict[str, Any], service_id: str, at: float) -> bool:
+    """Whether ``service_id`` was under a fault at ``at``: from one period before
+    the fault (or from the cut before the fault's cut, which may still have been
+    in flight) to two periods after its recovery."""
+    period = float(records["options"]["period"])
+    for fault in records["faults"]:
+        window = fault.get("window")
+        if fault.get("difusor") != service_id or not window:
+            continue
+        start = min(window[0] - period, records["placed"].get(fault["at_cut"] - 1, window[0]))
+        if start <= at <= window[1] + 2 * period:
+            return True
+    return False
+
+
+def judge_findings(
+    records: dict[str, Any], who: str, sid: str, found: list[Finding], problems: list[str]
+) -> list[dict[str, Any]]:
+    """Add the findings of one viewer that fail the verdict to ``problems`` (once
+    per kind); return them all as JSON."""
+    counted = [f for f in found if f.kind in ALWAYS_WRONG or not excused(records, sid, f.at)]
+    for kind in sorted({f.kind for f in counted}):
+        same = [f for f in counted if f.kind == kind]
+        problems.append(
+            f"{who} of {sid}: {kind} ({len(same)} times, first at {iso(same[0].at)}: "
+            f"{same[0].detail})"
+        )
+    return [{"at": iso(f.at), "kind": f.kind, "detail": f.detail} for f in found]
+
+
+def browser_part(records: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The browser viewer's summary; its failures go to ``problems``."""
+    browser: Browser | None = records["browser"]
+    if browser is None:
+        return {"ran": False, "why": records["browser_unavailable"]}
+    if browser.error:
+        problems.append(f"browser viewer: {browser.error}")
+    return {
+        "ran": True,
+        "error": browser.error,
+        "screenshot": "navegador/portal.png",
+        "samples": {f.service_id: f.samples for f in browser.frames},
+        "findings": {
+            f.service_id: judge_findings(records, "browser", f.service_id, f.findings, problems)
+            for f in browser.frames
+        },
+    }
+
+
+def build(records: dict[str, Any]) -> dict[str, Any]:
+    """The report document, verdict included."""
+    viewers: dict[str, Viewer] = records["viewers"]
+    browser: Browser | None = records["browser"]
+    frames = {f.service_id: f for f in browser.frames} if browser is not None else {}
+    journals: dict[str, dict[int, float]] = records["journals"]
+    placed: dict[int, float] = records["placed"]
+    problems: list[str] = []
+    cuts: list[dict[str, Any]] = []
+    latencies: dict[str, list[float]] = {
+        "delivery": [],
+        "publish": [],
+        "visible": [],
+        "visible_browser": [],
+    }
+    for k, at in sorted(placed.items()):
+        per: dict[str, Any] = {}
+        for sid, published in journals.items():
+            times = {
+                "delivered": records["deliveries"].get((sid, k)),
+                "published": published.get(k),
+                "first_seen": viewers[sid].first_seen.get(k),
+                "first_seen_browser": frames[sid].first_seen.get(k) if sid in frames else None,
+            }
+            per[sid] = {name: iso(value) for name, value in times.items()}
+            for name, key in LATENCY.items():
+                value = times[key]
+                if value is not None:
+                    latencies[name].append(value - at)
+            if k not in published and not excused(records, sid, at):
+                problems.append(f"cut {k} missing from the journal of healthy difusor {sid}")
+        cuts.append({"sequence": k, "placed": iso(at), "difusores": per})
+    final = max(placed) if placed else None
+    for sid, published in journals.items():
+        if final is not None and final not in published:
+            problems.append(f"the final cut {final} is not published by {sid}")
+    findings = {
+        sid: judge_findings(records, "viewer", sid, viewer.findings, problems)
+        for sid, viewer in viewers.items()
+    }
+    browser_doc = browser_part(records, problems)
+    faults = []
+    for fault in records["faults"]:
+        entry = {**fault, "injected_at": iso(fault["injected_at"]),
+                 "detected_at": iso(fault["detected_at"])}  # fmt: skip
+        if fault.get("relinked_at") is not None:
+            entry["relinked_at"] = iso(fault["relinked_at"])
+        if fault["injected_at"] is not None and fault["detected_at"] is not None:
+            entry["detection_seconds"] = round(fault["detected_at"] - fault["injected_at"], 3)
+        if fault.get("window"):
+            entry["window"] = [iso(t) for t in fault["window"]]
+        faults.append(entry)
+        if fault["status"] not in ("detected", "not-available"):  # missed, or still running
+            problems.append(f"fault {fault['kind']} ({fault.get('difusor') or '-'}) not detected: "
+                            f"{fault['detail']}")  # fmt: skip
+        elif fault["kind"] == "tamper":
+            problems.append(f"the public copy of {fault['difusor']} was found altered")
+    stats = {name: {"p50": percentile(v, 50), "p99": percentile(v, 99), "n": len(v)}
+             for name, v in latencies.items()}  # fmt: skip
+    return {
+        "verdict": "fail" if problems else "pass",
+        "problems": problems,
+        "options": records["options"],
+        "started": iso(records["started"]),
+        "ended": iso(records["ended"]),
+        "difusores": [
+            {
+                **d,
+                "memoria": records["memorias"].get(d["service_id"]),
+                "viewer_polls": viewers[d["service_id"]].polls,
+            }
+            for d in records["difusores"]
+        ],  # fmt: skip
+        "ha_pair": "not available: the HA edge is not part of this build of the rehearsal",
+        "cuts": cuts,
+        "latency_seconds": stats,
+        "faults": faults,
+        "viewer_findings": findings,
+        "browser": browser_doc,
+        "collector_timeline": [
+            {"at": iso(s["at"]), "difusores": s["difusores"]} for s in records["timeline"]
+        ],  # fmt: skip
+    }
+
+
+def _cell(value: object) -> str:
+    return html.escape("—" if value is None else str(value))
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The report as one Spanish HTML page (every value escaped)."""
+    ok = doc["verdict"] == "pass"
+    rows = []
+    for cut in doc["cuts"]:
+        for sid, v in cut["difusores"].items():
+            rows.append(f"<tr><td>{cut['sequence']}</td><td>{_cell(sid)}</td><td>{_cell(cut['placed'])}</td>"
+                        f"<td>{_cell(v['delivered'])}</td><td>{_cell(v['published'])}</td>"
+                        f"<td>{_cell(v['first_seen'])}</td>"
+                        f"<td>{_cell(v['first_seen_browser'])}</td></tr>")  # fmt: skip
+    faults = [
+        f"<tr><td>{_cell(KIND_ES.get(f['kind'], f['kind']))}</td><td>{_cell(f['difusor'])}</td>"
+        f"<td>{_cell(f['injected_at'])}</td><td>{_cell(EXPECTED_ES.get(f['kind']))}</td>"
+        f"<td>{_cell(f['detected_at'])}</td><td>{_cell(f['detected_by'])}</td>"
+        f"<td>{_cell(STATUS_ES.get(f['status'], f['status']))}</td>"
+        f"<td>{_cell(f['detail'])}</td></tr>"
+        for f in doc["faults"]
+    ]
+    problems = "".join(f"<li>{_cell(p)}</li>" for p in doc["problems"]) or "<li>Ninguno.</li>"
+    stats = "".join(
+        f"<tr><td>{_cell(MEASURE_ES.get(name, name))}</td><td>{_cell(s['p50'])}</td>"
+        f"<td>{_cell(s['p99'])}</td><td>{s['n']}</td></tr>"
+        for name, s in doc["latency_seconds"].items()
+    )
+    flags = "".join(
+        f"<tr><td>{_cell(s['at'])}</td>"
+        f"<td>{_cell(json.dumps(s['difusores'], ensure_ascii=False))}</td></tr>"
+        for s in doc["collector_timeline"]
+    )
+    verdict = "APROBADO" if ok else "NO APROBADO"
+    b = doc["browser"]
+    browser_line = (
+        f"Chromium sin interfaz mostró el portal con los {len(b['samples'])} marcos; "
+        f"muestras por difusor: {b['samples']}; captura: {b['screenshot']}."
+        if b["ran"]
+        else f"El visor en navegador no se ejecutó: {b['why']}."
+    )
+    return f"""<!doctype html>
+<html lang="es-MX"><head><meta charset="utf-8"><title>Simulacro del PREP: {verdict}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #999;padding:2px 6px;font-size:13px}}
+.v{{font-size:1.6em;color:{'#17692e' if ok else '#a00'}}}</style></head><body>
+<h1>Simulacro de la noche del PREP</h1>
+<p class="v">Veredicto: <strong>{verdict}</strong></p>
+<p>Inicio {_cell(doc['started'])}, fin {_cell(doc['ended'])}; {len(doc['cuts'])} cortes, periodo de
+{_cell(doc['options']['period'])} s; modo {_cell(doc['options']['mode'])}.
+Par de alta disponibilidad: no disponible en esta versión del simulacro.
+Los problemas y los detalles técnicos se muestran en inglés, como en las bitácoras.</p>
+<h2>Problemas</h2><ul>{problems}</ul>
+<h2>Latencias (segundos desde que el corte estuvo listo)</h2>
+<table><tr><th>medida</th><th>p50</th><th>p99</th><th>n</th></tr>{stats}</table>
+<h2>Fallas inyectadas</h2>
+<table><tr><th>falla</th><th>difusor</th><th>inyectada</th><th>se esperaba</th><th>detectada</th>
+<th>por</th><th>estado</th><th>detalle</th></tr>{''.join(faults)}</table>
+<h2>Cortes por difusor</h2>
+<table><tr><th>corte</th><th>difusor</th><th>listo</th><th>entregado</th><th>publicado</th>
+<th>visto por primera vez (consulta HTTP)</th><th>visto en el navegador</th></tr>
+{''.join(rows)}</table>
+<h2>Navegador</h2><p>{_cell(browser_line)}</p>
+<h2>Indicadores del colector a lo largo del simulacro</h2>
+<table><tr><th>hora</th><th>difusores</th></tr>{flags}</table>
+</body></html>
+"""
+
+
+def write(out: Path, doc: dict[str, Any]) -> None:
+    """``rehearsal.json`` and ``rehearsal.html`` in ``out``."""
+    (out / "rehearsal.json").write_text(
+        json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8"
+    )
+    (out / "rehearsal.html").write_text(render(doc), encoding="utf-8")

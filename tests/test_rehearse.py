@@ -1,0 +1,92 @@
+"""``prep-agent rehearse``: a short night with every fault kind passes; a difusor
+serving a modified file makes it fail.
+
+The command runs as a real process and builds its own stand (sshd, agents,
+collector, distribute, simulate) on loopback; as root (CI) the disk-full fault
+gets a real tmpfs; the first test also watches the frames in headless Chromium.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from prep_agent.rehearsal.browser import unavailable
+from tests.kit import PREP_AGENT
+
+INJECTED = {"kill-agent", "bad-signature", "network-cut", "replay", "disk-full"}
+"""Kinds the loopback rehearsal injects (disk-full only as root)."""
+NOT_AVAILABLE = {"clock-skew", "balancer-kill", "origin-stop"}
+
+
+def rehearse(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    proc = subprocess.run(
+        [PREP_AGENT, "rehearse", "--out", str(out), *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    report = out / "rehearsal.json"
+    assert report.exists(), proc.stdout + proc.stderr
+    doc: dict[str, Any] = json.loads(report.read_text(encoding="utf-8"))
+    return proc, doc
+
+
+def test_short_night_with_every_fault_passes(tmp_path: Path) -> None:
+    out = tmp_path / "ensayo"
+    proc, doc = rehearse(out, "--cuts", "8", "--period", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert doc["verdict"] == "pass" and doc["problems"] == []
+    assert [d["service_id"] for d in doc["difusores"]] == ["a", "b", "c"]
+    assert [c["sequence"] for c in doc["cuts"]] == list(range(1, 9))
+    for cut in doc["cuts"]:
+        assert set(cut["difusores"]) == {"a", "b", "c"}
+        for entry in cut["difusores"].values():
+            assert set(entry) == {"delivered", "published", "first_seen", "first_seen_browser"}
+    last = doc["cuts"][-1]["difusores"]
+    assert all(last[d]["published"] for d in last), last  # every difusor ends on the final cut
+    kinds = {f["kind"]: f for f in doc["faults"]}
+    assert set(kinds) == INJECTED | NOT_AVAILABLE
+    injected = INJECTED if os.geteuid() == 0 else INJECTED - {"disk-full"}
+    for kind in injected:
+        fault = kinds[kind]
+        assert fault["status"] == "detected", fault
+        assert fault["injected_at"] <= fault["detected_at"], fault
+        assert fault["detected_by"], fault
+    cut_off = kinds["network-cut"]
+    assert cut_off["relinked_at"] > cut_off["detected_at"]
+    flagged = [s for s in doc["collector_timeline"] if s["difusores"]["b"]["unlink"]]
+    assert flagged and not flagged[0]["difusores"]["b"]["listed"]
+    assert doc["collector_timeline"][-1]["difusores"]["b"]["listed"]
+    for kind in NOT_AVAILABLE:
+        assert kinds[kind]["status"] == "not-available" and kinds[kind]["detected_at"] is None
+    assert doc["latency_seconds"]["visible"]["n"] > 0
+    if unavailable() is None:  # Debian's chromium and selenium, as tests/test_browser.py uses
+        assert doc["browser"]["ran"] and doc["browser"]["error"] is None, doc["browser"]
+        assert doc["latency_seconds"]["visible_browser"]["n"] > 0
+        assert (out / doc["browser"]["screenshot"]).is_file()
+    for d in doc["difusores"]:
+        assert (out / d["memoria"] / "memoria-tecnica.html").is_file(), d
+    page = (out / "rehearsal.html").read_text(encoding="utf-8")
+    assert "Veredicto: <strong>APROBADO</strong>" in page
+
+
+def test_a_modified_file_on_a_difusor_fails_the_rehearsal(tmp_path: Path) -> None:
+    schedule = tmp_path / "fallas.txt"
+    schedule.write_text("# a defect, not a fault\n3 tamper a\n", encoding="utf-8")
+    out = tmp_path / "ensayo"
+    args = ["--cuts", "6", "--period", "2", "--faults", str(schedule), "--no-browser"]
+    proc, doc = rehearse(out, *args)
+    assert proc.returncode == 9, proc.stdout + proc.stderr
+    assert doc["verdict"] == "fail"
+    (tamper,) = doc["faults"]
+    assert tamper["status"] == "detected" and "collector audit" in tamper["detected_by"]
+    assert "the public copy of a was found altered" in doc["problems"]
+    assert any(p.startswith("viewer of a: mixed") for p in doc["problems"]), doc["problems"]
+    assert not any(p.startswith(("viewer of b", "viewer of c")) for p in doc["problems"])
+    assert doc["browser"] == {"ran": False, "why": "not asked for"}
+    assert "NO APROBADO" in (out / "rehearsal.html").read_text(encoding="utf-8")
