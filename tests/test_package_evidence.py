@@ -31,31 +31,23 @@ from prep_agent.agent.package_store import (
 from prep_agent.agent.store import Store
 from prep_agent.core.allowed_signers import parse_allowed_signers
 from prep_agent.core.package import inspect_package
-from prep_agent.institute.simulation.testca import TestCA, issue, make_ca, write_server_files
-from tests.kit import PREP_AGENT, Institute, keygen, ssh_sign
-from tests.kit.https_site import Site
+from prep_agent.institute.simulation.testca import TestCA
+from tests.kit import PREP_AGENT, keygen, ssh_sign
 from tests.test_package_checks import CUT_STAMPS, cut_package
-from tests.test_package_publish import Env, write_conf
+from tests.test_package_publish import (  # noqa: F401  # ca: the fixture
+    Env,
+    ca,
+    package_env,
+    write_conf,
+)
 
 WELL_KNOWN = ".well-known/prep-package"
 
 
-@pytest.fixture(scope="module")
-def ca() -> TestCA:
-    return make_ca()
-
-
 @pytest.fixture
-def env(tmp_path: Path, ca: TestCA) -> Iterator[Env]:
-    ca_path, cert, key = write_server_files(tmp_path / "tls", ca, issue(ca))
-    (tmp_path / "www" / "paquetes").mkdir(parents=True)
-    site = Site(tmp_path / "www", cert, key, ca_path)
-    institute = Institute(tmp_path / "institute")
-    institute.allowed_signers.write_text(
-        f'iec namespaces="prep-cut,prep-package" {institute.public}\n'
-    )
-    yield Env(tmp_path, site, write_conf(tmp_path, site, institute), institute)
-    site.close()
+def env(tmp_path: Path, ca: TestCA) -> Iterator[Env]:  # noqa: F811  # ca: the fixture
+    with package_env(tmp_path, ca) as made:
+        yield made
 
 
 def verify(env: Env) -> tuple[int, str]:

@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 
 from prep_agent.institute.simulation.testca import TestCA, issue, make_ca, write_server_files
-from tests.kit import AgentDaemon, Institute, wait_for
+from tests.kit import AgentDaemon, wait_for
 from tests.kit.https_site import Site, cut_short, hang, trickle
 from tests.test_package_checks import CUT_STAMPS, cut_members, cut_package, zip_bytes
-from tests.test_package_publish import Env, tree, urlopen, write_conf
+from tests.test_package_publish import Env, ca, package_env, tree, urlopen, write_conf  # noqa: F401
 
 DEADLINE = 2
 """``[source] deadline_seconds`` of these agents: a hanging server costs this much."""
@@ -44,24 +44,11 @@ def fault_conf(env: Env, url: str | None = None, poll_seconds: int = 30) -> Path
     return conf
 
 
-@pytest.fixture(scope="module")
-def ca() -> TestCA:
-    return make_ca()
-
-
 @pytest.fixture
-def env(tmp_path: Path, ca: TestCA) -> Iterator[Env]:
-    ca_path, cert, key = write_server_files(tmp_path / "tls", ca, issue(ca))
-    (tmp_path / "www" / "paquetes").mkdir(parents=True)
-    site = Site(tmp_path / "www", cert, key, ca_path)
-    institute = Institute(tmp_path / "institute")
-    institute.allowed_signers.write_text(
-        f'iec namespaces="prep-cut,prep-package" {institute.public}\n'
-    )
-    made = Env(tmp_path, site, tmp_path / "prep-agent.conf", institute)
-    made.conf = fault_conf(made)
-    yield made
-    site.close()
+def env(tmp_path: Path, ca: TestCA) -> Iterator[Env]:  # noqa: F811  # ca: the fixture
+    with package_env(tmp_path, ca) as made:
+        made.conf = fault_conf(made)
+        yield made
 
 
 _WRITTEN_AT = re.compile(rb'"written_at": ?"[^"]*"')

@@ -18,6 +18,7 @@ import subprocess
 import time
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -118,8 +119,10 @@ def write_conf(tmp: Path, site: Site, institute: Institute, poll_seconds: int = 
     return conf
 
 
-@pytest.fixture
-def env(tmp_path: Path, ca: TestCA) -> Iterator[Env]:
+@contextmanager
+def package_env(tmp_path: Path, ca: TestCA) -> Iterator[Env]:
+    """A loopback HTTPS site serving ``/paquetes/`` (certificate from ``ca``), an
+    institute trusted for cuts and packages, and an agent config polling the site."""
     ca_path, cert, key = write_server_files(tmp_path / "tls", ca, issue(ca))
     (tmp_path / "www" / "paquetes").mkdir(parents=True)
     site = Site(tmp_path / "www", cert, key, ca_path)
@@ -127,9 +130,16 @@ def env(tmp_path: Path, ca: TestCA) -> Iterator[Env]:
     institute.allowed_signers.write_text(
         f'iec namespaces="prep-cut,prep-package" {institute.public}\n'
     )
-    made = Env(tmp_path, site, write_conf(tmp_path, site, institute), institute)
-    yield made
-    site.close()
+    try:
+        yield Env(tmp_path, site, write_conf(tmp_path, site, institute), institute)
+    finally:
+        site.close()
+
+
+@pytest.fixture
+def env(tmp_path: Path, ca: TestCA) -> Iterator[Env]:
+    with package_env(tmp_path, ca) as made:
+        yield made
 
 
 def unzipped(data: bytes) -> dict[str, bytes]:

@@ -15,7 +15,6 @@ import hashlib
 import io
 import re
 import zipfile
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone, tzinfo
@@ -34,6 +33,8 @@ from prep_agent.core.errors import (
 )
 from prep_agent.core.stamps import (
     HEAD_BYTES,
+    READABLE_METHODS,
+    ZIP_ERRORS,
     InvalidStampError,
     parse_csv_stamp,
     parse_zip_name_stamp,
@@ -103,19 +104,7 @@ PACKAGE_NAME = re.compile(r"\d{8}_\d{4}_PREP(?:_[A-Z0-9]+)*\.zip", re.ASCII)
 (the stamp in the institute's local time)."""
 _CANDIDATES = re.compile(r"CANDIDAT", re.IGNORECASE)
 """Marks a candidates list (``CAMP_GOB_CANDIDATURA_2021.csv``), not a results file."""
-_READABLE_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 _CHUNK = 64 * 1024
-_ZIP_ERRORS = (
-    zipfile.BadZipFile,
-    zlib.error,
-    EOFError,
-    NotImplementedError,
-    RuntimeError,
-    ValueError,
-    OverflowError,
-    OSError,
-)
-"""What zipfile raises on a corrupt archive; caught only around zipfile calls."""
 _TYPE_MASK = 0o170000
 _REGULAR, _DIRECTORY = 0o100000, 0o040000
 _SYMLINK = 0o120000
@@ -335,7 +324,7 @@ class _Reader:
         where = f"{_shown(name)}!{_shown(info.filename)}"
         if info.flag_bits & 0x1:
             raise Rejection(ZIP_INVALID, f"{where}: encrypted")
-        if info.compress_type not in _READABLE_METHODS:
+        if info.compress_type not in READABLE_METHODS:
             raise Rejection(
                 ZIP_INVALID,
                 f"{where}: compression method {info.compress_type} (only stored and deflate)",
@@ -356,7 +345,7 @@ class _Reader:
                         break
                     buffer.write(chunk)
                     self._check_size(where, buffer.tell(), info.compress_size)
-        except _ZIP_ERRORS as exc:
+        except ZIP_ERRORS as exc:
             raise Rejection(ZIP_INVALID, f"{where}: cannot be read ({_said(exc)})") from exc
         self.bytes_left -= buffer.tell()
         return buffer.getvalue()
@@ -381,7 +370,7 @@ def _open_zip(name: str, data: bytes) -> zipfile.ZipFile:
     """``data`` opened as a zip; ``zip-invalid`` if it is not one."""
     try:
         return zipfile.ZipFile(io.BytesIO(data))
-    except _ZIP_ERRORS as exc:
+    except ZIP_ERRORS as exc:
         raise Rejection(ZIP_INVALID, f"{_shown(name)}: not a readable zip ({_said(exc)})") from exc
 
 

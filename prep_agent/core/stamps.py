@@ -35,9 +35,9 @@ _CHUNK = 64 * 1024
 """Bytes asked of a zip member per read."""
 _DIRECTORY_BYTES_PER_ENTRY = 512
 """Central directory bytes allowed per ``max_entries``, checked before parsing it."""
-_READABLE_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+READABLE_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 """Compression methods zipfile decompresses with bounded output per read."""
-_ZIP_ERRORS = (
+ZIP_ERRORS = (
     zipfile.BadZipFile,
     zlib.error,
     EOFError,
@@ -339,7 +339,7 @@ class _ZipWalk:
         limits = self.limits
         try:
             extent = _directory_extent(fileobj)
-        except _ZIP_ERRORS as exc:
+        except ZIP_ERRORS as exc:
             raise _invalid(path, f"not a readable zip ({_describe(exc)})") from exc
         if extent is None:
             raise _invalid(path, "not a readable zip (no end of central directory record)")
@@ -347,7 +347,7 @@ class _ZipWalk:
             raise _invalid(path, f"central directory of {extent[1]} bytes, too big for max_entries")
         try:
             archive = zipfile.ZipFile(fileobj)
-        except _ZIP_ERRORS as exc:
+        except ZIP_ERRORS as exc:
             raise _invalid(path, f"not a readable zip ({_describe(exc)})") from exc
         entries = max(extent[0], len(archive.infolist()))
         if entries > limits.max_entries:
@@ -382,7 +382,7 @@ class _ZipWalk:
         limits = self.limits
         if info.flag_bits & 0x1:
             raise _invalid(path, "encrypted")
-        if info.compress_type not in _READABLE_METHODS:
+        if info.compress_type not in READABLE_METHODS:
             raise _invalid(path, f"compression method {info.compress_type} (only stored, deflate)")
         if info.file_size > limits.max_member_bytes:
             raise _invalid(
@@ -412,7 +412,7 @@ class _ZipWalk:
                         break
                     self._spend(path, len(chunk))
                     buffer.write(chunk)
-        except _ZIP_ERRORS as exc:
+        except ZIP_ERRORS as exc:
             raise _invalid(path, f"cannot be read ({_describe(exc)})") from exc
         return buffer
 
