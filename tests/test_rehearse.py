@@ -62,6 +62,13 @@ def test_short_night_with_every_fault_passes(tmp_path: Path) -> None:
     flagged = [s for s in doc["collector_timeline"] if s["difusores"]["b"]["unlink"]]
     assert flagged and not flagged[0]["difusores"]["b"]["listed"]
     assert doc["collector_timeline"][-1]["difusores"]["b"]["listed"]
+    # Cuts are signed with an old cut_time, so the cut-off difusor's notice comes due.
+    assert cut_off["injected_at"] < cut_off["notice_shown_at"] <= cut_off["relinked_at"]
+    due = [n for n in doc["notices"]["b"] if n["due_at"] > cut_off["injected_at"]]
+    assert due and due[0]["shown_at"], doc["notices"]
+    assert due[0]["due_at"] <= due[0]["shown_at"] <= cut_off["relinked_at"]
+    if unavailable() is None:
+        assert due[0]["shown_browser_at"], doc["notices"]
     for kind in NOT_AVAILABLE:
         assert kinds[kind]["status"] == "not-available" and kinds[kind]["detected_at"] is None
     assert doc["latency_seconds"]["visible"]["n"] > 0

@@ -17,6 +17,10 @@ Each line is ``CUT KIND [DIFUSOR]``: the fault is injected once cut number
 - ``tamper D``: a defect, not a fault: a file of D's published copy is changed
   on disk; expected: the collector's audit finds the copy altered (and the
   verdict fails, since viewers were shown bytes the institute did not sign).
+- ``notice-off D``: a defect: D's agent is configured (before the night) with
+  ``stale_periods = 1000``, so it never shows the interruption notice;
+  expected: a viewer finds the notice missing once one is due (pair it with a
+  ``network-cut D``), and the verdict fails.
 - ``clock-skew D``, ``balancer-kill``, ``origin-stop``: not available in this
   build (no clock setting in the agent, no HA pair): reported as such.
 """
@@ -28,7 +32,7 @@ from pathlib import Path
 
 from prep_agent.core.errors import ConfigError
 
-WITH_DIFUSOR = {"kill-agent", "disk-full", "network-cut", "tamper", "clock-skew"}
+WITH_DIFUSOR = {"kill-agent", "disk-full", "network-cut", "tamper", "notice-off", "clock-skew"}
 """Kinds aimed at one difusor."""
 GLOBAL = {"bad-signature", "replay", "balancer-kill", "origin-stop"}
 """Kinds aimed at the whole night."""

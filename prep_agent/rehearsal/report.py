@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from prep_agent.rehearsal.browser import Browser
-from prep_agent.rehearsal.viewer import Finding, Viewer
+from prep_agent.rehearsal.viewer import NOTICE_GRACE, Finding, Viewer
 
 LATENCY = {
     "delivery": "delivered",
@@ -30,11 +30,12 @@ EXPECTED_ES = {
     "kill-agent": "el agente reinicia y publica el corte (o uno más nuevo)",
     "disk-full": "distribute registra el envío fallido (o el agente un error); "
     "al liberar espacio se publica el corte más reciente",
-    "network-cut": "el colector lo marca y lo quita de la lista de difusores vigentes; "
-    "al recuperarse vuelve a la lista",
+    "network-cut": "el colector lo marca y lo quita de la lista de difusores vigentes; su marco "
+    "muestra el aviso de interrupción cuando corresponde; al recuperarse vuelve a la lista",
     "bad-signature": "distribute rechaza el corte; todo difusor lo rechaza (firma no confiable)",
     "replay": "distribute rechaza el corte anterior; todo difusor lo rechaza (retroceso)",
     "tamper": "la auditoría del colector encuentra la copia alterada",
+    "notice-off": "un visor encuentra que falta el aviso de interrupción cuando corresponde",
 }
 """What each fault should cause, for the Spanish page."""
 STATUS_ES = {"detected": "detectada", "missed": "no detectada", "not-available": "no disponible"}
@@ -53,6 +54,7 @@ KIND_ES = {
     "bad-signature": "corte mal firmado",
     "replay": "corte repetido (replay)",
     "tamper": "copia alterada (defecto)",
+    "notice-off": "aviso de interrupción desactivado (defecto)",
     "clock-skew": "reloj desfasado",
     "balancer-kill": "balanceador activo detenido",
     "origin-stop": "origen del par detenido",
@@ -124,6 +126,38 @@ def browser_part(records: dict[str, Any], problems: list[str]) -> dict[str, Any]
     }
 
 
+FRAME_POLL = 5.0
+"""Seconds between a frame's looks at status.json (the agents' ``poll_seconds``)."""
+
+
+def notices_part(records: dict[str, Any], problems: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Per difusor, every interruption notice that came due: when, and when the HTTP
+    viewer and the browser first showed it. A frame still showing the cut as
+    current ``FRAME_POLL`` + ``NOTICE_GRACE`` seconds after it was due is a
+    missing notice (the HTTP viewer's own are among its findings)."""
+    viewers: dict[str, Viewer] = records["viewers"]
+    browser: Browser | None = records["browser"]
+    frames = {f.service_id: f for f in browser.frames} if browser is not None else {}
+    found: dict[str, list[dict[str, Any]]] = {}
+    for sid, viewer in viewers.items():
+        entries = []
+        for sequence, notice in sorted(viewer.notices.items()):
+            due = float(notice["due"] or 0)
+            frame = frames.get(sid)
+            late = frame.last_current.get(sequence) if frame is not None else None
+            if late is not None and late > due + FRAME_POLL + NOTICE_GRACE:
+                problems.append(f"browser of {sid}: notice of cut {sequence} due at {iso(due)} "
+                                f"still not shown at {iso(late)}")  # fmt: skip
+            entries.append({
+                "sequence": sequence,
+                "due_at": iso(due),
+                "shown_at": iso(notice["shown"]),
+                "shown_browser_at": iso(frame.stale_shown.get(sequence)) if frame else None,
+            })  # fmt: skip
+        found[sid] = entries
+    return found
+
+
 def build(records: dict[str, Any]) -> dict[str, Any]:
     """The report document, verdict included."""
     viewers: dict[str, Viewer] = records["viewers"]
@@ -165,12 +199,14 @@ def build(records: dict[str, Any]) -> dict[str, Any]:
         for sid, viewer in viewers.items()
     }
     browser_doc = browser_part(records, problems)
+    notices = notices_part(records, problems)
     faults = []
     for fault in records["faults"]:
         entry = {**fault, "injected_at": iso(fault["injected_at"]),
                  "detected_at": iso(fault["detected_at"])}  # fmt: skip
-        if fault.get("relinked_at") is not None:
-            entry["relinked_at"] = iso(fault["relinked_at"])
+        for moment in ("relinked_at", "notice_shown_at"):
+            if fault.get(moment) is not None:
+                entry[moment] = iso(fault[moment])
         if fault["injected_at"] is not None and fault["detected_at"] is not None:
             entry["detection_seconds"] = round(fault["detected_at"] - fault["injected_at"], 3)
         if fault.get("window"):
@@ -194,6 +230,7 @@ def build(records: dict[str, Any]) -> dict[str, Any]:
                 **d,
                 "memoria": records["memorias"].get(d["service_id"]),
                 "viewer_polls": viewers[d["service_id"]].polls,
+                "viewer_timeouts": viewers[d["service_id"]].timeouts,
             }
             for d in records["difusores"]
         ],  # fmt: skip
@@ -202,6 +239,7 @@ def build(records: dict[str, Any]) -> dict[str, Any]:
         "latency_seconds": stats,
         "faults": faults,
         "viewer_findings": findings,
+        "notices": notices,
         "browser": browser_doc,
         "collector_timeline": [
             {"at": iso(s["at"]), "difusores": s["difusores"]} for s in records["timeline"]
@@ -242,6 +280,15 @@ def render(doc: dict[str, Any]) -> str:
         f"<td>{_cell(json.dumps(s['difusores'], ensure_ascii=False))}</td></tr>"
         for s in doc["collector_timeline"]
     )
+    notice_rows = (
+        "".join(
+            f"<tr><td>{_cell(sid)}</td><td>{n['sequence']}</td><td>{_cell(n['due_at'])}</td>"
+            f"<td>{_cell(n['shown_at'])}</td><td>{_cell(n['shown_browser_at'])}</td></tr>"
+            for sid, entries in doc["notices"].items()
+            for n in entries
+        )
+        or '<tr><td colspan="5">Ningún aviso correspondió.</td></tr>'
+    )
     verdict = "APROBADO" if ok else "NO APROBADO"
     b = doc["browser"]
     browser_line = (
@@ -267,6 +314,13 @@ Los problemas y los detalles técnicos se muestran en inglés, como en las bitá
 <h2>Fallas inyectadas</h2>
 <table><tr><th>falla</th><th>difusor</th><th>inyectada</th><th>se esperaba</th><th>detectada</th>
 <th>por</th><th>estado</th><th>detalle</th></tr>{''.join(faults)}</table>
+<h2>Avisos de interrupción</h2>
+<p>Cada corte simulado declara un periodo de {_cell(doc['options'].get('period_seconds'))} s y
+se firma con una hora de corte {_cell(doc['options'].get('cut_age_seconds'))} s en el pasado,
+así el aviso corresponde tras {_cell(doc['options'].get('notice_after_periods'))} periodos
+comprimidos sin corte nuevo.</p>
+<table><tr><th>difusor</th><th>corte</th><th>correspondía desde</th><th>mostrado (consulta
+HTTP)</th><th>mostrado (navegador)</th></tr>{notice_rows}</table>
 <h2>Cortes por difusor</h2>
 <table><tr><th>corte</th><th>difusor</th><th>listo</th><th>entregado</th><th>publicado</th>
 <th>visto por primera vez (consulta HTTP)</th><th>visto en el navegador</th></tr>

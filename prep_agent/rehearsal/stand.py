@@ -8,6 +8,7 @@ rehearsal's folder; each is stopped with SIGTERM, then SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import signal
@@ -139,6 +140,35 @@ class Proc:
             return ""
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (children, grandchildren...), read from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text(encoding="ascii", errors="replace")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def signal_tree(proc: Proc, sig: int) -> None:
+    """Send ``sig`` to ``proc`` and every process below it (sshd's sessions)."""
+    if proc.proc is None or proc.proc.poll() is not None:
+        return
+    for pid in [proc.proc.pid, *descendants(proc.proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
 def wait(probe: Callable[[], object], timeout: float, what: str, proc: Proc | None = None) -> None:
     """Call ``probe()`` every 0.1 s until true.
 
@@ -177,6 +207,8 @@ class Difusor:
     web_port: int
     ssh_port: int
     tmpfs: bool = False
+    stale_periods: int = 3
+    """The agent's ``stale_periods`` (1000 for a ``notice-off`` defect)."""
     sshd: Proc | None = None
     agent: Proc | None = None
     host_public: str = ""
@@ -305,7 +337,11 @@ def _agent(stand: Stand, d: Difusor) -> None:
     set_values(
         d.conf,
         {
-            "agent": {"rescan_interval": 1, "settle_timeout": max(10, int(4 * stand.period))},
+            "agent": {
+                "rescan_interval": 1,
+                "settle_timeout": max(10, int(4 * stand.period)),
+                "stale_periods": d.stale_periods,
+            },
             "frame": {
                 "difusor_name": f"Diario {d.service_id.upper()}",
                 "poll_seconds": 5,  # the frame's minimum
@@ -352,9 +388,16 @@ def _collector_conf(stand: Stand) -> None:
     stand.conf.write_text(text, encoding="utf-8")
 
 
-def build(out: Path, period: float, names: Sequence[str], tmpfs: Sequence[str]) -> Stand:
+def build(
+    out: Path,
+    period: float,
+    names: Sequence[str],
+    tmpfs: Sequence[str],
+    quiet: Sequence[str] = (),
+) -> Stand:
     """Make and start the stand: difusores ``names`` (those in ``tmpfs`` on a small
-    tmpfs), the collector and ``distribute --watch``.
+    tmpfs, those in ``quiet`` with ``stale_periods = 1000``), the collector and
+    ``distribute --watch``.
 
     Raises Error when a part does not start; what started is stopped then.
     """
@@ -364,6 +407,7 @@ def build(out: Path, period: float, names: Sequence[str], tmpfs: Sequence[str]) 
         stand.collector_port, stand.portal_port = free_port(), free_port()
         for name in names:
             d = Difusor(name, out / "difusores" / name, free_port(), free_port(), name in tmpfs)
+            d.stale_periods = 1000 if name in quiet else d.stale_periods
             d.home.mkdir(parents=True)
             stand.difusores.append(d)
             _sshd(stand, d)
