@@ -38,7 +38,7 @@ def rehearse(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], d
 
 def test_short_night_with_every_fault_passes(tmp_path: Path) -> None:
     out = tmp_path / "ensayo"
-    proc, doc = rehearse(out, "--cuts", "8", "--period", "2")
+    proc, doc = rehearse(out, "--cuts", "8", "--period", "2", "--mode", "loopback")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert doc["verdict"] == "pass" and doc["problems"] == []
     assert [d["service_id"] for d in doc["difusores"]] == ["a", "b", "c"]
@@ -87,7 +87,7 @@ def test_a_modified_file_on_a_difusor_fails_the_rehearsal(tmp_path: Path) -> Non
     schedule.write_text("# a defect, not a fault\n3 tamper a\n", encoding="utf-8")
     out = tmp_path / "ensayo"
     args = ["--cuts", "6", "--period", "2", "--faults", str(schedule), "--no-browser"]
-    proc, doc = rehearse(out, *args)
+    proc, doc = rehearse(out, *args, "--mode", "loopback")
     assert proc.returncode == 9, proc.stdout + proc.stderr
     assert doc["verdict"] == "fail"
     (tamper,) = doc["faults"]

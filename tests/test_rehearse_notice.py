@@ -21,6 +21,7 @@ def test_a_difusor_that_never_shows_the_notice_fails_the_rehearsal(tmp_path: Pat
     schedule.write_text("2 notice-off a\n2 network-cut a\n", encoding="utf-8")
     out = tmp_path / "ensayo"
     args = ["--cuts", "6", "--period", "2", "--faults", str(schedule), "--no-browser"]
+    args += ["--mode", "loopback"]
     proc, doc = rehearse(out, *args)
     assert proc.returncode == 9, proc.stdout + proc.stderr
     assert doc["verdict"] == "fail"

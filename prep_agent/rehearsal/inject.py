@@ -223,11 +223,19 @@ class Injection:
     def _network_cut(self) -> None:
         d = self.difusor()
         assert d.sshd is not None
-        signal_tree(d.sshd, signal.SIGSTOP)
-        when = self._inject(
-            "sshd and its sessions stopped (SIGSTOP): the institute's connections are accepted "
-            "by the kernel and never answered; the agent keeps serving readers its last cut"
-        )
+        if d.node is not None:
+            d.set_link(False)
+            when = self._inject(
+                "link to the institute down (ip link set inst0 down in its namespace); readers "
+                "still reach its agent on their own link"
+            )
+        else:
+            signal_tree(d.sshd, signal.SIGSTOP)
+            when = self._inject(
+                "sshd and its sessions stopped (SIGSTOP): the institute's connections are "
+                "accepted by the kernel and never answered; the agent keeps serving readers "
+                "its last cut"
+            )
         sid = d.service_id
 
         def flagged() -> bool:
@@ -250,7 +258,10 @@ class Injection:
         self.record["notice_shown_at"] = shown
         if flagged_at:
             self._detected(flagged_at, "collector (3-period flag, off the good-standing list)")
-        signal_tree(d.sshd, signal.SIGCONT)
+        if d.node is not None:
+            d.set_link(True)
+        else:
+            signal_tree(d.sshd, signal.SIGCONT)
         back = until(
             lambda: sid in (standing(self.stand) or set()), 10 * self.period + 30, self.stop
         )

@@ -20,6 +20,7 @@ from prep_agent.rehearsal import faults as schedule
 from prep_agent.rehearsal.browser import Browser, Frame
 from prep_agent.rehearsal.browser import unavailable as browser_unavailable
 from prep_agent.rehearsal.inject import Injection, api_rows, published, standing
+from prep_agent.rehearsal.netns import available as netns_unavailable
 from prep_agent.rehearsal.stand import COMMAND, Proc, Stand, build, is_root, run, wait
 from prep_agent.rehearsal.viewer import Viewer
 
@@ -49,6 +50,18 @@ class Options:
     period: float = 2.0
     faults: Path | None = None
     browser: bool = True
+    mode: str = "auto"
+    """``loopback``, ``netns`` (root) or ``auto`` (netns when root)."""
+
+    def netns(self) -> bool:
+        """Whether the difusores run in network namespaces.
+
+        Raises Error when ``netns`` was asked for and cannot be had.
+        """
+        why = netns_unavailable()
+        if self.mode == "netns" and why:
+            raise Error(f"--mode netns: {why}")
+        return self.mode == "netns" or (self.mode == "auto" and why is None)
 
 
 def simulate(stand: Stand, cuts: int, period: float) -> Proc:
@@ -167,7 +180,7 @@ def rehearse(options: Options) -> dict[str, Any]:
     tmpfs = {f.difusor for f in plan if f.kind == "disk-full" and f.difusor} if is_root() else set()
     started = time.time()
     quiet = sorted({f.difusor for f in plan if f.kind == "notice-off" and f.difusor})
-    stand = build(out, options.period, NAMES, sorted(tmpfs), quiet)
+    stand = build(out, options.period, NAMES, sorted(tmpfs), quiet, options.netns())
     try:
         horizon = options.cuts * options.period + 120 + 20 * len(plan)
         viewers = [Viewer(d.service_id, d.url, stand.allowed_signers) for d in stand.difusores]
@@ -230,7 +243,8 @@ def rehearse(options: Options) -> dict[str, Any]:
                 "cuts": options.cuts,
                 "period": options.period,
                 "faults": str(options.faults) if options.faults else "default",
-                "mode": "loopback",
+                "mode": stand.mode,
+                "namespaces": [name for net in stand.networks for name in net.names],
                 "root": is_root(),
                 "period_seconds": PERIOD_SECONDS,
                 "cut_age_seconds": age(options.period),
