@@ -2,7 +2,8 @@
 
 The verdict fails when a viewer saw a mixed or altered page, a cut time that
 went backwards, a cut not signed by the institute, an error from a difusor not
-under a fault, or a missing interruption notice; when an accepted cut is
+under a fault, or a missing interruption notice (not held against a difusor
+whose agent was killed or whose disk was full); when an accepted cut is
 missing from the journal of a difusor that was not under a fault then; when the
 final cut is missing anywhere at the end; when a fault was not detected where
 the spec says; and when a copy was found altered (a ``tamper`` defect).
@@ -45,8 +46,12 @@ MEASURE_ES = {
     "visible": "visible (consulta HTTP)",
     "visible_browser": "visible (navegador)",
 }
-ALWAYS_WRONG = {"mixed", "unsigned", "backwards", "notice"}
+ALWAYS_WRONG = {"mixed", "unsigned", "backwards"}
 """Viewer findings that fail the verdict even under a fault."""
+NOTICE_EXCUSED_BY = {"kill-agent", "disk-full"}
+"""Faults in whose window a missing notice is excused: a full disk cannot take the
+rewritten status.json, a killed agent rewrites nothing. Not a network cut: the
+agent is fine then, and showing the notice is the point."""
 KIND_ES = {
     "kill-agent": "kill -9 del agente durante la publicación",
     "disk-full": "disco lleno",
@@ -77,14 +82,18 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(ordered[rank - 1], 3)
 
 
-def excused(records: dict[str, Any], service_id: str, at: float) -> bool:
-    """Whether ``service_id`` was under a fault at ``at``: from one period before
-    the fault (or from the cut before the fault's cut, which may still have been
-    in flight) to two periods after its recovery."""
+def excused(
+    records: dict[str, Any], service_id: str, at: float, kinds: set[str] | None = None
+) -> bool:
+    """Whether ``service_id`` was under a fault (of ``kinds``, None: any) at ``at``:
+    from one period before the fault (or from the cut before the fault's cut, which
+    may still have been in flight) to two periods after its recovery."""
     period = float(records["options"]["period"])
     for fault in records["faults"]:
         window = fault.get("window")
         if fault.get("difusor") != service_id or not window:
+            continue
+        if kinds is not None and fault["kind"] not in kinds:
             continue
         start = min(window[0] - period, records["placed"].get(fault["at_cut"] - 1, window[0]))
         if start <= at <= window[1] + 2 * period:
@@ -97,7 +106,12 @@ def judge_findings(
 ) -> list[dict[str, Any]]:
     """Add the findings of one viewer that fail the verdict to ``problems`` (once
     per kind); return them all as JSON."""
-    counted = [f for f in found if f.kind in ALWAYS_WRONG or not excused(records, sid, f.at)]
+    counted = [
+        f
+        for f in found
+        if f.kind in ALWAYS_WRONG
+        or not excused(records, sid, f.at, NOTICE_EXCUSED_BY if f.kind == "notice" else None)
+    ]
     for kind in sorted({f.kind for f in counted}):
         same = [f for f in counted if f.kind == kind]
         problems.append(
@@ -145,7 +159,11 @@ def notices_part(records: dict[str, Any], problems: list[str]) -> dict[str, list
             due = float(notice["due"] or 0)
             frame = frames.get(sid)
             late = frame.last_current.get(sequence) if frame is not None else None
-            if late is not None and late > due + FRAME_POLL + NOTICE_GRACE:
+            if (
+                late is not None
+                and late > due + FRAME_POLL + NOTICE_GRACE
+                and not excused(records, sid, late, NOTICE_EXCUSED_BY)
+            ):
                 problems.append(f"browser of {sid}: notice of cut {sequence} due at {iso(due)} "
                                 f"still not shown at {iso(late)}")  # fmt: skip
             entries.append({
