@@ -42,6 +42,7 @@ from pathlib import Path
 import pytest
 from selenium.webdriver.remote.webdriver import WebDriver
 
+from prep_agent.core.errors import Error
 from tests.browserkit import chrome
 from tests.edgekit import (
     AGE,
@@ -132,7 +133,7 @@ def sequence_at(stand: Stand) -> int:
     """The sequence status.json names at the floating address (0: no answer)."""
     try:
         return int(json.loads(stand.client_get("/status.json")[1])["sequence"] or 0)
-    except (ValueError, KeyError, AssertionError):
+    except (ValueError, KeyError, AssertionError, Error):
         return 0
 
 

@@ -38,7 +38,7 @@ def rehearse(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], d
 
 def test_short_night_with_every_fault_passes(tmp_path: Path) -> None:
     out = tmp_path / "ensayo"
-    proc, doc = rehearse(out, "--cuts", "8", "--period", "2")
+    proc, doc = rehearse(out, "--cuts", "8", "--period", "2", "--mode", "loopback")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert doc["verdict"] == "pass" and doc["problems"] == []
     assert [d["service_id"] for d in doc["difusores"]] == ["a", "b", "c"]
@@ -62,6 +62,13 @@ def test_short_night_with_every_fault_passes(tmp_path: Path) -> None:
     flagged = [s for s in doc["collector_timeline"] if s["difusores"]["b"]["unlink"]]
     assert flagged and not flagged[0]["difusores"]["b"]["listed"]
     assert doc["collector_timeline"][-1]["difusores"]["b"]["listed"]
+    # Cuts are signed with an old cut_time, so the cut-off difusor's notice comes due.
+    assert cut_off["injected_at"] < cut_off["notice_shown_at"] <= cut_off["relinked_at"]
+    due = [n for n in doc["notices"]["b"] if n["due_at"] > cut_off["injected_at"]]
+    assert due and due[0]["shown_at"], doc["notices"]
+    assert due[0]["due_at"] <= due[0]["shown_at"] <= cut_off["relinked_at"]
+    if unavailable() is None:
+        assert due[0]["shown_browser_at"], doc["notices"]
     for kind in NOT_AVAILABLE:
         assert kinds[kind]["status"] == "not-available" and kinds[kind]["detected_at"] is None
     assert doc["latency_seconds"]["visible"]["n"] > 0
@@ -80,7 +87,7 @@ def test_a_modified_file_on_a_difusor_fails_the_rehearsal(tmp_path: Path) -> Non
     schedule.write_text("# a defect, not a fault\n3 tamper a\n", encoding="utf-8")
     out = tmp_path / "ensayo"
     args = ["--cuts", "6", "--period", "2", "--faults", str(schedule), "--no-browser"]
-    proc, doc = rehearse(out, *args)
+    proc, doc = rehearse(out, *args, "--mode", "loopback")
     assert proc.returncode == 9, proc.stdout + proc.stderr
     assert doc["verdict"] == "fail"
     (tamper,) = doc["faults"]

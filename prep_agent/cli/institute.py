@@ -222,6 +222,14 @@ def add_commands(add: AddCommand) -> None:
     )
     p.add_argument("--final", action="store_true", help="make the last of --cuts the final cut")
     p.add_argument(
+        "--age",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="sign each cut with a cut time this many seconds old, to the second (a compressed "
+        "night: the interruption notice comes due sooner; default 0, the minute of the clock)",
+    )
+    p.add_argument(
         "--keep-serving",
         action="store_true",
         help="with --serve-https and --cuts: keep serving after the last cut until Ctrl-C",

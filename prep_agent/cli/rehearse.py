@@ -22,7 +22,7 @@ def cmd_rehearse(args: argparse.Namespace) -> int:
     if not 0.5 <= args.period <= 600:
         raise ConfigError("--period must be between 0.5 and 600 seconds")
     faults = Path(args.faults) if args.faults else None
-    options = Options(Path(args.out), args.cuts, args.period, faults, args.browser)
+    options = Options(Path(args.out), args.cuts, args.period, faults, args.browser, args.mode)
     doc = report.build(rehearse(options))
     report.write(options.out, doc)
     where = options.out / "rehearsal.html"
@@ -34,7 +34,7 @@ def cmd_rehearse(args: argparse.Namespace) -> int:
 
 def add_commands(add: AddCommand) -> None:
     """Register ``rehearse``."""
-    p = add("rehearse", cmd_rehearse, "rehearse a whole election night with faults (loopback)")
+    p = add("rehearse", cmd_rehearse, "rehearse a whole election night with faults")
     p.add_argument("--out", required=True, metavar="DIR", help="empty folder for everything")
     p.add_argument("--cuts", type=positive_int, default=8, help="cuts of the night (default 8)")
     p.add_argument("--period", type=float, default=2.0, help="seconds between cuts (default 2)")
@@ -44,4 +44,11 @@ def add_commands(add: AddCommand) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also watch the frames in headless Chromium (needs selenium; default: yes)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("auto", "loopback", "netns"),
+        default="auto",
+        help="difusores on loopback ports or each in a network namespace (root); "
+        "default auto: namespaces when root",
     )

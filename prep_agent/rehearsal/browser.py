@@ -4,8 +4,9 @@ that embeds every difusor's frame, sampled once a second.
 It is used when Selenium (a development dependency, ``requirements-dev.txt``)
 and Debian's ``chromium`` + ``chromedriver`` are installed, else the report
 says it did not run. For each frame it records the first time each sequence is
-on screen, a sequence or cut time that goes backwards, and a frame whose page
-is not the frame (an error page). The loop is bounded in count and time.
+on screen, a sequence or cut time that goes backwards, a frame whose page is
+not the frame (an error page), and when it showed each cut with the
+interruption notice (or last without it). The loop is bounded in count and time.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ class Frame:
     findings: list[Finding] = field(default_factory=list)
     samples: int = 0
     last: tuple[int, str] | None = None
+    stale_shown: dict[int, float] = field(default_factory=dict)
+    """Sequence → first time the frame showed it with the interruption notice."""
+    last_current: dict[int, float] = field(default_factory=dict)
+    """Sequence → last time the frame showed it as current (no notice)."""
 
 
 @dataclass
@@ -181,3 +186,7 @@ class Browser:
             frame.findings.append(Finding(now, "backwards", f"browser: {frame.last} -> {seen}"))
         frame.last = seen
         frame.first_seen.setdefault(seen[0], now)
+        if state == "stale":
+            frame.stale_shown.setdefault(seen[0], now)
+        elif state == "current":
+            frame.last_current[seen[0]] = now

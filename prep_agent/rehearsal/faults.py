@@ -7,9 +7,12 @@ Each line is ``CUT KIND [DIFUSOR]``: the fault is injected once cut number
   one period later; expected: the cut (or a newer one) published after restart.
 - ``disk-full D``: fill D's storage (a small tmpfs, root only) for two periods;
   expected: the failed upload recorded by ``distribute``, then recovery.
-- ``network-cut D``: nothing of D answers (its sshd and agent are stopped with
-  SIGSTOP) for ``unlink_periods`` + 1 periods; expected: flagged and dropped
-  from the good-standing list by the collector, then listed again.
+- ``network-cut D``: D is cut off from the institute (as root its namespace's
+  institute link goes down; on loopback its sshd and sessions are stopped
+  with SIGSTOP) for ``unlink_periods`` + 1 periods at least, and until its
+  frame showed the interruption notice; expected: flagged and dropped from
+  the good-standing list by the collector, the notice shown to readers, then
+  listed again.
 - ``bad-signature``: a cut signed by a key the institute does not trust;
   expected: ``distribute`` refuses it, every difusor rejects it.
 - ``replay``: the previous cut uploaded again; expected: ``distribute``
@@ -17,6 +20,10 @@ Each line is ``CUT KIND [DIFUSOR]``: the fault is injected once cut number
 - ``tamper D``: a defect, not a fault: a file of D's published copy is changed
   on disk; expected: the collector's audit finds the copy altered (and the
   verdict fails, since viewers were shown bytes the institute did not sign).
+- ``notice-off D``: a defect: D's agent is configured (before the night) with
+  ``stale_periods = 1000``, so it never shows the interruption notice;
+  expected: a viewer finds the notice missing once one is due (pair it with a
+  ``network-cut D``), and the verdict fails.
 - ``clock-skew D``, ``balancer-kill``, ``origin-stop``: not available in this
   build (no clock setting in the agent, no HA pair): reported as such.
 """
@@ -28,12 +35,18 @@ from pathlib import Path
 
 from prep_agent.core.errors import ConfigError
 
-WITH_DIFUSOR = {"kill-agent", "disk-full", "network-cut", "tamper", "clock-skew"}
+WITH_DIFUSOR = {"kill-agent", "disk-full", "network-cut", "tamper", "notice-off", "clock-skew"}
 """Kinds aimed at one difusor."""
 GLOBAL = {"bad-signature", "replay", "balancer-kill", "origin-stop"}
 """Kinds aimed at the whole night."""
 NOT_AVAILABLE = {
-    "clock-skew": "the agent has no clock setting and faketime is not installed",
+    "clock-skew": (
+        "a difusor's own wall clock cannot be skewed here: time namespaces (unshare --time) "
+        "offset only the monotonic and boot-time clocks, not CLOCK_REALTIME, which the agent "
+        "reads for freshness and the spec's max_clock_skew check; setting the system clock "
+        "would skew every process of the rehearsal, the agent has no clock setting, and "
+        "faketime is not installed (not faked)"
+    ),
     "balancer-kill": "the HA pair is not part of this rehearsal build",
     "origin-stop": "the HA pair is not part of this rehearsal build",
 }
@@ -43,7 +56,7 @@ DEFAULT = """\
 # CUT KIND [DIFUSOR]  (prep-agent rehearse --faults FILE)
 2 kill-agent a
 3 bad-signature
-3 network-cut b
+2 network-cut b
 4 replay
 4 disk-full c
 5 clock-skew a

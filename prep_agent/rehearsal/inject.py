@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prep_agent.rehearsal.faults import NOT_AVAILABLE, Fault
-from prep_agent.rehearsal.stand import COMMAND, Difusor, Stand
+from prep_agent.rehearsal.stand import COMMAND, Difusor, Stand, signal_tree
 from prep_agent.rehearsal.viewer import fetch
 
 EXPECTED = {
@@ -32,11 +32,13 @@ EXPECTED = {
         "after space returns, the newest cut is published"
     ),
     "network-cut": (
-        "the collector flags it and drops it from the good-standing list, then lists it again"
+        "the collector flags it and drops it from the good-standing list, its frame shows the "
+        "interruption notice once due, then it is listed again"
     ),
     "bad-signature": "distribute refuses the cut; every difusor rejects it (signature-untrusted)",
     "replay": "distribute refuses the older cut; every difusor rejects it (rollback)",
     "tamper": "the collector's audit finds the public copy altered",
+    "notice-off": "a viewer finds the interruption notice missing once one is due",
     "clock-skew": "",
     "balancer-kill": "",
     "origin-stop": "",
@@ -113,6 +115,11 @@ class Injection:
     stop: threading.Event
     busy: set[str]
     """Difusores under a fault now (shared by every injection)."""
+    notice: Callable[[str, float], float | None] = lambda sid, since: None
+    """When every viewer of a difusor showed the interruption notice after a time
+    (None: not yet)."""
+    missed: Callable[[str, float], float | None] = lambda sid, since: None
+    """When a viewer of a difusor found a due notice missing after a time (None: not yet)."""
     record: dict[str, Any] = field(default_factory=dict)
     thread: threading.Thread | None = None
 
@@ -215,28 +222,55 @@ class Injection:
 
     def _network_cut(self) -> None:
         d = self.difusor()
-        assert d.agent is not None and d.sshd is not None
-        for proc in (d.sshd, d.agent):
-            proc.signal(signal.SIGSTOP)
-        when = self._inject("sshd and agent stopped (SIGSTOP): nothing of the difusor answers")
+        assert d.sshd is not None
+        if d.node is not None:
+            d.set_link(False)
+            when = self._inject(
+                "link to the institute down (ip link set inst0 down in its namespace); readers "
+                "still reach its agent on their own link"
+            )
+        else:
+            signal_tree(d.sshd, signal.SIGSTOP)
+            when = self._inject(
+                "sshd and its sessions stopped (SIGSTOP): the institute's connections are "
+                "accepted by the kernel and never answered; the agent keeps serving readers "
+                "its last cut"
+            )
         sid = d.service_id
-        flagged = until(
-            lambda: api_rows(self.stand).get(sid, {}).get("unlink")
-            and sid not in (standing(self.stand) or {sid}),
-            8 * self.period + 20,
-            self.stop,
-        )
-        if flagged:
-            self._detected(time.time(), "collector (3-period flag, off the good-standing list)")
-        time.sleep(max(0.0, when + 4 * self.period - time.time()))
-        for proc in (d.sshd, d.agent):
-            proc.signal(signal.SIGCONT)
+
+        def flagged() -> bool:
+            row = api_rows(self.stand).get(sid, {})
+            return bool(row.get("unlink")) and sid not in (standing(self.stand) or {sid})
+
+        # Held for four periods at least, and until the collector flagged it and the
+        # notice (due four compressed periods after its last cut) was on every viewer.
+        deadline = time.monotonic() + 8 * self.period + 20
+        flagged_at: float | None = None
+        shown: float | None = None
+        while time.monotonic() < deadline and not self.stop.is_set():
+            if flagged_at is None and flagged():
+                flagged_at = time.time()
+            shown = shown or self.notice(sid, when)
+            held = time.time() >= when + 4 * self.period
+            if flagged_at and held and (shown or self.missed(sid, when)):
+                break  # (a notice found missing will not be shown: a defect)
+            time.sleep(0.2)
+        self.record["notice_shown_at"] = shown
+        if flagged_at:
+            self._detected(flagged_at, "collector (3-period flag, off the good-standing list)")
+        if d.node is not None:
+            d.set_link(True)
+        else:
+            signal_tree(d.sshd, signal.SIGCONT)
         back = until(
             lambda: sid in (standing(self.stand) or set()), 10 * self.period + 30, self.stop
         )
         self.record["relinked_at"] = time.time() if back else None
         if not back:
             self.record["detail"] += "; not listed again after recovery"
+            self.record["detected_at"] = None
+        if shown is None:
+            self.record["detail"] += "; the interruption notice was not shown"
             self.record["detected_at"] = None
         self.record["window"] = [when, time.time()]
 
@@ -284,13 +318,18 @@ class Injection:
             self.record["detected_at"] = None
         self.record["window"] = [when, time.time()]
 
-    def _deliver_directly(self, targets: list[Difusor], manifest: bytes, signature: bytes) -> None:
-        """Write a manifest, then its signature, into each inbox (as an intruder could)."""
+    def _deliver_directly(
+        self, targets: list[Difusor], manifest: bytes, signature: bytes
+    ) -> list[Difusor]:
+        """Write a manifest, then its signature, into each inbox (as an intruder could);
+        return the difusores written to (one that came under another fault is left out)."""
+        targets = [d for d in targets if d.service_id not in self.busy]
         for d in targets:
             (d.inbox / "prep-manifest.json").write_bytes(manifest)
             part = d.inbox / ".sig.part"
             part.write_bytes(signature)
             os.replace(part, d.inbox / "prep-manifest.json.sig")
+        return targets
 
     def _refused_by_distribute(self, folder: Path) -> str | None:
         done = subprocess.run(
@@ -305,6 +344,8 @@ class Injection:
         def all_rejected() -> list[float] | None:
             times = []
             for d in targets:
+                if d.service_id in self.busy:  # came under another fault (e.g. a full disk)
+                    continue
                 found = [e["at"] for e in refused(d, when) if e.get("reason") == reason]
                 if not found:
                     return None
@@ -340,7 +381,7 @@ class Injection:
         refused = self._refused_by_distribute(folder)
         if refused:
             self._detected(time.time(), f"distribute (refused: {refused}) and every difusor")
-        self._deliver_directly(targets, manifest, signature)
+        targets = self._deliver_directly(targets, manifest, signature)
         self._expect_rejections(targets, when, "signature-untrusted")
 
     def _replay(self) -> None:
@@ -355,7 +396,8 @@ class Injection:
         if refused:
             self._detected(time.time(), f"distribute (refused: {refused}) and every difusor")
         manifest = (old / "prep-manifest.json").read_bytes()
-        self._deliver_directly(targets, manifest, (old / "prep-manifest.json.sig").read_bytes())
+        signature = (old / "prep-manifest.json.sig").read_bytes()
+        targets = self._deliver_directly(targets, manifest, signature)
         self._expect_rejections(targets, when, "rollback")
 
     def _tamper(self) -> None:
@@ -376,3 +418,11 @@ class Injection:
                         6 * self.period + 30, self.stop)  # fmt: skip
         if altered:
             self._detected(time.time(), "collector audit (copia alterada)")
+
+    def _notice_off(self) -> None:
+        d = self.difusor()
+        when = self._inject(f"the agent of {d.service_id} runs with stale_periods = 1000")
+        found = until(lambda: self.missed(d.service_id, when - self.period),
+                      12 * self.period + 30, self.stop)  # fmt: skip
+        if found:
+            self._detected(float(found), "viewer (interruption notice due, not shown)")

@@ -20,11 +20,25 @@ from prep_agent.rehearsal import faults as schedule
 from prep_agent.rehearsal.browser import Browser, Frame
 from prep_agent.rehearsal.browser import unavailable as browser_unavailable
 from prep_agent.rehearsal.inject import Injection, api_rows, published, standing
+from prep_agent.rehearsal.netns import available as netns_unavailable
 from prep_agent.rehearsal.stand import COMMAND, Proc, Stand, build, is_root, run, wait
 from prep_agent.rehearsal.viewer import Viewer
 
 NAMES = ("a", "b", "c")
 """The difusores of the rehearsal (all standalone; see the report's notes)."""
+PERIOD_SECONDS = 600
+"""The simulated cuts' ``period_seconds`` (``prep-agent simulate``'s)."""
+STALE_PERIODS = 3
+"""The agents' ``stale_periods`` (the default)."""
+NOTICE_AFTER = 4
+"""Compressed periods without a new cut after which the interruption notice is due:
+each cut is signed with a cut time ``STALE_PERIODS`` x ``PERIOD_SECONDS`` -
+``NOTICE_AFTER`` x ``--period`` seconds old."""
+
+
+def age(period: float) -> float:
+    """How old (seconds) each simulated cut's cut time is when it is signed."""
+    return STALE_PERIODS * PERIOD_SECONDS - NOTICE_AFTER * period
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,18 @@ class Options:
     period: float = 2.0
     faults: Path | None = None
     browser: bool = True
+    mode: str = "auto"
+    """``loopback``, ``netns`` (root) or ``auto`` (netns when root)."""
+
+    def netns(self) -> bool:
+        """Whether the difusores run in network namespaces.
+
+        Raises Error when ``netns`` was asked for and cannot be had.
+        """
+        why = netns_unavailable()
+        if self.mode == "netns" and why:
+            raise Error(f"--mode netns: {why}")
+        return self.mode == "netns" or (self.mode == "auto" and why is None)
 
 
 def simulate(stand: Stand, cuts: int, period: float) -> Proc:
@@ -44,6 +70,7 @@ def simulate(stand: Stand, cuts: int, period: float) -> Proc:
     scratch.mkdir(parents=True)
     argv = [*COMMAND, "simulate", "--key", str(stand.key), "--out", str(stand.watch)]
     argv += ["--inbox", str(scratch), "--interval", str(period), "--cuts", str(cuts), "--final"]
+    argv += ["--age", str(age(period))]
     proc = Proc("simulate", argv, stand.out / "institute" / "simulate.log")
     stand.procs.append(proc)
     proc.start()
@@ -152,7 +179,8 @@ def rehearse(options: Options) -> dict[str, Any]:
     plan = schedule.load(options.faults, NAMES, options.cuts)
     tmpfs = {f.difusor for f in plan if f.kind == "disk-full" and f.difusor} if is_root() else set()
     started = time.time()
-    stand = build(out, options.period, NAMES, sorted(tmpfs))
+    quiet = sorted({f.difusor for f in plan if f.kind == "notice-off" and f.difusor})
+    stand = build(out, options.period, NAMES, sorted(tmpfs), quiet, options.netns())
     try:
         horizon = options.cuts * options.period + 120 + 20 * len(plan)
         viewers = [Viewer(d.service_id, d.url, stand.allowed_signers) for d in stand.difusores]
@@ -167,6 +195,22 @@ def rehearse(options: Options) -> dict[str, Any]:
             browser.start(stand.portal_port, horizon)
             browser.ready.wait(60)  # the night starts once the portal is on screen
         placed: dict[int, float] = {}
+
+        def shown(sid: str, since: float) -> float | None:
+            """When every viewer of ``sid`` showed the notice after ``since``."""
+            times = [next(v for v in viewers if v.service_id == sid).notice_shown(since)]
+            if browser is not None and not browser.error:
+                frame = next(f for f in browser.frames if f.service_id == sid)
+                times.append(min((t for t in frame.stale_shown.values() if t >= since),
+                                 default=None))  # fmt: skip
+            return None if None in times else max(t for t in times if t is not None)
+
+        def missed(sid: str, since: float) -> float | None:
+            """When a viewer of ``sid`` first found a due notice missing after ``since``."""
+            seen = [f.at for v in viewers if v.service_id == sid for f in list(v.findings)
+                    if f.kind == "notice" and f.at >= since]  # fmt: skip
+            return min(seen) if seen else None
+
         stop = threading.Event()
         injections: list[Injection] = []
         busy: set[str] = set()
@@ -174,7 +218,7 @@ def rehearse(options: Options) -> dict[str, Any]:
         for k in range(1, options.cuts + 1):
             placed[k] = wait_cut(stand, k, 10 * options.period + 30, institute)
             for fault in (f for f in plan if f.at_cut == k):
-                injection = Injection(fault, stand, placed, stop, busy)
+                injection = Injection(fault, stand, placed, stop, busy, shown, missed)
                 injection.start()
                 injections.append(injection)
         deadline = time.monotonic() + 20 * len(plan) + 10 * options.period + 60
@@ -199,8 +243,12 @@ def rehearse(options: Options) -> dict[str, Any]:
                 "cuts": options.cuts,
                 "period": options.period,
                 "faults": str(options.faults) if options.faults else "default",
-                "mode": "loopback",
+                "mode": stand.mode,
+                "namespaces": [name for net in stand.networks for name in net.names],
                 "root": is_root(),
+                "period_seconds": PERIOD_SECONDS,
+                "cut_age_seconds": age(options.period),
+                "notice_after_periods": NOTICE_AFTER,
             },  # fmt: skip
             "started": started,
             "ended": ended,

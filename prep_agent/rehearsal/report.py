@@ -2,7 +2,8 @@
 
 The verdict fails when a viewer saw a mixed or altered page, a cut time that
 went backwards, a cut not signed by the institute, an error from a difusor not
-under a fault, or a missing interruption notice; when an accepted cut is
+under a fault, or a missing interruption notice (not held against a difusor
+whose agent was killed or whose disk was full); when an accepted cut is
 missing from the journal of a difusor that was not under a fault then; when the
 final cut is missing anywhere at the end; when a fault was not detected where
 the spec says; and when a copy was found altered (a ``tamper`` defect).
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prep_agent.rehearsal.browser import Browser
-from prep_agent.rehearsal.viewer import Finding, Viewer
+from prep_agent.rehearsal.viewer import NOTICE_GRACE, Finding, Viewer
 
 LATENCY = {
     "delivery": "delivered",
@@ -30,11 +31,12 @@ EXPECTED_ES = {
     "kill-agent": "el agente reinicia y publica el corte (o uno más nuevo)",
     "disk-full": "distribute registra el envío fallido (o el agente un error); "
     "al liberar espacio se publica el corte más reciente",
-    "network-cut": "el colector lo marca y lo quita de la lista de difusores vigentes; "
-    "al recuperarse vuelve a la lista",
+    "network-cut": "el colector lo marca y lo quita de la lista de difusores vigentes; su marco "
+    "muestra el aviso de interrupción cuando corresponde; al recuperarse vuelve a la lista",
     "bad-signature": "distribute rechaza el corte; todo difusor lo rechaza (firma no confiable)",
     "replay": "distribute rechaza el corte anterior; todo difusor lo rechaza (retroceso)",
     "tamper": "la auditoría del colector encuentra la copia alterada",
+    "notice-off": "un visor encuentra que falta el aviso de interrupción cuando corresponde",
 }
 """What each fault should cause, for the Spanish page."""
 STATUS_ES = {"detected": "detectada", "missed": "no detectada", "not-available": "no disponible"}
@@ -44,8 +46,12 @@ MEASURE_ES = {
     "visible": "visible (consulta HTTP)",
     "visible_browser": "visible (navegador)",
 }
-ALWAYS_WRONG = {"mixed", "unsigned", "backwards", "notice"}
+ALWAYS_WRONG = {"mixed", "unsigned", "backwards"}
 """Viewer findings that fail the verdict even under a fault."""
+NOTICE_EXCUSED_BY = {"kill-agent", "disk-full"}
+"""Faults in whose window a missing notice is excused: a full disk cannot take the
+rewritten status.json, a killed agent rewrites nothing. Not a network cut: the
+agent is fine then, and showing the notice is the point."""
 KIND_ES = {
     "kill-agent": "kill -9 del agente durante la publicación",
     "disk-full": "disco lleno",
@@ -53,6 +59,7 @@ KIND_ES = {
     "bad-signature": "corte mal firmado",
     "replay": "corte repetido (replay)",
     "tamper": "copia alterada (defecto)",
+    "notice-off": "aviso de interrupción desactivado (defecto)",
     "clock-skew": "reloj desfasado",
     "balancer-kill": "balanceador activo detenido",
     "origin-stop": "origen del par detenido",
@@ -75,14 +82,18 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(ordered[rank - 1], 3)
 
 
-def excused(records: dict[str, Any], service_id: str, at: float) -> bool:
-    """Whether ``service_id`` was under a fault at ``at``: from one period before
-    the fault (or from the cut before the fault's cut, which may still have been
-    in flight) to two periods after its recovery."""
+def excused(
+    records: dict[str, Any], service_id: str, at: float, kinds: set[str] | None = None
+) -> bool:
+    """Whether ``service_id`` was under a fault (of ``kinds``, None: any) at ``at``:
+    from one period before the fault (or from the cut before the fault's cut, which
+    may still have been in flight) to two periods after its recovery."""
     period = float(records["options"]["period"])
     for fault in records["faults"]:
         window = fault.get("window")
         if fault.get("difusor") != service_id or not window:
+            continue
+        if kinds is not None and fault["kind"] not in kinds:
             continue
         start = min(window[0] - period, records["placed"].get(fault["at_cut"] - 1, window[0]))
         if start <= at <= window[1] + 2 * period:
@@ -95,7 +106,12 @@ def judge_findings(
 ) -> list[dict[str, Any]]:
     """Add the findings of one viewer that fail the verdict to ``problems`` (once
     per kind); return them all as JSON."""
-    counted = [f for f in found if f.kind in ALWAYS_WRONG or not excused(records, sid, f.at)]
+    counted = [
+        f
+        for f in found
+        if f.kind in ALWAYS_WRONG
+        or not excused(records, sid, f.at, NOTICE_EXCUSED_BY if f.kind == "notice" else None)
+    ]
     for kind in sorted({f.kind for f in counted}):
         same = [f for f in counted if f.kind == kind]
         problems.append(
@@ -122,6 +138,42 @@ def browser_part(records: dict[str, Any], problems: list[str]) -> dict[str, Any]
             for f in browser.frames
         },
     }
+
+
+FRAME_POLL = 5.0
+"""Seconds between a frame's looks at status.json (the agents' ``poll_seconds``)."""
+
+
+def notices_part(records: dict[str, Any], problems: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Per difusor, every interruption notice that came due: when, and when the HTTP
+    viewer and the browser first showed it. A frame still showing the cut as
+    current ``FRAME_POLL`` + ``NOTICE_GRACE`` seconds after it was due is a
+    missing notice (the HTTP viewer's own are among its findings)."""
+    viewers: dict[str, Viewer] = records["viewers"]
+    browser: Browser | None = records["browser"]
+    frames = {f.service_id: f for f in browser.frames} if browser is not None else {}
+    found: dict[str, list[dict[str, Any]]] = {}
+    for sid, viewer in viewers.items():
+        entries = []
+        for sequence, notice in sorted(viewer.notices.items()):
+            due = float(notice["due"] or 0)
+            frame = frames.get(sid)
+            late = frame.last_current.get(sequence) if frame is not None else None
+            if (
+                late is not None
+                and late > due + FRAME_POLL + NOTICE_GRACE
+                and not excused(records, sid, late, NOTICE_EXCUSED_BY)
+            ):
+                problems.append(f"browser of {sid}: notice of cut {sequence} due at {iso(due)} "
+                                f"still not shown at {iso(late)}")  # fmt: skip
+            entries.append({
+                "sequence": sequence,
+                "due_at": iso(due),
+                "shown_at": iso(notice["shown"]),
+                "shown_browser_at": iso(frame.stale_shown.get(sequence)) if frame else None,
+            })  # fmt: skip
+        found[sid] = entries
+    return found
 
 
 def build(records: dict[str, Any]) -> dict[str, Any]:
@@ -165,12 +217,14 @@ def build(records: dict[str, Any]) -> dict[str, Any]:
         for sid, viewer in viewers.items()
     }
     browser_doc = browser_part(records, problems)
+    notices = notices_part(records, problems)
     faults = []
     for fault in records["faults"]:
         entry = {**fault, "injected_at": iso(fault["injected_at"]),
                  "detected_at": iso(fault["detected_at"])}  # fmt: skip
-        if fault.get("relinked_at") is not None:
-            entry["relinked_at"] = iso(fault["relinked_at"])
+        for moment in ("relinked_at", "notice_shown_at"):
+            if fault.get(moment) is not None:
+                entry[moment] = iso(fault[moment])
         if fault["injected_at"] is not None and fault["detected_at"] is not None:
             entry["detection_seconds"] = round(fault["detected_at"] - fault["injected_at"], 3)
         if fault.get("window"):
@@ -194,6 +248,7 @@ def build(records: dict[str, Any]) -> dict[str, Any]:
                 **d,
                 "memoria": records["memorias"].get(d["service_id"]),
                 "viewer_polls": viewers[d["service_id"]].polls,
+                "viewer_timeouts": viewers[d["service_id"]].timeouts,
             }
             for d in records["difusores"]
         ],  # fmt: skip
@@ -202,6 +257,7 @@ def build(records: dict[str, Any]) -> dict[str, Any]:
         "latency_seconds": stats,
         "faults": faults,
         "viewer_findings": findings,
+        "notices": notices,
         "browser": browser_doc,
         "collector_timeline": [
             {"at": iso(s["at"]), "difusores": s["difusores"]} for s in records["timeline"]
@@ -242,6 +298,15 @@ def render(doc: dict[str, Any]) -> str:
         f"<td>{_cell(json.dumps(s['difusores'], ensure_ascii=False))}</td></tr>"
         for s in doc["collector_timeline"]
     )
+    notice_rows = (
+        "".join(
+            f"<tr><td>{_cell(sid)}</td><td>{n['sequence']}</td><td>{_cell(n['due_at'])}</td>"
+            f"<td>{_cell(n['shown_at'])}</td><td>{_cell(n['shown_browser_at'])}</td></tr>"
+            for sid, entries in doc["notices"].items()
+            for n in entries
+        )
+        or '<tr><td colspan="5">Ningún aviso correspondió.</td></tr>'
+    )
     verdict = "APROBADO" if ok else "NO APROBADO"
     b = doc["browser"]
     browser_line = (
@@ -267,6 +332,13 @@ Los problemas y los detalles técnicos se muestran en inglés, como en las bitá
 <h2>Fallas inyectadas</h2>
 <table><tr><th>falla</th><th>difusor</th><th>inyectada</th><th>se esperaba</th><th>detectada</th>
 <th>por</th><th>estado</th><th>detalle</th></tr>{''.join(faults)}</table>
+<h2>Avisos de interrupción</h2>
+<p>Cada corte simulado declara un periodo de {_cell(doc['options'].get('period_seconds'))} s y
+se firma con una hora de corte {_cell(doc['options'].get('cut_age_seconds'))} s en el pasado,
+así el aviso corresponde tras {_cell(doc['options'].get('notice_after_periods'))} periodos
+comprimidos sin corte nuevo.</p>
+<table><tr><th>difusor</th><th>corte</th><th>correspondía desde</th><th>mostrado (consulta
+HTTP)</th><th>mostrado (navegador)</th></tr>{notice_rows}</table>
 <h2>Cortes por difusor</h2>
 <table><tr><th>corte</th><th>difusor</th><th>listo</th><th>entregado</th><th>publicado</th>
 <th>visto por primera vez (consulta HTTP)</th><th>visto en el navegador</th></tr>

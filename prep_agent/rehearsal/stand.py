@@ -1,5 +1,11 @@
-"""The stand of a rehearsal on loopback: keys, one sshd and one agent per
-difusor, the collector and ``distribute --watch``, each a real process.
+"""The stand of a rehearsal: keys, one sshd and one agent per difusor, the
+collector and ``distribute --watch``, each a real process.
+
+On loopback (any user), or as root in network namespaces (``netns``): each
+difusor's sshd and agent run in a namespace of their own, linked to two private
+switches, the institute's (sftp, health, pushes) and the readers' (viewers,
+browser); this host's namespace, where the institute, the collector and the
+viewers run, is attached to both. A network cut is then a real link down.
 
 Every command is ``python -m prep_agent.cli`` of the running interpreter, so
 the rehearsal tests the code it ships with. Processes log to files under the
@@ -8,6 +14,7 @@ rehearsal's folder; each is stopped with SIGTERM, then SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import signal
@@ -22,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from prep_agent.core.errors import Error
+from prep_agent.rehearsal.netns import Network, Node, free_prefix, ip
 
 ELECTION = "coah-ayun-2021"
 COMMAND = (sys.executable, "-m", "prep_agent.cli")
@@ -67,10 +75,10 @@ def answers(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def accepts(port: int) -> bool:
-    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on ``host``:``port``."""
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        socket.create_connection((host, port), timeout=0.5).close()
     except OSError:
         return False
     return True
@@ -139,6 +147,35 @@ class Proc:
             return ""
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (children, grandchildren...), read from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text(encoding="ascii", errors="replace")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def signal_tree(proc: Proc, sig: int) -> None:
+    """Send ``sig`` to ``proc`` and every process below it (sshd's sessions)."""
+    if proc.proc is None or proc.proc.poll() is not None:
+        return
+    for pid in [proc.proc.pid, *descendants(proc.proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
 def wait(probe: Callable[[], object], timeout: float, what: str, proc: Proc | None = None) -> None:
     """Call ``probe()`` every 0.1 s until true.
 
@@ -177,6 +214,14 @@ class Difusor:
     web_port: int
     ssh_port: int
     tmpfs: bool = False
+    stale_periods: int = 3
+    """The agent's ``stale_periods`` (1000 for a ``notice-off`` defect)."""
+    node: Node | None = None
+    """Its namespace (root mode), else None: loopback."""
+    public_host: str = "127.0.0.1"
+    """Where readers reach its agent."""
+    institute_host: str = "127.0.0.1"
+    """Where the institute reaches its sshd and agent (its ``inst0`` link in a namespace)."""
     sshd: Proc | None = None
     agent: Proc | None = None
     host_public: str = ""
@@ -196,7 +241,23 @@ class Difusor:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.web_port}"
+        return f"http://{self.public_host}:{self.web_port}"
+
+    @property
+    def institute_url(self) -> str:
+        return f"http://{self.institute_host}:{self.web_port}"
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` run where the difusor lives (inside its namespace, if any)."""
+        return self.node.command(argv) if self.node is not None else list(argv)
+
+    def set_link(self, up: bool) -> None:
+        """Bring its institute link down or up (root mode only).
+
+        Raises Error when ``ip`` fails.
+        """
+        assert self.node is not None
+        ip("-n", self.node.name, "link", "set", INSTITUTE_LINK, "up" if up else "down")
 
     @property
     def journal(self) -> Path:
@@ -209,7 +270,7 @@ class Difusor:
         """
         self.agent = Proc(
             f"agent {self.service_id}",
-            [*COMMAND, "run", "--config", str(self.conf)],
+            self.command([*COMMAND, "run", "--config", str(self.conf)]),
             self.home / "agent.log",
         )
         self.agent.start()
@@ -228,6 +289,9 @@ class Stand:
     collector_port: int = 0
     portal_port: int = 0
     """Where the browser viewer's portal page is served (allowed to frame the difusores)."""
+    collector_host: str = "127.0.0.1"
+    networks: list[Network] = field(default_factory=list)
+    """The switches of root mode (empty on loopback)."""
     key: Path = Path()
     rogue_key: Path = Path()
     identity: Path = Path()
@@ -237,7 +301,11 @@ class Stand:
 
     @property
     def collector_url(self) -> str:
-        return f"http://127.0.0.1:{self.collector_port}"
+        return f"http://{self.collector_host}:{self.collector_port}"
+
+    @property
+    def mode(self) -> str:
+        return "netns" if self.networks else "loopback"
 
     def close(self) -> None:
         """Stop every process and unmount every tmpfs (best effort, never raises)."""
@@ -249,6 +317,8 @@ class Stand:
             proc.stop()
         for mount in self.mounts:
             subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
+        for network in self.networks:
+            network.close()
 
 
 def _institute(stand: Stand) -> None:
@@ -274,7 +344,7 @@ def _sshd(stand: Stand, d: Difusor) -> None:
     (folder / "authorized_keys").write_text(upload, encoding="ascii")
     config = folder / "sshd_config"
     config.write_text(
-        f"Port {d.ssh_port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host_key'}\n"
+        f"Port {d.ssh_port}\nListenAddress {d.institute_host}\nHostKey {folder / 'host_key'}\n"
         f"PidFile {folder / 'sshd.pid'}\nAuthorizedKeysFile {folder / 'authorized_keys'}\n"
         "StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
         "UsePAM no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n"
@@ -284,9 +354,10 @@ def _sshd(stand: Stand, d: Difusor) -> None:
     if is_root():  # sshd's privilege separation folder (a user's own sshd does without)
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     run([SSHD, "-t", "-f", str(config)], f"sshd -t of {d.service_id}")
-    d.sshd = Proc(f"sshd {d.service_id}", [SSHD, "-D", "-e", "-f", str(config)], folder / "log")
+    argv = d.command([SSHD, "-D", "-e", "-f", str(config)])
+    d.sshd = Proc(f"sshd {d.service_id}", argv, folder / "log")
     d.sshd.start()
-    wait(lambda: accepts(d.ssh_port), 15, f"sshd of {d.service_id}", d.sshd)
+    wait(lambda: accepts(d.ssh_port, d.institute_host), 15, f"sshd of {d.service_id}", d.sshd)
 
 
 def _agent(stand: Stand, d: Difusor) -> None:
@@ -295,7 +366,8 @@ def _agent(stand: Stand, d: Difusor) -> None:
         run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", str(d.root)], "mount")
         stand.mounts.append(d.root)
     init = [*COMMAND, "init", "--root", str(d.root), "--election", ELECTION]
-    init += ["--trust", str(stand.allowed_signers), "--listen", f"127.0.0.1:{d.web_port}"]
+    listen = "0.0.0.0" if d.node is not None else "127.0.0.1"  # both links in a namespace
+    init += ["--trust", str(stand.allowed_signers), "--listen", f"{listen}:{d.web_port}"]
     run([*init, "--config", str(d.conf), "--service-id", d.service_id], "prep-agent init")
     key = d.home / "report_key"
     d.allowed_line = run(
@@ -305,7 +377,11 @@ def _agent(stand: Stand, d: Difusor) -> None:
     set_values(
         d.conf,
         {
-            "agent": {"rescan_interval": 1, "settle_timeout": max(10, int(4 * stand.period))},
+            "agent": {
+                "rescan_interval": 1,
+                "settle_timeout": max(10, int(4 * stand.period)),
+                "stale_periods": d.stale_periods,
+            },
             "frame": {
                 "difusor_name": f"Diario {d.service_id.upper()}",
                 "poll_seconds": 5,  # the frame's minimum
@@ -329,10 +405,11 @@ def _collector_conf(stand: Stand) -> None:
     trust.write_text("".join(f"{d.allowed_line}\n" for d in stand.difusores), encoding="ascii")
     period = max(1, round(stand.period))
     text = (
-        f"[collector]\nlisten = 127.0.0.1:{stand.collector_port}\n"
+        f"[collector]\nlisten = {stand.collector_host}:{stand.collector_port}\n"
         f"database = {home / 'collector.sqlite'}\ntrust = {trust}\nmanifests = {stand.watch}\n"
         "report_period = 1\nsilent_after = 3\npoll_interval = 1\nconnect_timeout = 1\n"
-        f"read_timeout = 2\nperiod_seconds = {period}\nunlink_periods = 3\nrefresh_seconds = 2\n\n"
+        f"read_timeout = 2\nperiod_seconds = {period}\nunlink_periods = 3\nrefresh_seconds = 2\n"
+        f"dashboard_allow = 127.0.0.1/32 {stand.collector_host}/32\n\n"
         f"[distribute]\nallowed_signers = {stand.allowed_signers}\nelection = {ELECTION}\n"
         f"workers = 8\nconnect_timeout = 2\ntransfer_timeout = 20\nretry_for = {max(3, period)}\n"
         f"backoff_max = 1\nconfirm_timeout = {max(5, 3 * period)}\n\n"
@@ -343,18 +420,27 @@ def _collector_conf(stand: Stand) -> None:
     for d in stand.difusores:
         text += (
             f"\n[difusor:{d.service_id}]\nname = Diario {d.service_id.upper()}\n"
-            f"contact = Mesa de {d.service_id}, 844 000 0000\nhealth_url = {d.url}/health\n"
-            f"token_file = {d.home / 'token'}\nsftp = {user}@127.0.0.1:{d.ssh_port}:{d.inbox}\n"
-            f"host_key = [127.0.0.1]:{d.ssh_port} {d.host_public}\nidentity = {stand.identity}\n"
-            f"status_url = {d.url}/status.json\n"
+            f"contact = Mesa de {d.service_id}, 844 000 0000\n"
+            f"health_url = {d.institute_url}/health\ntoken_file = {d.home / 'token'}\n"
+            f"sftp = {user}@{d.institute_host}:{d.ssh_port}:{d.inbox}\n"
+            f"host_key = [{d.institute_host}]:{d.ssh_port} {d.host_public}\n"
+            f"identity = {stand.identity}\nstatus_url = {d.institute_url}/status.json\n"
         )
     stand.conf = home / "institute.conf"
     stand.conf.write_text(text, encoding="utf-8")
 
 
-def build(out: Path, period: float, names: Sequence[str], tmpfs: Sequence[str]) -> Stand:
+def build(
+    out: Path,
+    period: float,
+    names: Sequence[str],
+    tmpfs: Sequence[str],
+    quiet: Sequence[str] = (),
+    netns: bool = False,
+) -> Stand:
     """Make and start the stand: difusores ``names`` (those in ``tmpfs`` on a small
-    tmpfs), the collector and ``distribute --watch``.
+    tmpfs, those in ``quiet`` with ``stale_periods = 1000``; with ``netns``, each in
+    a namespace of its own), the collector and ``distribute --watch``.
 
     Raises Error when a part does not start; what started is stopped then.
     """
@@ -362,12 +448,17 @@ def build(out: Path, period: float, names: Sequence[str], tmpfs: Sequence[str]) 
     try:
         _institute(stand)
         stand.collector_port, stand.portal_port = free_port(), free_port()
-        for name in names:
+        if netns:
+            _switches(stand)
+        for i, name in enumerate(names):
             d = Difusor(name, out / "difusores" / name, free_port(), free_port(), name in tmpfs)
+            d.stale_periods = 1000 if name in quiet else d.stale_periods
+            if netns:
+                _namespace(stand, d, 10 + i)
             d.home.mkdir(parents=True)
             stand.difusores.append(d)
+            _agent(stand, d)  # first: a tmpfs root is mounted before sshd's namespace is made
             _sshd(stand, d)
-            _agent(stand, d)
         _collector_conf(stand)
         home = out / "institute"
         collector = Proc("collector", [*COMMAND, "collector", "--config", str(stand.conf)],
@@ -385,6 +476,27 @@ def build(out: Path, period: float, names: Sequence[str], tmpfs: Sequence[str]) 
         stand.close()
         raise
     return stand
+
+
+INSTITUTE_LINK = "inst0"
+"""A difusor namespace's link to the institute's switch (the readers' is ``eth0``)."""
+
+
+def _switches(stand: Stand) -> None:
+    """The institute's and the readers' switches, this host attached to both."""
+    for _ in range(2):
+        network = Network(prefix=free_prefix())
+        stand.networks.append(network)
+        host = network.attach_host(1)
+        if len(stand.networks) == 1:
+            stand.collector_host = host
+
+
+def _namespace(stand: Stand, d: Difusor, host: int) -> None:
+    institute, readers = stand.networks
+    d.node = readers.add(f"d{d.service_id}", host)
+    d.public_host = d.node.address
+    d.institute_host = institute.join(d.node, host, INSTITUTE_LINK)
 
 
 def is_root() -> bool:

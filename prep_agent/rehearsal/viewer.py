@@ -7,7 +7,10 @@ against the institute's allowed_signers; the entry page is then compared with
 the manifest's SHA-256. Findings: a cut time or sequence that went backwards, a
 page whose bytes the signed manifest does not list (a mixed or altered page),
 an unsigned cut, an error answer, a missing interruption notice (``stale_at``
-passed, yet the state is not ``stale``). The loop is bounded in count and time.
+passed by the viewer's clock more than ``NOTICE_GRACE`` ago, or by the
+difusor's own ``written_at``, yet the state is not ``stale``). Each notice that
+came due is recorded: its sequence, when it was due, when it was first shown.
+The loop is bounded in count and time.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from prep_agent.core.protocol import RELEASES_FOLDER
 
 MAX_BYTES = 8 * 1024 * 1024
 """Largest answer a viewer reads."""
+NOTICE_GRACE = 5.0
+"""Seconds after ``stale_at`` within which status.json must say ``stale`` (the agent
+rewrites it one second after, §6, or after the publication it is busy with)."""
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -76,11 +82,21 @@ class Viewer:
     url: str
     allowed_signers: Path
     interval: float = 0.5
+    stale_periods: int = 3
+    """The rehearsal's ``stale_periods``: a notice is due by the signed manifest's
+    cut_time and period_seconds, whatever the difusor's status.json claims."""
     first_seen: dict[int, float] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
+    notices: dict[int, dict[str, float | None]] = field(default_factory=dict)
+    """Sequence → ``due`` (its stale_at) and ``shown`` (first poll that said stale)."""
     polls: int = 0
+    timeouts: int = 0
+    """Looks at status.json that got no answer within the timeout."""
+    _missed: bool = False
     _last: tuple[int, str] | None = None
     _checked: dict[str, dict[str, str] | None] = field(default_factory=dict)
+    _due: dict[str, float | None] = field(default_factory=dict)
+    """Release → when its notice is due by its signed manifest (None: final)."""
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -120,6 +136,9 @@ class Viewer:
         if signed_by_institute(self.allowed_signers, manifest, signature):
             doc = json.loads(manifest)
             files = {str(f["path"]): str(f["sha256"]) for f in doc.get("files", [])}
+            cut_time = datetime.fromisoformat(str(doc["cut_time"])).timestamp()
+            late = self.stale_periods * float(doc["period_seconds"])
+            self._due[release] = None if doc.get("final") else cut_time + late
         else:
             self._note("unsigned", f"release {release}: signature refused")
         self._checked[release] = files
@@ -130,9 +149,16 @@ class Viewer:
         self.polls += 1
         code, body = fetch(self.url + "/status.json")
         now = time.time()
+        if code == 0 and not self._missed:
+            # One look unanswered within the timeout: a frame keeps its page and looks
+            # again; two in a row are an error (counted in ``timeouts`` either way).
+            self._missed, self.timeouts = True, self.timeouts + 1
+            return
         if code != 200:
+            self.timeouts += code == 0
             self._note("error", f"status.json: HTTP {code}")
             return
+        self._missed = False
         try:
             status: dict[str, Any] = json.loads(body)
         except ValueError:
@@ -148,8 +174,8 @@ class Viewer:
             if sequence < last_seq or moment < datetime.fromisoformat(last_time):
                 self._note("backwards", f"{last_seq} {last_time} -> {sequence} {cut_time}")
         self._last = (sequence, cut_time)
-        self._check_notice(status)
         files = self._release_files(release)
+        self._check_notice(status, sequence, now, self._due.get(release))
         if files is None:
             return
         entry = str(status.get("entry") or "")
@@ -163,10 +189,29 @@ class Viewer:
             return
         self.first_seen.setdefault(sequence, now)
 
-    def _check_notice(self, status: dict[str, Any]) -> None:
+    def _check_notice(
+        self, status: dict[str, Any], sequence: int, now: float, signed_due: float | None
+    ) -> None:
         stale_at, written = status.get("stale_at"), status.get("written_at")
         if not stale_at or not written or status.get("final"):
             return
-        due = datetime.fromisoformat(str(written)) > datetime.fromisoformat(str(stale_at))
-        if due and status.get("state") != "stale":
-            self._note("notice", f"stale since {stale_at}, state {status.get('state')}")
+        due_at = signed_due or datetime.fromisoformat(str(stale_at)).timestamp()
+        stale = status.get("state") == "stale"
+        if stale or now > due_at:
+            notice = self.notices.setdefault(sequence, {"due": due_at, "shown": None})
+            if stale and notice["shown"] is None:
+                notice["shown"] = now
+        if stale:
+            return
+        if datetime.fromisoformat(str(written)).timestamp() > due_at:
+            self._note("notice", f"{sequence} stale since {stale_at}, written at {written} "
+                       f"as {status.get('state')}")  # fmt: skip
+        elif now > due_at + NOTICE_GRACE:
+            self._note("notice", f"{sequence} stale since {stale_at}, still "
+                       f"{status.get('state')} {now - due_at:.1f} s later")  # fmt: skip
+
+    def notice_shown(self, since: float) -> float | None:
+        """When a notice was first shown at or after ``since`` (None: not yet)."""
+        shown = [n["shown"] for n in list(self.notices.values())
+                 if n["shown"] is not None and n["shown"] >= since]  # fmt: skip
+        return min(shown) if shown else None

@@ -58,6 +58,7 @@ def run_institute(
     clock: Clock = now_utc6,
     final: bool = False,
     keep: int = KEEP_CUTS,
+    age: float = 0.0,
 ) -> None:
     """Build, sign and deliver one cut every ``interval`` seconds.
 
@@ -65,8 +66,10 @@ def run_institute(
     one already there. The cut time is ``clock()`` in UTC-6 truncated to the
     minute (never before the previous cut's). Stops when ``stop`` is set or
     after ``cuts`` cuts (0: never); with ``final`` the last of them is the
-    final cut. Raises what building, signing
-    or ``deliver`` raise.
+    final cut. With ``age`` > 0 the cut time is ``age`` seconds before the clock,
+    to the second (a compressed night: freshness comes due ``stale_periods`` x
+    ``period_seconds`` - ``age`` seconds after a cut, as in a rehearsal). Raises
+    what building, signing or ``deliver`` raise.
     """
     outdir.mkdir(parents=True, exist_ok=True)
     sequence = _last_sequence(outdir)
@@ -81,6 +84,8 @@ def run_institute(
             clock().astimezone(OFFSET), latest or datetime.min.replace(tzinfo=OFFSET)
         )
         cut_time = now.replace(second=0, microsecond=0)
+        if age > 0:
+            cut_time = (now - timedelta(seconds=age)).replace(microsecond=0)
         folder = outdir / f"{sequence:06d}"
         build_cut(sim, sequence, cut_time, folder, final=final and last)
         info = CutInfo(
@@ -150,6 +155,10 @@ def main(args: argparse.Namespace) -> int:
         split_target(args.sftp)
     if args.interval <= 0 or args.cuts < 0:
         raise Error("--interval must be positive and --cuts at least 0")
+    if getattr(args, "age", 0.0) < 0:
+        raise Error("--age must be at least 0 seconds")
+    if serve and getattr(args, "age", 0.0):
+        raise Error("--age does not go with --serve-https (packages are named by their minute)")
     key = load_key(Path(args.key))
     sim = Simulation(seed=args.seed)
     stop = threading.Event()
@@ -165,6 +174,7 @@ def main(args: argparse.Namespace) -> int:
             stop,
             clock=MinuteApart() if publisher else now_utc6,
             final=args.final,
+            age=getattr(args, "age", 0.0),
         )
         if publisher is not None and getattr(args, "keep_serving", False):
             stop.wait()
