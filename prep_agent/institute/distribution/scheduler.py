@@ -212,9 +212,7 @@ class Distributor:
             target.tries += 1
         assert cut is not None
         link = self.links[sid]
-        acked = self.records.target(sid).acked_files
-        send = [path for path, sha in cut.files.items() if acked.get(path) != sha]
-        size = sum(cut.sizes[p] for p in send)
+        send: list[str] | None = None
         started = time.time()
         error: Error | None = None
         result = DELIVERED
@@ -225,6 +223,8 @@ class Distributor:
         try:
             connect(link, 2 * self.settings.connect_timeout + 5, cancelled)
             with self._slot(cancelled):
+                # Listed only now: a target waiting for a slot holds no list of its files.
+                send = self._to_send(sid, cut)
                 self._send(link, cut, send, cancelled)
         except Cancelled as exc:
             result, error = SUPERSEDED, exc
@@ -235,6 +235,8 @@ class Distributor:
             error = exc if isinstance(exc, Error) else DeliveryError(f"local: {exc}")
         ended = time.time()
         # Files and bytes of the batch: all sent when delivered, an upper bound otherwise.
+        send = self._to_send(sid, cut) if send is None else send
+        size = sum(cut.sizes[p] for p in send)
         reason = str(error) if error is not None else None
         attempt = Attempt(sid, cut.sequence, started, ended, len(send), size, result, reason)
         self.records.record_attempt(attempt, cut.files, cut.ready_at)
@@ -244,6 +246,11 @@ class Distributor:
         if result == DELIVERED and self.confirm and self.status_urls.get(sid):
             self._confirms.submit(self._confirm, sid, cut.sequence, ended)
         self._settle(sid, cut, error)
+
+    def _to_send(self, sid: str, cut: LocalCut) -> list[str]:
+        """The files of ``cut`` the target's last acknowledged cut lacks (by hash)."""
+        acked = self.records.target(sid).acked_files
+        return [path for path, sha in cut.files.items() if acked.get(path) != sha]
 
     @contextmanager
     def _slot(self, cancelled: Callable[[], bool]) -> Iterator[None]:
