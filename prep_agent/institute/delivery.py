@@ -109,12 +109,14 @@ def batch_lines(
     directory: str,
     send: list[str],
     local: Callable[[str], Path] | None = None,
+    signed: bool = True,
 ) -> list[str]:
     """The sftp batch: ``cd directory`` (if given), the folders and the ``send``
     files of the cut ``folder``, its manifest, then its signature under a
-    temporary name renamed into place. ``local(rel)`` names the file uploaded
-    as ``rel`` (default: ``folder / rel``). Raises ``Error`` for a path a
-    batch cannot carry.
+    temporary name renamed into place (``signed=False``: without those two, for
+    one of several batches sent before the one that ends the cut).
+    ``local(rel)`` names the file uploaded as ``rel`` (default:
+    ``folder / rel``). Raises ``Error`` for a path a batch cannot carry.
     """
     source = local or (lambda rel: folder / rel)
     lines = [f"cd {_quote(directory)}"] if directory else []
@@ -127,6 +129,8 @@ def batch_lines(
                 made.add(sub)
                 lines.append(f"-mkdir {_quote(sub)}")
         lines.append(f"put {_quote(str(source(rel)))} {_quote(rel)}")
+    if not signed:
+        return lines
     temporary = f".{SIGNATURE_NAME}.part"
     lines.append(f"put {_quote(str(source(MANIFEST_NAME)))} {_quote(MANIFEST_NAME)}")
     lines.append(f"put {_quote(str(source(SIGNATURE_NAME)))} {_quote(temporary)}")

@@ -180,8 +180,9 @@ dashboard_allow = 127.0.0.1/32 ::1/128
 allowed_signers =
 election =
 threshold = 1
-# Difusores served at the same time, ssh ConnectTimeout, seconds for one upload,
-# seconds a cut is retried on a failing difusor, longest pause between retries.
+# Difusores sending at the same time (one still connecting holds no slot), ssh
+# ConnectTimeout, seconds for one upload, seconds a cut is retried on a failing
+# difusor, longest pause between retries.
 workers = 8
 connect_timeout = 10
 transfer_timeout = 300

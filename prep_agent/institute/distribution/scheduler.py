@@ -1,7 +1,11 @@
 """Every target in parallel: a bounded pool, retries with backoff, supersession.
 
 Each target wants the newest cut offered. A scheduler thread starts attempts
-when they are due, at most ``workers`` at a time; a failed attempt is retried
+when they are due; an attempt first opens the target's connection (a target
+that does not answer waits out its connect timeout without holding a slot),
+then sends while holding one of ``workers`` transfer slots, in up to
+``SESSIONS`` concurrent sftp sessions over that connection when it sends many
+files (a session waits on a round trip per file most of the time); a failed attempt is retried
 with exponential backoff (capped at ``backoff_max``) until ``retry_for`` has
 passed, unless its reason cannot heal by itself (a refused host key or
 login). A newer cut supersedes an older one: an upload of the older cut still
@@ -13,10 +17,12 @@ shows the cut (bounded), and the delivered → published latency recorded.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,7 +44,9 @@ from prep_agent.institute.distribution.transport import (
     DeliveryError,
     Link,
     close_master,
+    connect,
     run_batch,
+    run_batches,
 )
 
 log = logging.getLogger(__name__)
@@ -47,6 +55,12 @@ CONFIRM_POLL = 0.5
 """Seconds between two reads of a difusor's status.json while confirming."""
 FIRST_BACKOFF = 1.0
 """Seconds before the first retry; each later one waits twice as long."""
+SESSIONS = 3
+"""At most this many sftp sessions send one target's files at once."""
+FILES_PER_SESSION = 200
+"""One more session (up to ``SESSIONS``) for every this many files to send."""
+SLOT_POLL = 0.05
+"""Seconds between two looks at cancellation while waiting for a transfer slot."""
 
 
 @dataclass
@@ -108,7 +122,10 @@ class Distributor:
         self._targets = {sid: _Target() for sid in self.links}
         self._closing = False
         self._confirm_deadline = 0.0
-        self._pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="deliver")
+        # A thread per target (each has at most one attempt running); the transfer
+        # slots, not the threads, bound how many send at once.
+        self._pool = ThreadPoolExecutor(max(1, len(self.links)), thread_name_prefix="deliver")
+        self._slots = threading.BoundedSemaphore(settings.workers)
         self._confirms = ThreadPoolExecutor(settings.workers, thread_name_prefix="confirm")
         self._thread = threading.Thread(target=self._loop, name="distribute", daemon=True)
         self._thread.start()
@@ -195,20 +212,20 @@ class Distributor:
             target.tries += 1
         assert cut is not None
         link = self.links[sid]
-        acked = self.records.target(sid).acked_files
-        send = [path for path, sha in cut.files.items() if acked.get(path) != sha]
-        size = sum(cut.sizes[p] for p in send)
+        send: list[str] | None = None
         started = time.time()
         error: Error | None = None
         result = DELIVERED
+
+        def cancelled() -> bool:
+            return self._closing or target.cut is not cut
+
         try:
-            lines = batch_lines(cut.folder, link.target.path, send, cut.local)
-            run_batch(
-                link,
-                lines,
-                self.settings.transfer_timeout,
-                lambda: self._closing or target.cut is not cut,
-            )
+            connect(link, 2 * self.settings.connect_timeout + 5, cancelled)
+            with self._slot(cancelled):
+                # Listed only now: a target waiting for a slot holds no list of its files.
+                send = self._to_send(sid, cut)
+                self._send(link, cut, send, cancelled)
         except Cancelled as exc:
             result, error = SUPERSEDED, exc
             if self._closing:
@@ -218,6 +235,8 @@ class Distributor:
             error = exc if isinstance(exc, Error) else DeliveryError(f"local: {exc}")
         ended = time.time()
         # Files and bytes of the batch: all sent when delivered, an upper bound otherwise.
+        send = self._to_send(sid, cut) if send is None else send
+        size = sum(cut.sizes[p] for p in send)
         reason = str(error) if error is not None else None
         attempt = Attempt(sid, cut.sequence, started, ended, len(send), size, result, reason)
         self.records.record_attempt(attempt, cut.files, cut.ready_at)
@@ -227,6 +246,47 @@ class Distributor:
         if result == DELIVERED and self.confirm and self.status_urls.get(sid):
             self._confirms.submit(self._confirm, sid, cut.sequence, ended)
         self._settle(sid, cut, error)
+
+    def _to_send(self, sid: str, cut: LocalCut) -> list[str]:
+        """The files of ``cut`` the target's last acknowledged cut lacks (by hash)."""
+        acked = self.records.target(sid).acked_files
+        return [path for path, sha in cut.files.items() if acked.get(path) != sha]
+
+    @contextmanager
+    def _slot(self, cancelled: Callable[[], bool]) -> Iterator[None]:
+        """Hold one of the ``workers`` transfer slots. Raises ``Cancelled``."""
+        while not self._slots.acquire(timeout=SLOT_POLL):
+            if cancelled():
+                raise Cancelled("superseded by a newer cut")
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def _send(
+        self, link: Link, cut: LocalCut, send: list[str], cancelled: Callable[[], bool]
+    ) -> None:
+        """Upload ``send`` and then the manifest and the signature (renamed last).
+
+        Many files go in up to ``SESSIONS`` batches at once, each a contiguous
+        run of the sorted paths (few shared folders), and the manifest and
+        signature in one more batch once all of them have succeeded. Raises
+        ``Error`` or ``OSError``.
+        """
+        timeout = self.settings.transfer_timeout
+        folder, path = cut.folder, link.target.path
+        count = min(SESSIONS, math.ceil(len(send) / FILES_PER_SESSION))
+        if count <= 1:
+            run_batch(link, batch_lines(folder, path, send, cut.local), timeout, cancelled)
+            return
+        ordered = sorted(send)
+        size = math.ceil(len(ordered) / count)
+        parts = [
+            batch_lines(folder, path, ordered[i : i + size], cut.local, signed=False)
+            for i in range(0, len(ordered), size)
+        ]
+        last = batch_lines(folder, path, [], cut.local)
+        run_batches(link, parts, last, timeout, cancelled)
 
     def _settle(self, sid: str, cut: LocalCut, error: Error | None) -> None:
         """After an attempt: done, retry later, switch to a newer cut, or give up."""

@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,24 @@ def explain(output: str, code: int) -> DeliveryError:
     return DeliveryError(f"sftp exit {code}: {lines[-1] if lines else 'no message'}"[:200])
 
 
+def connect(link: Link, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> None:
+    """Open the target's multiplexed connection unless its socket is already there.
+
+    Run before the target takes a transfer slot, so a target that does not
+    answer waits out its ``ConnectTimeout`` without holding a slot the others
+    need. A stale socket (its master gone) is left to the batch: ``ssh``
+    removes it and connects by itself. Raises ``DeliveryError`` or ``Cancelled``.
+    """
+    if os.path.exists(link.control_path):
+        return
+    target = link.target
+    command = ["ssh", "-N", "-f", "-p", str(target.port), *ssh_options(link)]
+    command.append(f"{target.user}@{_host(target.host)}")
+    code, output = _run(command, timeout, cancelled, "ssh", "connection timed out")
+    if code != 0:
+        raise explain(output, code)
+
+
 def run_batch(
     link: Link,
     lines: list[str],
@@ -187,23 +206,10 @@ def run_batch(
     with tempfile.TemporaryDirectory(prefix="prep-sftp-") as work:
         batch = Path(work) / "batch"
         batch.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        err = Path(work) / "stderr"
         command = ["sftp", "-b", str(batch), "-P", str(target.port), *ssh_options(link)]
         command.append(f"{target.user}@{_host(target.host)}")
-        with open(err, "w+b") as stderr:
-            try:
-                proc = subprocess.Popen(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=stderr,
-                    start_new_session=True,
-                )
-            except FileNotFoundError:
-                raise DeliveryError("the OpenSSH sftp client is not installed", False) from None
-            code = _wait(proc, timeout, cancelled)
-            stderr.seek(0)
-            output = stderr.read().decode("utf-8", "replace")
+        took = f"upload took more than {timeout:g} s (killed)"
+        code, output = _run(command, timeout, cancelled, "sftp", took)
     if code != 0:
         error = explain(output, code)
         if str(error) == CONNECTION_LOST:
@@ -213,12 +219,71 @@ def run_batch(
         raise error
 
 
+def run_batches(
+    link: Link,
+    parts: list[list[str]],
+    last: list[str],
+    timeout: float,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> None:
+    """Run the ``parts`` batches at once (sessions over the one connection), then,
+    once every part has succeeded, ``last`` (the batch that ends the cut).
+
+    The first part to fail stops the others; its reason is raised. Raises
+    ``DeliveryError`` or ``Cancelled``.
+    """
+    deadline = time.monotonic() + timeout
+    failed = threading.Event()
+    errors: list[Error] = []
+
+    def part(lines: list[str]) -> None:
+        try:
+            run_batch(link, lines, timeout, lambda: failed.is_set() or cancelled())
+        except Error as exc:
+            if not failed.is_set():
+                errors.append(exc)
+            failed.set()
+
+    threads = [threading.Thread(target=part, args=(p,), name="sftp-part") for p in parts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    run_batch(link, last, max(1.0, deadline - time.monotonic()), cancelled)
+
+
+def _run(
+    command: list[str], timeout: float, cancelled: Callable[[], bool], name: str, late: str
+) -> tuple[int, str]:
+    """Run an OpenSSH client (stderr to a file: a master it leaves behind keeps it
+    open); its exit status and stderr. ``late`` is the reason when it is killed
+    after ``timeout``. Raises ``DeliveryError`` or ``Cancelled``."""
+    with tempfile.TemporaryFile() as stderr:
+        try:
+            proc = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            raise DeliveryError(f"the OpenSSH {name} client is not installed", False) from None
+        code = _wait(proc, timeout, cancelled, late)
+        stderr.seek(0)
+        return code, stderr.read().decode("utf-8", "replace")
+
+
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _wait(proc: subprocess.Popen[bytes], timeout: float, cancelled: Callable[[], bool]) -> int:
-    """Wait for sftp; kill its process group on timeout or cancellation."""
+def _wait(
+    proc: subprocess.Popen[bytes], timeout: float, cancelled: Callable[[], bool], late: str
+) -> int:
+    """Wait for the client; kill its process group on timeout or cancellation."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -230,7 +295,7 @@ def _wait(proc: subprocess.Popen[bytes], timeout: float, cancelled: Callable[[],
             _kill(proc)
             if stop:
                 raise Cancelled("superseded by a newer cut")
-            raise DeliveryError(f"upload took more than {timeout:g} s (killed)")
+            raise DeliveryError(late)
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
