@@ -226,9 +226,10 @@ class FileCache:
 
     Opening and reading a file in a waitress worker thread on every request cut
     the throughput about five times under load (measured with wrk: 650 vs 3,400
-    req/s). Release files never change under their URL, so they are kept as
-    read; the frame, status.json and assets are re-checked (one ``lstat``) at
-    most every ``recheck`` seconds, so a new cut shows within that time.
+    req/s). Every kept file is re-checked (one ``lstat``) at most every
+    ``recheck`` seconds: a new cut's frame and status.json show within that time,
+    and a release file changed on disk (which should never happen) is served as
+    it is on disk, as nginx does, so an audit of the public copy sees it.
     """
 
     def __init__(self, max_bytes: int = 64 * 1024**2, recheck: float = 0.5) -> None:
@@ -250,7 +251,7 @@ class FileCache:
         key = str(path)
         entry = self._files.get(key)
         now = time.monotonic()
-        if entry is not None and cache != IMMUTABLE and now - entry.checked > self.recheck:
+        if entry is not None and now - entry.checked > self.recheck:
             entry = self._revalidate(key, entry, now)
         if entry is None:
             return self._from_disk(environ, start_response, path, cache, security)
