@@ -30,7 +30,7 @@ BELOW = {
     "daemon": {"core", "shared", "agent", "web"},
     "institute": {"core", "shared"},
     "report": {"core", "shared", "agent"},
-    "rehearsal": {"core", "shared"},
+    "rehearsal": {"core", "shared", "agent"},
     "cli": {"core", "shared", "agent", "web", "daemon", "institute", "report", "rehearsal"},
 }
 """The floors each floor may import besides itself (and, above core, ``ROOT``)."""

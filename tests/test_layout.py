@@ -26,6 +26,7 @@ PATHS = {
 OTHER_MEANINGS = {
     ("core/freshness.py", "current"): 1,  # the freshness state, not the symlink
     ("cli/difusor.py", "releases"): 2,  # a key of `status --json`, written and skipped
+    ("rehearsal/browser.py", "current"): 1,  # the frame's freshness state
 }
 """How many string constants equal to a layout name a module holds that do not name a path."""
 

@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+from prep_agent.agent.layout import Layout
 from prep_agent.rehearsal.faults import NOT_AVAILABLE, Fault
 from prep_agent.rehearsal.stand import COMMAND, Difusor, Stand, signal_tree
 from prep_agent.rehearsal.viewer import fetch
@@ -403,7 +404,7 @@ class Injection:
     def _tamper(self) -> None:
         d, k = self.difusor(), self.fault.at_cut
         until(lambda: k in published(d), 3 * self.period, self.stop)
-        current = d.root / "current"
+        current = Layout(d.root).current
         changed = []
         for rel in ("index.html", "css/prep.css"):
             path = current / rel

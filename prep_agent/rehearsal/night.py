@@ -154,7 +154,7 @@ def memorias(stand: Stand, start: float, end: float) -> dict[str, str]:
         log = d.home / "access.log"
         log.touch()
         folder = stand.out / "memorias" / d.service_id
-        journal = d.home / "journal.jsonl"
+        journal = d.home / d.journal.name
         args = [*COMMAND, "report", "--access-log", str(log), "--journal", str(journal),
                 "--from", stamp, "--to", end_stamp, "--baseline-from", stamp,
                 "--baseline-to", end_stamp, "--out", str(folder), "--jobs", "1",
@@ -270,7 +270,7 @@ def rehearse(options: Options) -> dict[str, Any]:
         for d in stand.difusores:
             if d.agent is not None:
                 d.agent.stop()
-            shutil.copyfile(d.journal, d.home / "journal.jsonl")  # the tmpfs goes away
+            shutil.copyfile(d.journal, d.home / d.journal.name)  # the tmpfs goes away
     finally:
         stand.close()
     records["memorias"] = memorias(stand, started, records["ended"])

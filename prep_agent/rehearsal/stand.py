@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from prep_agent.agent.layout import Layout
 from prep_agent.core.errors import Error
 from prep_agent.rehearsal.netns import Network, Node, free_prefix, ip
 
@@ -261,7 +262,7 @@ class Difusor:
 
     @property
     def journal(self) -> Path:
-        return self.root / "journal.jsonl"
+        return Layout(self.root).journal_file
 
     def start_agent(self, timeout: float = 30) -> None:
         """Start ``prep-agent run`` and wait until ``/livez`` answers.
