@@ -17,6 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+from prep_agent.core.protocol import CACHE_FRAME
+
 HTML_ERROR = "html-error"
 """Answer 200 text/html with a proxy's error page."""
 SLOW = "slow"
@@ -48,7 +50,12 @@ class _Handler(BaseHTTPRequestHandler):
         spoil = front.spoiled.get(self.path)
         if spoil is None:
             spoil = next((v for k, v in front.endings.items() if self.path.endswith(k)), None)
-        if self.path in front.bodies:
+        with front.lock:
+            once = front.once.pop(self.path, None)
+        if once is not None:  # a pointer as the difusor served it a moment ago
+            pointer = [("Content-Type", "application/json"), ("Cache-Control", CACHE_FRAME)]
+            self._send(200, [*pointer, _CORS], once)
+        elif self.path in front.bodies:
             body = front.bodies[self.path]
             self._send(200, [("Content-Type", "application/json"), _CORS], body)
         elif spoil is None or spoil == NO_CACHE:
@@ -149,6 +156,8 @@ class Front:
         HUGE, NO_CACHE."""
         self.bodies: dict[str, bytes] = {}
         """Request path -> a body answered with 200 in place of the difusor's."""
+        self.once: dict[str, bytes] = {}
+        """Like ``bodies``, answered for the first request of the path only."""
         self.endings: dict[str, str] = {}
         """Like ``spoiled``, for every path ending so (``.csv``: every CSV)."""
         self.stopping = threading.Event()

@@ -296,6 +296,21 @@ def test_frame_showing_another_cut(
     assert lines(report) == [f"/ (frame): expected cut time {new}, got {old}"]
 
 
+def test_a_cut_published_during_the_audit_is_no_alteration(
+    difusor: Difusor, institute: Institute, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """status.json read just before a publication, the frame just after: the frame
+    shows a newer signed cut, which status.json names when read again."""
+    difusor.publish()
+    before = http_get(f"{difusor.url}/status.json")
+    difusor.publish()
+    with Front(difusor.url) as front:
+        front.once["/status.json"] = before
+        code, report = audit(capsys, front.url, institute.allowed_signers)
+    assert code == EXIT_OK, lines(report)
+    assert report["sequence"] == difusor.sequence - 1 and report["findings"] == []
+
+
 # --- a hostile front -----------------------------------------------------------------
 
 

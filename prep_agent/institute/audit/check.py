@@ -227,8 +227,9 @@ class _Audit:
         """``path`` as the frame links it (percent-encoded, ``/`` kept)."""
         return self.fetcher.target(path)[len(self.fetcher.base_path) :]
 
-    def frame(self, manifest: Manifest) -> None:
-        """The frame (/) shows the same cut time as the signed manifest."""
+    def frame(self, manifest: Manifest, now: datetime) -> None:
+        """The frame (/) shows the same cut time as the signed manifest, or that of a
+        newer signed cut the difusor published during the audit."""
         for attempt in range(2):
             fetched = self.get("", MAX_FRAME_BYTES, CACHE_FRAME, keep=True)
             if fetched is None:
@@ -239,7 +240,23 @@ class _Audit:
                 return
             if attempt == 0:  # servers re-read the frame apart from status.json
                 time.sleep(FRAME_SETTLE)
-        self.report.add(ALTERED, "/ (frame)", f"cut time {manifest.cut_time_text}", shown)
+        if not self.published_meanwhile(manifest, shown, now):
+            self.report.add(ALTERED, "/ (frame)", f"cut time {manifest.cut_time_text}", shown)
+
+    def published_meanwhile(self, manifest: Manifest, shown: str, now: datetime) -> bool:
+        """Whether status.json now names a newer cut, signed by the institute, whose
+        cut time the frame shows: a publication during the audit, not an alteration.
+        The audited release stays the one first read (its files are checked)."""
+        audited = self.report.release
+        status = self.status()
+        self.report.release = audited
+        if status is None or status["release"] == audited:
+            return False
+        signed = self.manifest(status["release"], now)
+        if signed is None:
+            return False
+        newer = signed[0]
+        return newer.sequence > manifest.sequence and newer.cut_time_text == shown
 
     def file(self, folder: str, entry: FileEntry) -> None:
         """One listed file: at most its signed size plus one byte, then size and SHA-256."""
@@ -301,7 +318,7 @@ def audit(url: str, options: AuditOptions, now: datetime) -> AuditReport:
             report.sequence, report.cut_time = manifest.sequence, manifest.cut_time_text
             report.listed = len(manifest.files)
             run.compare_status(status, manifest, status["release"])
-            run.frame(manifest)
+            run.frame(manifest, now)
             run.files(folder, choose_files(manifest, options.sample, random.SystemRandom()))
         run.header_findings()
     finally:
