@@ -25,7 +25,7 @@ from prep_agent.agent.config import Config
 from prep_agent.agent.fetch import Fetcher, settings_of
 from prep_agent.agent.floor import JournalFloor, checked_state
 from prep_agent.agent.intake import FileIdentity, Pending, Watcher, read_delivery, sequence_hint
-from prep_agent.agent.journal import Journal
+from prep_agent.agent.journal import Journal, write_published
 from prep_agent.agent.lock import LockFile
 from prep_agent.agent.package_store import PackageIntake
 from prep_agent.agent.state import Rejected, State, save_state
@@ -388,27 +388,16 @@ class Agent:
         built: float,
         swapped: float,
     ) -> None:
-        m = release.manifest
         self.metrics.observe_publish(swapped - started)
         waited = time.monotonic() - self.pending.first_seen if self.pending else 0.0
-        self.journal.write(
-            "cut-published",
-            sequence=m.sequence,
-            cut_time=m.cut_time_text,
-            period_seconds=m.period_seconds,
-            final=m.final,
-            manifest_sha256=release.manifest_sha256,
-            release=release.name,
-            files=len(m.files),
-            bytes=m.total_bytes,
-            bytes_copied=copied,
-            signers=list(signers),
-            verify_ms=round((verified - started) * 1000, 3),
-            build_ms=round((built - verified) * 1000, 3),
-            swap_ms=round((swapped - built) * 1000, 3),
-            total_ms=round((swapped - started) * 1000, 3),
-            since_seen_ms=round(waited * 1000, 3),
-        )
+        steps = {
+            "verify_ms": (verified - started) * 1000,
+            "build_ms": (built - verified) * 1000,
+            "swap_ms": (swapped - built) * 1000,
+            "total_ms": (swapped - started) * 1000,
+            "since_seen_ms": waited * 1000,
+        }
+        write_published(self.journal, release, signers, copied, steps)
 
     def _refuse(
         self,

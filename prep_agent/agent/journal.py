@@ -11,9 +11,12 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prep_agent.shared.clock import Clock, utc_now
+
+if TYPE_CHECKING:
+    from prep_agent.agent.store import Release
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,38 @@ class Journal:
             log.error("journal %s not written (%s): %s", self.path, exc.strerror, line.strip())
         log.info("%s %s", event, json.dumps(fields, ensure_ascii=False))
         return record
+
+
+def write_published(
+    journal: Journal,
+    release: Release,
+    signers: tuple[str, ...],
+    copied: int,
+    timings_ms: dict[str, float],
+    **extra: Any,
+) -> None:
+    """Journal ``cut-published`` for ``release``, whichever source it came from.
+
+    The keys every reader relies on (the memoria técnica, the rollback floor,
+    the rehearsal) come first, then the source's ``extra`` fields, then its
+    step timings in milliseconds. Never raises (see :meth:`Journal.write`).
+    """
+    m = release.manifest
+    fields: dict[str, Any] = {
+        "sequence": m.sequence,
+        "cut_time": m.cut_time_text,
+        "period_seconds": m.period_seconds,
+        "final": m.final,
+        "manifest_sha256": release.manifest_sha256,
+        "release": release.name,
+        "files": len(m.files),
+        "bytes": m.total_bytes,
+        "bytes_copied": copied,
+        "signers": list(signers),
+    }
+    fields.update(extra)
+    fields.update((key, round(value, 3)) for key, value in timings_ms.items())
+    journal.write("cut-published", **fields)
 
 
 def read_journal(path: Path) -> Iterator[dict[str, Any]]:

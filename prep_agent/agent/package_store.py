@@ -39,7 +39,7 @@ from typing import Any, Callable, Protocol
 from prep_agent.agent.config import Config
 from prep_agent.agent.fetch import Fetcher
 from prep_agent.agent.https_get import UNSIGNED, FetchError
-from prep_agent.agent.journal import Journal
+from prep_agent.agent.journal import Journal, write_published
 from prep_agent.agent.lock import LockFile
 from prep_agent.agent.package_pages import PAGES_FOLDER, render_results_pages
 from prep_agent.agent.state import Rejected, State, save_state
@@ -436,28 +436,24 @@ class PackageIntake:
         save_state(self.config.layout.state_file, state)
         self.metrics.observe_publish(swapped - started)
         m = release.manifest
-        self.journal.write(
-            "cut-published",
-            sequence=m.sequence,
-            cut_time=m.cut_time_text,
-            period_seconds=m.period_seconds,
-            final=m.final,
-            manifest_sha256=release.manifest_sha256,
-            release=release.name,
-            files=len(m.files),
-            bytes=m.total_bytes,
-            bytes_copied=m.total_bytes,
-            signers=list(signed_by or ()),
+        steps = {
+            "check_ms": (checked - started) * 1000,
+            "build_ms": (built - checked) * 1000,
+            "swap_ms": (swapped - built) * 1000,
+            "total_ms": (swapped - started) * 1000,
+            "since_seen_ms": (swapped - polled) * 1000,
+        }
+        write_published(
+            self.journal,
+            release,
+            signed_by or (),
+            m.total_bytes,
+            steps,
             source="https-package",
             source_host=host,
             package=name,
             package_sha256=sha256,
             signed=signed_by is not None,
-            check_ms=round((checked - started) * 1000, 3),
-            build_ms=round((built - checked) * 1000, 3),
-            swap_ms=round((swapped - built) * 1000, 3),
-            total_ms=round((swapped - started) * 1000, 3),
-            since_seen_ms=round((swapped - polled) * 1000, 3),
         )
         if package.warnings:
             shown = list(package.warnings[:MAX_JOURNALED_WARNINGS])
