@@ -1,11 +1,12 @@
 """Bounded HTTPS GETs for the package source: TLS, key pins, one deadline, byte caps.
 
 ``Client`` is one poll's connection to the institute (``agent/fetch.py`` uses
-it): ``requests`` with TLS verified against a CA bundle, urllib3 connection
-classes of our own that (1) check the server's leaf key against the configured
-SPKI SHA-256 pins right after the handshake, before a request is sent, and (2)
-report their sockets to the poll's deadline, which shuts them down once it
-passes, so a server that trickles bytes cannot hold a poll longer. Bodies are
+it): ``requests`` with TLS verified against a CA bundle, through
+``shared/watched_http``'s adapter, whose connections (1) have the server's
+leaf key checked against the configured SPKI SHA-256 pins right after the
+handshake, before a request is sent, and (2) report their sockets to the
+poll's deadline, which shuts them down once it passes, so a server that
+trickles bytes cannot hold a poll longer. Bodies are
 streamed undecoded and refused past a byte cap. No redirects are followed
 here (the caller follows them, https only).
 
@@ -20,7 +21,6 @@ import os
 import re
 import socket
 import ssl
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -29,13 +29,11 @@ import requests  # type: ignore[import-untyped]  # no stubs in Debian 12
 import urllib3  # type: ignore[import-untyped]
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from requests.adapters import HTTPAdapter  # type: ignore[import-untyped]
-from urllib3.connection import HTTPSConnection  # type: ignore[import-untyped]
-from urllib3.connectionpool import HTTPSConnectionPool  # type: ignore[import-untyped]
 
 from prep_agent import __version__
 from prep_agent.core.errors import Error
 from prep_agent.shared.deadline import SocketDeadline
+from prep_agent.shared.watched_http import BodyTooLarge, WatchedAdapter, read_capped, watching
 
 StartCheck = Callable[[dict[str, str], bytes], None]
 """Looks at an answer's headers and first bytes; raises FetchError to refuse the body."""
@@ -43,9 +41,6 @@ USER_AGENT = f"prep-agent/{__version__}"
 """The fixed ``User-Agent`` of every request to the institute."""
 CHUNK = 64 * 1024
 """Bytes asked of a body per read."""
-
-_local = threading.local()
-"""``client``: the ``Client`` whose request runs in this thread, if any."""
 
 # Reason classes of FetchError (stable: journal, health, tests).
 UNREACHABLE = "source-unreachable"
@@ -79,55 +74,6 @@ def spki_sha256(der_certificate: bytes) -> bytes:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return hashlib.sha256(spki).digest()
-
-
-class _PinnedConnection(HTTPSConnection):  # type: ignore[misc]
-    """An HTTPS connection that reports its socket and checks the key pins."""
-
-    def _new_conn(self) -> socket.socket:
-        sock: socket.socket = super()._new_conn()
-        client = getattr(_local, "client", None)
-        if client is not None:
-            client.watch(sock)
-        return sock
-
-    def connect(self) -> None:
-        super().connect()
-        client = getattr(_local, "client", None)
-        if client is None or not client.pins:
-            return
-        der = self.sock.getpeercert(binary_form=True)
-        seen = spki_sha256(der) if der else b""
-        if seen not in client.pins:
-            self.close()
-            raise FetchError(
-                PIN_MISMATCH,
-                f"the server's key (SPKI SHA-256 {seen.hex()[:16]}…) is not a pinned key",
-            )
-
-
-class _PinnedPool(HTTPSConnectionPool):  # type: ignore[misc]
-    ConnectionCls = _PinnedConnection
-
-
-class _Adapter(HTTPAdapter):  # type: ignore[misc]
-    """requests' adapter whose HTTPS pools use ``_PinnedConnection``."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {
-            **self.poolmanager.pool_classes_by_scheme,
-            "https": _PinnedPool,
-        }
-
-    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
-        manager = super().proxy_manager_for(proxy, **kwargs)
-        if not proxy.lower().startswith("socks"):
-            manager.pool_classes_by_scheme = {
-                **manager.pool_classes_by_scheme,
-                "https": _PinnedPool,
-            }
-        return manager
 
 
 @dataclass(frozen=True)
@@ -175,16 +121,17 @@ class Client:
         self._deadline = SocketDeadline(deadline_seconds)
         self._ends = 0.0
         self._session = requests.Session()
-        self._session.mount("https://", _Adapter())
+        self._session.mount("https://", WatchedAdapter())
+        self._watching = watching(self.watch, self._check_pins)
 
     def __enter__(self) -> Client:
         self._ends = time.monotonic() + self.deadline_seconds
         self._deadline.start()
-        _local.client = self
+        self._watching.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _local.client = None
+        self._watching.__exit__(None, None, None)
         self._deadline.close()
         self._session.close()
 
@@ -196,6 +143,19 @@ class Client:
     def watch(self, sock: socket.socket) -> None:
         """Shut ``sock`` down when the poll's deadline passes."""
         self._deadline.watch(sock)
+
+    def _check_pins(self, connection: Any) -> None:
+        """Refuse a server whose leaf key is not pinned (if pins are set)."""
+        if not self.pins:
+            return
+        der = connection.sock.getpeercert(binary_form=True)
+        seen = spki_sha256(der) if der else b""
+        if seen not in self.pins:
+            connection.close()
+            raise FetchError(
+                PIN_MISMATCH,
+                f"the server's key (SPKI SHA-256 {seen.hex()[:16]}…) is not a pinned key",
+            )
 
     def _timeout(self) -> FetchError:
         return FetchError(TIMEOUT, f"no complete answer within {self.deadline_seconds:g} s")
@@ -253,25 +213,29 @@ class Client:
         declared = _content_length(headers)
         if declared is not None and declared > max_bytes:
             raise FetchError(TOO_LARGE, f"Content-Length {declared} is over {max_bytes} bytes")
-        body = bytearray()
         checked = check_start is None
+        received = 0
+
+        def start(body: bytearray) -> None:
+            nonlocal checked, received
+            received = len(body)
+            if check_start is not None and not checked and len(body) >= 4:
+                check_start(headers, bytes(body[:4]))
+                checked = True
+
         try:
-            for chunk in response.raw.stream(CHUNK, decode_content=False):
-                body += chunk
-                if len(body) > max_bytes:
-                    raise FetchError(TOO_LARGE, f"body over {max_bytes} bytes")
-                if check_start is not None and not checked and len(body) >= 4:
-                    check_start(headers, bytes(body[:4]))
-                    checked = True
+            body = read_capped(response, max_bytes, CHUNK, start)
+        except BodyTooLarge:
+            raise FetchError(TOO_LARGE, f"body over {max_bytes} bytes") from None
         except (urllib3.exceptions.HTTPError, OSError, requests.RequestException) as exc:
             if self.expired:
                 raise self._timeout() from None
             if declared is not None:  # urllib3 2 enforces Content-Length itself
                 raise FetchError(
-                    TRUNCATED, f"{len(body)} of {declared} bytes (Content-Length)"
+                    TRUNCATED, f"{received} of {declared} bytes (Content-Length)"
                 ) from None
             raise FetchError(
-                TRUNCATED, f"connection broken after {len(body)} bytes ({type(exc).__name__})"
+                TRUNCATED, f"connection broken after {received} bytes ({type(exc).__name__})"
             ) from None
         if self.expired:  # the body ended because the socket was shut down
             raise self._timeout()

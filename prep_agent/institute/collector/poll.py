@@ -7,31 +7,22 @@ well within the per-read timeout. So the body is streamed and refused past
 has one deadline: when it passes, a timer shuts the socket down and the read
 blocked on it returns at once.
 
-The socket is seen when it is created, through urllib3 connection classes of
-our own that the session's adapter gives its pools (also through an HTTP
-proxy). Through a SOCKS proxy only the per-read timeouts and the byte cap hold.
+The socket is seen when it is created, through ``shared/watched_http``'s
+adapter (also through an HTTP proxy). Through a SOCKS proxy only the per-read
+timeouts and the byte cap hold.
 """
 
 from __future__ import annotations
 
 import socket
-import threading
 from typing import Any
 
 import requests  # type: ignore[import-untyped]  # no stubs in Debian 12
 import urllib3  # type: ignore[import-untyped]
-from requests.adapters import HTTPAdapter  # type: ignore[import-untyped]
-from urllib3.connection import (  # type: ignore[import-untyped]
-    HTTPConnection,
-    HTTPSConnection,
-)
-from urllib3.connectionpool import (  # type: ignore[import-untyped]
-    HTTPConnectionPool,
-    HTTPSConnectionPool,
-)
 
 from prep_agent.core.errors import Error
 from prep_agent.shared.deadline import SocketDeadline
+from prep_agent.shared.watched_http import BodyTooLarge, WatchedAdapter, read_capped, watching
 
 CHUNK = 16 * 1024
 """Bytes asked of the body per read."""
@@ -40,54 +31,9 @@ TIMEOUT = "timeout"
 CONNECTION_FAILED = "connection failed"
 """The error of a poll that could not connect."""
 
-_local = threading.local()
-"""``deadline``: the ``SocketDeadline`` of the poll running in this thread, if any."""
-
 
 class PollError(Error):
     """A poll failed; the message is what the dashboard shows (one line)."""
-
-
-def _watched(sock: socket.socket) -> socket.socket:
-    deadline = getattr(_local, "deadline", None)
-    if deadline is not None:
-        deadline.watch(sock)
-    return sock
-
-
-class _HTTPConnection(HTTPConnection):  # type: ignore[misc]
-    def _new_conn(self) -> socket.socket:
-        return _watched(super()._new_conn())
-
-
-class _HTTPSConnection(HTTPSConnection):  # type: ignore[misc]
-    def _new_conn(self) -> socket.socket:
-        return _watched(super()._new_conn())
-
-
-class _HTTPPool(HTTPConnectionPool):  # type: ignore[misc]
-    ConnectionCls = _HTTPConnection
-
-
-class _HTTPSPool(HTTPSConnectionPool):  # type: ignore[misc]
-    ConnectionCls = _HTTPSConnection
-
-
-_POOLS = {"http": _HTTPPool, "https": _HTTPSPool}
-
-
-class _Adapter(HTTPAdapter):  # type: ignore[misc]
-    """requests' adapter, with pools whose connections report their sockets."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = _POOLS
-
-    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
-        manager = super().proxy_manager_for(proxy, **kwargs)
-        if not proxy.lower().startswith("socks"):
-            manager.pool_classes_by_scheme = _POOLS
-        return manager
 
 
 def get_health(
@@ -107,24 +53,25 @@ def get_health(
     """
     deadline = SocketDeadline(connect_timeout + read_timeout)
     session = requests.Session()
-    adapter = _Adapter()
+    adapter = WatchedAdapter()
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    _local.deadline = deadline
     deadline.start()
     try:
-        with session.get(
-            url,
-            headers={**headers, "Accept-Encoding": "identity"},
-            timeout=(connect_timeout, read_timeout),
-            allow_redirects=False,
-            stream=True,
-        ) as response:
+        with (
+            watching(deadline.watch),
+            session.get(
+                url,
+                headers={**headers, "Accept-Encoding": "identity"},
+                timeout=(connect_timeout, read_timeout),
+                allow_redirects=False,
+                stream=True,
+            ) as response,
+        ):
             body = _read_body(response, max_bytes)
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         raise PollError(TIMEOUT if deadline.expired else _describe(exc)) from None
     finally:
-        _local.deadline = None
         deadline.close()
         session.close()
     if deadline.expired:  # the body ended because the socket was shut: it is cut short
@@ -137,12 +84,10 @@ def _read_body(response: Any, max_bytes: int) -> bytes:
     encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding != "identity":
         raise PollError(f"compressed body ({encoding[:40]}) although identity was asked")
-    body = bytearray()
-    for chunk in response.raw.stream(CHUNK, decode_content=False):
-        body += chunk
-        if len(body) > max_bytes:
-            raise PollError(f"body over {max_bytes} bytes")
-    return bytes(body)
+    try:
+        return bytes(read_capped(response, max_bytes, CHUNK))
+    except BodyTooLarge as exc:
+        raise PollError(str(exc)) from None
 
 
 def _describe(exc: BaseException) -> str:
