@@ -18,8 +18,6 @@ import pytest
 
 from tests.kit import ELECTION, Institute
 
-pytestmark = pytest.mark.core
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,6 +50,7 @@ def prep_agent(site: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.core
 def test_report_names_the_package_to_install(agent_only: Path, tmp_path: Path) -> None:
     proc = prep_agent(
         agent_only,
@@ -81,6 +80,7 @@ def test_report_names_the_package_to_install(agent_only: Path, tmp_path: Path) -
     assert bare.returncode == 2 and "apt install prep-agent-report" in bare.stderr
 
 
+@pytest.mark.core
 def test_help_lists_report_with_its_package(agent_only: Path) -> None:
     proc = prep_agent(agent_only, "--help")
     assert proc.returncode == 0, proc.stderr
@@ -89,6 +89,7 @@ def test_help_lists_report_with_its_package(agent_only: Path) -> None:
     assert sub.returncode == 0 and "usage: prep-agent report" in sub.stdout
 
 
+# Not core: the fake institute signs with ssh-keygen.
 def test_the_agent_works_without_the_report(agent_only: Path, tmp_path: Path) -> None:
     inst = Institute(tmp_path / "inst")
     root = tmp_path / "srv"

@@ -266,7 +266,6 @@ def hold(agent: str) -> None:
             sock.close()
 
 
-@pytest.mark.core
 def test_server_settings_are_read_and_checked(tmp_path: Path, institute: Institute) -> None:
     config = make_config(tmp_path, institute)
     assert (config.max_connections, config.max_client_connections) == (1000, 64)

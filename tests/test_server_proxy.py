@@ -111,7 +111,6 @@ def test_the_trusted_proxy_can_be_set(tmp_path: Path, institute: Institute) -> N
         assert not full(get(address, "/health", "127.0.0.2")[1])
 
 
-@pytest.mark.core
 def test_the_trusted_proxy_follows_listen_unless_set(tmp_path: Path, institute: Institute) -> None:
     for listen, proxy, expected in (
         ("127.0.0.1:8080", "", "127.0.0.1"),

@@ -11,8 +11,6 @@ import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import pytest
-
 from prep_agent.core import sshkeys
 from prep_agent.core.freshness import STALE, freshness
 from prep_agent.core.manifest import WELL_KNOWN
@@ -25,7 +23,6 @@ from tests.kit import PREP_AGENT, Institute, make_config
 OFFSET = timezone(timedelta(hours=-6))
 
 
-@pytest.mark.core
 def test_aged_cuts_are_published_and_come_due_after_the_compressed_periods(
     tmp_path: Path, institute: Institute
 ) -> None:
@@ -58,7 +55,6 @@ def test_aged_cuts_are_published_and_come_due_after_the_compressed_periods(
     assert freshness(manifest.manifest, due + timedelta(seconds=1), 3) == STALE
 
 
-@pytest.mark.core
 def test_simulate_refuses_a_negative_age(tmp_path: Path, institute: Institute) -> None:
     done = subprocess.run(
         [PREP_AGENT, "simulate", "--key", str(institute.key), "--out", str(tmp_path / "o"),
