@@ -26,9 +26,10 @@ test-latest: deps-latest
 
 # Only the tests marked core: they need Python and the runtime dependencies, no
 # system tools, so no deps (any venv will do: make test-core PYTHON=venv/bin/python).
+# PATH holds only the venv's bin folder, so a core test that runs a system tool fails.
 PYTHON ?= $(VENV)/python
 test-core:
-	$(PYTHON) -m pytest -m core
+	/usr/bin/env PATH="$(abspath $(dir $(PYTHON)))" $(abspath $(PYTHON)) -m pytest -m core
 
 # The README's test command: everything CI runs, on Debian's packages and on the newest releases.
 check: lint test test-latest
