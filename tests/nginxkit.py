@@ -177,6 +177,11 @@ class Nginx:
         logs = self.folder / "logs"
         return "".join(p.read_text(errors="replace") for p in sorted(logs.glob("*error*.log")))
 
+    def site_errors(self) -> str:
+        """The site's own error log (``error.log``; the WAF and rate limits write there)."""
+        path = self.folder / "logs" / "error.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def access_log(self) -> str:
         """The site's access log (written every second)."""
         path = self.folder / "logs" / "access.log"

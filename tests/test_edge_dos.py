@@ -50,10 +50,6 @@ class DosSite:
     def port(self) -> int:
         return self.nginx.port
 
-    def error_log(self) -> str:
-        path = self.nginx.folder / "logs" / "error.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, institute: Institute) -> Iterator[DosSite]:
@@ -147,13 +143,13 @@ def test_carrier_nat_crowd_is_not_limited(site: DosSite, reader: Reader) -> None
 
 
 def test_flood_from_one_address_is_limited_others_served(site: DosSite, reader: Reader) -> None:
-    before = site.error_log().count("limiting requests")
+    before = site.nginx.site_errors().count("limiting requests")
     flood = Counter[int]()
     for _ in range(4):  # 4 x 500 requests as fast as one connection carries them
         flood += pipelined(site.port, "127.0.0.30", "/status.json", 500)
     assert sum(flood.values()) == 2000
     assert flood[200] <= 260 and flood[429] >= 1700, flood
-    log = site.error_log()
+    log = site.nginx.site_errors()
     assert log.count("limiting requests") - before >= 1700
     assert 'by zone "prep_agent_files", client: 127.0.0.30' in log
     served = reader.finish()

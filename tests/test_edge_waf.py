@@ -99,10 +99,6 @@ class WafSite:
     def port(self) -> int:
         return self.nginx.port
 
-    def error_log(self) -> str:
-        path = self.nginx.folder / "logs" / "error.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, institute: Institute) -> Iterator[WafSite]:
@@ -165,7 +161,7 @@ def modsecurity_lines(text: str) -> list[str]:
 
 
 def test_replay_of_real_traffic_is_never_blocked_nor_flagged(site: WafSite) -> None:
-    before = len(modsecurity_lines(site.error_log()))
+    before = len(modsecurity_lines(site.nginx.site_errors()))
     base = f"/cortes/{site.release}/"
     replay: list[tuple[str, dict[str, str], str, str, set[int]]] = []
     for t in ("1622937600", "1622938200123", "abc123XYZ"):
@@ -205,7 +201,7 @@ def test_replay_of_real_traffic_is_never_blocked_nor_flagged(site: WafSite) -> N
     assert not wrong, wrong
     assert all(s != 403 for p, s, _ in got if not p.startswith(("/health", "/metrics")))
     assert len(got) >= 50
-    flagged = modsecurity_lines(site.error_log())[before:]
+    flagged = modsecurity_lines(site.nginx.site_errors())[before:]
     assert not flagged, flagged[:5]
 
 
@@ -227,12 +223,12 @@ ATTACKS: dict[str, tuple[str, dict[str, str]]] = {
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_typical_attacks_blocked_and_logged_with_the_client(site: WafSite, name: str) -> None:
     path, headers = ATTACKS[name]
-    before = len(modsecurity_lines(site.error_log()))
+    before = len(modsecurity_lines(site.nginx.site_errors()))
     status, body = request(site.port, path, {"Accept": "*/*", **headers}, source="127.0.0.9")
     # The site answers every refusal with its plain 404 (error_page 403 404): a
     # blocked request gets nothing, not even a hint that it was recognised.
     assert (status, body) == (404, b"No encontrado\n"), (status, body[:200])
-    new = modsecurity_lines(site.error_log())[before:]
+    new = modsecurity_lines(site.nginx.site_errors())[before:]
     assert any("Access denied with code 403" in ln and "client: 127.0.0.9" in ln for ln in new), new
 
 
@@ -274,4 +270,4 @@ def test_request_smuggling_shapes_are_refused(site: WafSite) -> None:
         site.port, "/static/frame.js?lang=es%0d%0aSet-Cookie:%20x%3D1", {}, source="127.0.0.10"
     )
     assert status == 404
-    assert any("client: 127.0.0.10" in ln for ln in modsecurity_lines(site.error_log()))
+    assert any("client: 127.0.0.10" in ln for ln in modsecurity_lines(site.nginx.site_errors()))
