@@ -10,18 +10,29 @@ allow-list see different clients without extra network setup.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import requests  # type: ignore[import-untyped]  # no stubs in Debian 12
 from requests.adapters import HTTPAdapter  # type: ignore[import-untyped]
 
-from tests.kit import stop_process, wait_for, wait_port
+from prep_agent.agent.config import Config
+from tests.kit import (
+    AgentDaemon,
+    Institute,
+    free_port,
+    make_config,
+    stop_process,
+    wait_for,
+    wait_port,
+)
 
 PACKAGING = Path(__file__).resolve().parents[1] / "packaging" / "nginx"
 """The shipped nginx files."""
@@ -233,3 +244,31 @@ def instantiate_tls(
     text = _replace_all(site[:cut] + "\n" + example, subs)
     (folder / "prep-agent.conf").write_text(text)
     return conf
+
+
+@contextlib.contextmanager
+def serving_agent(
+    tmp: Path, institute: Institute, kind: str
+) -> Iterator[tuple[Config, AgentDaemon, str]]:
+    """A running agent for ``institute`` under ``tmp``, reached through its
+    embedded server or (``kind="nginx"``) through the packaged nginx site.
+
+    Yields its config, its process and the base URL viewers use.
+    """
+    listen = f"127.0.0.1:{free_port()}"
+    config = make_config(tmp, institute, listen=listen)
+    agent = AgentDaemon(tmp / "prep-agent.conf")
+    nginx: Nginx | None = None
+    try:
+        agent.start()
+        url = f"http://{listen}"
+        if kind == "nginx":
+            port = free_port()
+            nginx = Nginx(instantiate(tmp / "nginx", config.root, listen, port), port)
+            nginx.start()
+            url = nginx.url
+        yield config, agent, url
+    finally:
+        if nginx is not None:
+            nginx.stop()
+        agent.stop()

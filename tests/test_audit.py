@@ -43,17 +43,14 @@ from prep_agent.institute.audit.check import choose_files
 from tests.auditkit import ENDLESS, ERROR_PAGE, HTML_ERROR, HUGE, NO_CACHE, SLOW, Front
 from tests.kit import (
     PREP_AGENT,
-    AgentDaemon,
     Institute,
     csv_bytes,
-    free_port,
     keygen,
-    make_config,
     minute_ago,
     ssh_sign,
     wait_for,
 )
-from tests.nginxkit import Nginx, instantiate, wait_published
+from tests.nginxkit import serving_agent, wait_published
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -116,23 +113,8 @@ def http_get(url: str) -> bytes:
 
 @contextlib.contextmanager
 def running(tmp: Path, institute: Institute, kind: str) -> Iterator[Difusor]:
-    listen = f"127.0.0.1:{free_port()}"
-    config = make_config(tmp, institute, listen=listen)
-    agent = AgentDaemon(tmp / "prep-agent.conf")
-    nginx: Nginx | None = None
-    try:
-        agent.start()
-        url = f"http://{listen}"
-        if kind == "nginx":
-            port = free_port()
-            nginx = Nginx(instantiate(tmp / "nginx", config.root, listen, port), port)
-            nginx.start()
-            url = nginx.url
+    with serving_agent(tmp, institute, kind) as (config, _, url):
         yield Difusor(config, url, institute)
-    finally:
-        if nginx is not None:
-            nginx.stop()
-        agent.stop()
 
 
 @pytest.fixture(scope="module", params=["embedded", "nginx"])

@@ -34,12 +34,10 @@ from tests.kit import (
     AgentDaemon,
     Institute,
     csv_bytes,
-    free_port,
-    make_config,
     minute_ago,
     wait_for,
 )
-from tests.nginxkit import Nginx, instantiate, wait_published
+from tests.nginxkit import serving_agent, wait_published
 
 PAGE_FILES = ("verificador.html", "verificador.js", "verificador.css")
 
@@ -134,28 +132,15 @@ def setup(tmp: Path, key_type: str, kind: str = "embedded") -> Iterator[Setup]:
     """An agent for an institute with a ``key_type`` key, served by its embedded
     server or (``kind="nginx"``) by the packaged nginx site, and the institute's site."""
     inst = Institute(tmp / f"institute-{key_type}", key_type, 3072 if key_type == "rsa" else None)
-    listen = f"127.0.0.1:{free_port()}"
-    config = make_config(tmp, inst, listen=listen)
-    agent = AgentDaemon(tmp / "prep-agent.conf")
     site = Portal(tmp / "institute-site")
     package = resources.files("prep_agent.institute.audit") / "static"
     for name in PAGE_FILES:
         (site.folder / name).write_bytes((package / name).read_bytes())
     shutil.copyfile(inst.allowed_signers, site.folder / "allowed_signers")
-    nginx: Nginx | None = None
     try:
-        agent.start()
-        url = f"http://{listen}"
-        if kind == "nginx":
-            port = free_port()
-            nginx = Nginx(instantiate(tmp / "nginx", config.root, listen, port), port)
-            nginx.start()
-            url = nginx.url
-        yield Setup(inst, agent, site, url)
+        with serving_agent(tmp, inst, kind) as (_, agent, url):
+            yield Setup(inst, agent, site, url)
     finally:
-        if nginx is not None:
-            nginx.stop()
-        agent.stop()
         site.stop()
 
 
