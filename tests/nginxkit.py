@@ -17,8 +17,9 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import requests  # type: ignore[import-untyped]  # no stubs in Debian 12
 from requests.adapters import HTTPAdapter  # type: ignore[import-untyped]
@@ -246,17 +247,32 @@ def instantiate_tls(
     return conf
 
 
+@dataclass
+class Served:
+    """A running agent and, if asked for, the packaged nginx site in front of it."""
+
+    config: Config
+    agent: AgentDaemon
+    listen: str
+    url: str
+    nginx: Nginx | None
+
+
 @contextlib.contextmanager
 def serving_agent(
-    tmp: Path, institute: Institute, kind: str
-) -> Iterator[tuple[Config, AgentDaemon, str]]:
-    """A running agent for ``institute`` under ``tmp``, reached through its
-    embedded server or (``kind="nginx"``) through the packaged nginx site.
-
-    Yields its config, its process and the base URL viewers use.
+    tmp: Path,
+    institute: Institute,
+    kind: str,
+    prepare: Callable[[Path], None] | None = None,
+    **options: Any,
+) -> Iterator[Served]:
+    """A running agent for ``institute`` under ``tmp`` (``options`` go to
+    ``make_config``), reached through its embedded server or (``kind="nginx"``)
+    through the packaged nginx site, whose main config ``prepare`` may edit
+    before nginx starts. Yields the ``Served`` stand; stops it on exit.
     """
     listen = f"127.0.0.1:{free_port()}"
-    config = make_config(tmp, institute, listen=listen)
+    config = make_config(tmp, institute, listen=listen, **options)
     agent = AgentDaemon(tmp / "prep-agent.conf")
     nginx: Nginx | None = None
     try:
@@ -264,10 +280,13 @@ def serving_agent(
         url = f"http://{listen}"
         if kind == "nginx":
             port = free_port()
-            nginx = Nginx(instantiate(tmp / "nginx", config.root, listen, port), port)
+            conf = instantiate(tmp / "nginx", config.root, listen, port)
+            if prepare is not None:
+                prepare(conf)
+            nginx = Nginx(conf, port)
             nginx.start()
             url = nginx.url
-        yield config, agent, url
+        yield Served(config, agent, listen, url, nginx)
     finally:
         if nginx is not None:
             nginx.stop()

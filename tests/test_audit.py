@@ -113,8 +113,8 @@ def http_get(url: str) -> bytes:
 
 @contextlib.contextmanager
 def running(tmp: Path, institute: Institute, kind: str) -> Iterator[Difusor]:
-    with serving_agent(tmp, institute, kind) as (config, _, url):
-        yield Difusor(config, url, institute)
+    with serving_agent(tmp, institute, kind) as served:
+        yield Difusor(served.config, served.url, institute)
 
 
 @pytest.fixture(scope="module", params=["embedded", "nginx"])

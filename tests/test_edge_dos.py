@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 from prep_agent.agent.config import Config
-from tests.kit import AgentDaemon, Institute, free_port, make_config, minute_ago, wait_for
-from tests.nginxkit import Nginx, instantiate, session_from, wait_published
+from tests.kit import Institute, free_port, minute_ago, wait_for
+from tests.nginxkit import Nginx, instantiate, serving_agent, session_from, wait_published
 from tests.tlskit import Fail2ban
 from tests.wafkit import enable_waf
 
@@ -54,22 +54,11 @@ class DosSite:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, institute: Institute) -> Iterator[DosSite]:
     tmp = tmp_path_factory.mktemp("dos")
-    listen = f"127.0.0.1:{free_port()}"
-    config = make_config(tmp, institute, listen=listen)
-    agent = AgentDaemon(tmp / "prep-agent.conf")
-    nginx: Nginx | None = None
-    try:
-        agent.start()
-        institute.cut(config.inbox, 1, cut_time=minute_ago(5))
-        release = str(wait_published(config.public, 1)["release"])
-        port = free_port()
-        nginx = Nginx(instantiate(tmp / "nginx", config.root, listen, port), port)
-        nginx.start()
-        yield DosSite(config, listen, nginx, release)
-    finally:
-        if nginx is not None:
-            nginx.stop()
-        agent.stop()
+    with serving_agent(tmp, institute, "nginx") as served:
+        assert served.nginx is not None
+        institute.cut(served.config.inbox, 1, cut_time=minute_ago(5))
+        release = str(wait_published(served.config.public, 1)["release"])
+        yield DosSite(served.config, served.listen, served.nginx, release)
 
 
 def pipelined(port: int, source: str, path: str, count: int) -> Counter[int]:

@@ -20,8 +20,8 @@ from urllib.parse import quote
 import pytest
 
 from prep_agent.agent.config import Config
-from tests.kit import AgentDaemon, Institute, free_port, make_config, minute_ago
-from tests.nginxkit import Nginx, instantiate, wait_published
+from tests.kit import Institute, minute_ago
+from tests.nginxkit import Nginx, serving_agent, wait_published
 from tests.wafkit import MODSECURITY_MODULE, enable_waf
 
 pytestmark = [pytest.mark.edge, pytest.mark.timeout(120)]
@@ -105,19 +105,8 @@ def site(tmp_path_factory: pytest.TempPathFactory, institute: Institute) -> Iter
     if not MODSECURITY_MODULE.exists():
         pytest.fail("ModSecurity for nginx is missing: run scripts/install-deps")
     tmp = tmp_path_factory.mktemp("waf")
-    listen = f"127.0.0.1:{free_port()}"
-    # Real files carry their own 2021 stamps; this test is about the firewall.
-    config = make_config(tmp, institute, listen=listen, frame_ancestors=PORTAL, stamp_check="off")
-    agent = AgentDaemon(tmp / "prep-agent.conf")
-    nginx: Nginx | None = None
-    try:
-        agent.start()
-        files = real_files()
-        when = minute_ago(5)
-        institute.deliver(config.inbox, files, institute.manifest(files, 1, when))
-        release = str(wait_published(config.public, 1)["release"])
-        port = free_port()
-        conf = instantiate(tmp / "nginx", config.root, listen, port)
+
+    def prepare(conf: Path) -> None:
         enable_waf(conf)
         # ModSecurity logs each rule match below the blocking score at info: the
         # replay must not even be flagged, so this test reads the log at info.
@@ -125,13 +114,16 @@ def site(tmp_path_factory: pytest.TempPathFactory, institute: Institute) -> Iter
         text = site_conf.read_text()
         assert "error.log warn;" in text
         site_conf.write_text(text.replace("error.log warn;", "error.log info;"))
-        nginx = Nginx(conf, port)
-        nginx.start()
-        yield WafSite(config, nginx, release, files)
-    finally:
-        if nginx is not None:
-            nginx.stop()
-        agent.stop()
+
+    # Real files carry their own 2021 stamps; this test is about the firewall.
+    options = {"frame_ancestors": PORTAL, "stamp_check": "off"}
+    with serving_agent(tmp, institute, "nginx", prepare, **options) as served:
+        assert served.nginx is not None
+        files = real_files()
+        when = minute_ago(5)
+        institute.deliver(served.config.inbox, files, institute.manifest(files, 1, when))
+        release = str(wait_published(served.config.public, 1)["release"])
+        yield WafSite(served.config, served.nginx, release, files)
 
 
 def request(

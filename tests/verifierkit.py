@@ -138,8 +138,8 @@ def setup(tmp: Path, key_type: str, kind: str = "embedded") -> Iterator[Setup]:
         (site.folder / name).write_bytes((package / name).read_bytes())
     shutil.copyfile(inst.allowed_signers, site.folder / "allowed_signers")
     try:
-        with serving_agent(tmp, inst, kind) as (_, agent, url):
-            yield Setup(inst, agent, site, url)
+        with serving_agent(tmp, inst, kind) as served:
+            yield Setup(inst, served.agent, site, served.url)
     finally:
         site.stop()
 

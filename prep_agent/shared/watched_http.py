@@ -63,22 +63,21 @@ def _hooks() -> _Hooks | None:
     return hooks
 
 
+def _reported(sock: socket.socket) -> socket.socket:
+    hooks = _hooks()
+    if hooks is not None:
+        hooks.on_socket(sock)
+    return sock
+
+
 class _HTTPConnection(HTTPConnection):  # type: ignore[misc]
     def _new_conn(self) -> socket.socket:
-        sock: socket.socket = super()._new_conn()
-        hooks = _hooks()
-        if hooks is not None:
-            hooks.on_socket(sock)
-        return sock
+        return _reported(super()._new_conn())
 
 
 class _HTTPSConnection(HTTPSConnection):  # type: ignore[misc]
     def _new_conn(self) -> socket.socket:
-        sock: socket.socket = super()._new_conn()
-        hooks = _hooks()
-        if hooks is not None:
-            hooks.on_socket(sock)
-        return sock
+        return _reported(super()._new_conn())
 
     def connect(self) -> None:
         super().connect()
