@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 import pytest
+import requests
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from prep_agent.core.errors import EXIT_AUDIT_ALTERED, EXIT_AUDIT_UNREACHABLE
+from prep_agent.core.errors import EXIT_AUDIT_ALTERED, EXIT_AUDIT_UNREACHABLE, EXIT_OK
 from tests.auditkit import ENDLESS, HTML_ERROR, HUGE, SLOW, TRICKLE, Front
-from tests.verifierkit import Setup, agree, browser, require_browser, setup
+from tests.verifierkit import Setup, agree, browser, page_result, require_browser, setup
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -132,3 +133,18 @@ def test_huge_answers_are_cut_short(browser: WebDriver, cut: Cut) -> None:
     assert f"más de {len(cut.files[ODD])} bytes" in texts[ODD], texts
     # Both readers wrote into socket buffers, no more: CLI and browser stopped reading.
     assert sent < 64 * 1024**2, sent
+
+
+def test_a_cut_published_during_the_audit_is_no_alteration(browser: WebDriver, cut: Cut) -> None:
+    """status.json read just before a publication, the frame just after: like the CLI,
+    the page finds the newer signed cut that status.json names when read again."""
+    before = requests.get(f"{cut.s.url}/status.json", timeout=5).content
+    cut.release, cut.files = cut.s.publish()
+    with Front(cut.s.url) as front:
+        front.once["/status.json"] = before
+        code, report = cut.s.cli(url=front.url)
+        front.once["/status.json"] = before
+        page = page_result(browser, cut.s, f"{cut.kind}-publicado-durante", url=front.url)
+    assert code == EXIT_OK and report["findings"] == [], report
+    assert report["sequence"] == cut.s.sequence - 1
+    assert page["verdict"] == "intact" and page["findings"] == [], page

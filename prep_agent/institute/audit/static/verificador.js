@@ -11,6 +11,8 @@
   var RELEASES = "cortes/";
   var WELL_KNOWN = ".well-known/prep-cut/";
   var WORKERS = 6;
+  var FRAME_SETTLE = 1500;  // ms before the frame is read again (as the CLI waits)
+  var RELEASE_NAME = /^[0-9A-Za-z_-][0-9A-Za-z._-]*$/;
   var WAIT = 10;  // seconds per GET, headers and body (the CLI's --timeout default)
   var MIN_RSA_BITS = 3072;
   var VERDICTS = {
@@ -340,6 +342,36 @@
     report.files.push(row);
   }
 
+  // The cut time the frame shows ({shown: text or null}), or {failed: answer}.
+  async function frameTime(base, wait) {
+    var frame = await get(base, 1024 * 1024, wait);
+    if (!frame.bytes) { return { failed: frame }; }
+    var shown = /<time id="cut-time" datetime="([^"]*)"/.exec(decoder.decode(frame.bytes));
+    return { shown: shown ? shown[1] : null };
+  }
+
+  // Whether status.json, read again, names a newer cut signed by the Institute
+  // whose cut time the frame shows: a publication during the audit, not an
+  // alteration (as the CLI decides). The audited release stays the first one.
+  async function publishedMeanwhile(base, m, shown, signers, wait, audited) {
+    if (shown === null) { return false; }
+    var status = await get(base + "status.json", 65536, wait);
+    if (!status.bytes) { return false; }
+    var doc = null;
+    try { doc = JSON.parse(decoder.decode(status.bytes)); } catch (err) { return false; }
+    if (!doc || typeof doc.release !== "string" || doc.release === audited || !RELEASE_NAME.test(doc.release)) { return false; }
+    var path = RELEASES + doc.release + "/" + WELL_KNOWN + "manifest.json";
+    var manifest = await get(base + path, 32 * 1024 * 1024, wait);
+    var sig = await get(base + path + ".sig", 1024 * 1024, wait);
+    if (!manifest.bytes || !sig.bytes) { return false; }
+    var signed;
+    try { signed = await trustedSigners(decoder.decode(sig.bytes), manifest.bytes, signers, Date.now()); }
+    catch (err) { return false; }
+    if (signed.count < 1) { return false; }
+    var newer = JSON.parse(decoder.decode(manifest.bytes));
+    return newer.sequence > m.sequence && newer.cut_time === shown;
+  }
+
   async function audit(base, signers, expectSequence, wait) {
     var report = new Report(base);
     report.wait = wait;
@@ -354,7 +386,7 @@
       report.add("altered", "status.json", "un documento prep-status/1", describe(status));
       return report;
     }
-    if (typeof doc.release !== "string" || !/^[0-9A-Za-z_-][0-9A-Za-z._-]*$/.test(doc.release)) {
+    if (typeof doc.release !== "string" || !RELEASE_NAME.test(doc.release)) {
       report.add("altered", "status.json", "un corte publicado", String(doc.release).slice(0, 80));
       return report;
     }
@@ -380,10 +412,15 @@
     if (expectSequence && m.sequence < expectSequence) {
       report.add("stale", "status.json", "secuencia " + expectSequence + " o posterior", "secuencia " + m.sequence);
     }
-    var frame = await get(base, 1024 * 1024, wait);
-    if (!frame.bytes) { failure(report, "/ (marco)", "el marco", frame); } else {
-      var shown = /<time id="cut-time" datetime="([^"]*)"/.exec(decoder.decode(frame.bytes));
-      if (!shown || shown[1] !== m.cut_time) { report.add("altered", "/ (marco)", "corte " + m.cut_time, shown ? shown[1] : "sin hora de corte"); }
+    var frame = await frameTime(base, wait);
+    if (frame.shown !== undefined && frame.shown !== m.cut_time) {
+      // Servers read the frame apart from status.json: look again once.
+      await new Promise(function (done) { setTimeout(done, FRAME_SETTLE); });
+      frame = await frameTime(base, wait);
+    }
+    if (frame.failed) { failure(report, "/ (marco)", "el marco", frame.failed); }
+    else if (frame.shown !== m.cut_time && !(await publishedMeanwhile(base, m, frame.shown, signers, wait, doc.release))) {
+      report.add("altered", "/ (marco)", "corte " + m.cut_time, frame.shown === null ? "sin hora de corte" : frame.shown);
     }
     var queue = m.files.slice();
     async function worker() {
