@@ -9,7 +9,7 @@ import time
 
 import requests
 
-from tests.kit import PREP_AGENT, free_port
+from tests.kit import PREP_AGENT, ctrl_c_reaches, free_port, stop_process
 
 
 def test_demo_publishes_and_serves_then_stops_on_ctrl_c() -> None:
@@ -19,6 +19,7 @@ def test_demo_publishes_and_serves_then_stops_on_ctrl_c() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=ctrl_c_reaches,
     )
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -37,7 +38,10 @@ def test_demo_publishes_and_serves_then_stops_on_ctrl_c() -> None:
         assert str(status["cut_time"])[:10].split("-")[0] in stamp
     finally:
         demo.send_signal(signal.SIGINT)
-        out, err = demo.communicate(timeout=15)
+        try:
+            out, err = demo.communicate(timeout=15)
+        finally:
+            stop_process(demo)  # no demo outlives a failed test
     assert demo.returncode == 0, err
     assert f"frame: {url}" in out
     assert "institute: delivered cut 3" in out

@@ -15,14 +15,20 @@ from pathlib import Path
 
 import requests
 
-from tests.kit import PREP_AGENT, free_port
+from tests.kit import PREP_AGENT, ctrl_c_reaches, free_port, stop_process
 
 
 def test_demo_polls_signed_packages_over_https_and_serves_the_frame(tmp_path: Path) -> None:
     port = free_port()
     argv = [PREP_AGENT, "demo", "--source", "https-package", "--interval", "0.5"]
     argv += ["--port", str(port), "--dir", str(tmp_path / "demo")]
-    demo = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    demo = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=ctrl_c_reaches,
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         seen: set[int] = set()
@@ -46,7 +52,10 @@ def test_demo_polls_signed_packages_over_https_and_serves_the_frame(tmp_path: Pa
         assert "generada por el difusor" in entry
     finally:
         demo.send_signal(signal.SIGINT)
-        out, err = demo.communicate(timeout=20)
+        try:
+            out, err = demo.communicate(timeout=20)
+        finally:
+            stop_process(demo)  # no demo outlives a failed test
     assert demo.returncode == 0, err
     assert f"frame: {url}" in out
     assert "institute: serving PREP packages at https://127.0.0.1:" in out

@@ -45,6 +45,7 @@ from tests.kit import (
     PREP_AGENT,
     AgentDaemon,
     Institute,
+    ctrl_c_reaches,
     free_port,
     keygen,
     make_config,
@@ -499,6 +500,7 @@ def test_an_interrupted_one_shot_run_stops_at_once_and_says_who_lacks_the_cut(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=ctrl_c_reaches,
         )
         try:
             wait_for(lambda: attempts(db, "sano"), 30, "the healthy target", alive=proc)

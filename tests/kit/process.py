@@ -44,6 +44,15 @@ def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 15) -> int
     return proc.returncode
 
 
+def ctrl_c_reaches() -> None:
+    """``preexec_fn`` for a child the test will stop with SIGINT (the operator's
+    Ctrl-C): SIGINT back to its default there, so Python turns it into
+    KeyboardInterrupt even when this run was started with SIGINT ignored (a
+    background job of a non-interactive shell inherits SIG_IGN, and Python keeps it).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
