@@ -147,6 +147,23 @@ def pointer_hits(log: str) -> int:
     return len(re.findall(r'"GET /status\.json[ ?]', log))
 
 
+def vrrp_log_sizes(stand: Stand) -> dict[str, int]:
+    """The size of each balancer's keepalived log (a mark for ``vrrp_changes``)."""
+    return {n: (b.folder / "keepalived.log").stat().st_size for n, b in stand.balancers.items()}
+
+
+def vrrp_changes(stand: Stand, since: dict[str, int]) -> list[str]:
+    """keepalived's state changes and failed checks logged since ``since``: a
+    balancer whose checks time out (a starved machine) hands the address over."""
+    lines = []
+    for name, balancer in stand.balancers.items():
+        with open(balancer.folder / "keepalived.log", "rb") as log:
+            log.seek(since[name])
+            text = log.read().decode(errors="replace")
+        lines += [f"{name}: {ln}" for ln in text.splitlines() if re.search(r"STATE|timed_out", ln)]
+    return lines
+
+
 def sequence_at(stand: Stand) -> int:
     """The sequence status.json names at the floating address (0: no answer)."""
     try:
@@ -198,6 +215,7 @@ def test_steady_cuts_no_error_no_mix_no_step_back(stand: Stand, viewer: WebDrive
     cuts = 30
     checker = stand.checker(cuts * 15 + 30)  # ended by stop_checker once the cuts are out
     shown = Shown(viewer)
+    vrrp = vrrp_log_sizes(stand)
     started = time.monotonic()
     cycles = []
     for _ in range(cuts):
@@ -224,6 +242,7 @@ def test_steady_cuts_no_error_no_mix_no_step_back(stand: Stand, viewer: WebDrive
     )
     assert seen == list(range(first, last + 1)), seen  # every cut, in order, never back
     print("steady:", {k: doc[k] for k in ("requests", "errors", "pointer_regressions")})
+    print("steady: keepalived", vrrp_changes(stand, vrrp) or "kept the address on lb1")
     assert_clean(doc)
     for sequences in doc["sequences"]:  # type: ignore[union-attr]
         assert sequences[-cuts:] == list(range(first, last + 1)), sequences
