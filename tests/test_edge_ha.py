@@ -39,6 +39,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -142,6 +143,17 @@ class Shown:
         return [int(s) for s in got]
 
 
+@contextmanager
+def ended_on_failure(proc: subprocess.Popen[str]) -> Iterator[None]:
+    """Kill ``proc`` (a checker) if the block fails, so it does not outlive the drill."""
+    try:
+        yield
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=10)
+        raise
+
+
 def pointer_hits(log: str) -> int:
     """Requests for status.json in an nginx access log (health checks excluded)."""
     return len(re.findall(r'"GET /status\.json[ ?]', log))
@@ -218,21 +230,23 @@ def test_steady_cuts_no_error_no_mix_no_step_back(stand: Stand, viewer: WebDrive
     vrrp = vrrp_log_sizes(stand)
     started = time.monotonic()
     cycles = []
-    for _ in range(cuts):
-        began = time.monotonic()
-        # Each origin receives the cut 0-5 s late, on its own; the next cut is sent
-        # once this one is on both origins and at the floating address, HOLD s later.
-        last = stand.publish(5.0)
-        wait_for(
-            lambda n=last: sequence_at(stand) == n,  # type: ignore[misc]
-            15,
-            f"cut {last} at the floating address",
-        )
-        at_vip = time.monotonic()
-        stand.wait_everywhere(last)
-        time.sleep(max(0.0, at_vip + HOLD - time.monotonic()))
-        cycles.append(time.monotonic() - began)
-    wait_for(lambda: shown.sequences()[-1:] == [last], 10, f"Chromium shows cut {last}")
+    with ended_on_failure(checker):
+        for _ in range(cuts):
+            began = time.monotonic()
+            # Each origin receives the cut 0-5 s late, on its own; the next cut is
+            # sent once this one is on both origins and at the floating address,
+            # HOLD s later.
+            last = stand.publish(5.0)
+            wait_for(
+                lambda n=last: sequence_at(stand) == n,  # type: ignore[misc]
+                15,
+                f"cut {last} at the floating address",
+            )
+            at_vip = time.monotonic()
+            stand.wait_everywhere(last)
+            time.sleep(max(0.0, at_vip + HOLD - time.monotonic()))
+            cycles.append(time.monotonic() - began)
+        wait_for(lambda: shown.sequences()[-1:] == [last], 10, f"Chromium shows cut {last}")
     doc = stop_checker(checker)
     elapsed = time.monotonic() - started
     seen = shown.sequences()
@@ -264,33 +278,34 @@ def test_steady_cuts_no_error_no_mix_no_step_back(stand: Stand, viewer: WebDrive
 def test_origin_killed_then_a_lagging_origin_leaves_pointer_rotation(stand: Stand) -> None:
     o1, o2 = stand.origins["o1"], stand.origins["o2"]
     checker = stand.checker(4 * EVERY + 8 + 5 * EVERY + 60)  # ended by stop_checker
-    stand.publish()
-    time.sleep(2)
-    o1.kill()  # nginx and agent, -9, mid-run
-    publish_every(stand, 3)
-    o1.start()
-    stand.wait_everywhere(stand.sequence)
-    # The first origin (balance first: it answers every pointer) stops receiving cuts.
-    stand.hold("o1")
-    behind_at = None
-    for _ in range(5):
+    with ended_on_failure(checker):
         stand.publish()
-        next_cut = time.monotonic() + EVERY
-        while time.monotonic() < next_cut:
-            if behind_at is None and o1.curl("http://127.0.0.1:8080/readyz?lag=114") == 503:
-                behind_at = time.monotonic()
-                hits_o1, hits_o2 = pointer_hits(o1.access_log()), pointer_hits(o2.access_log())
-            time.sleep(0.1)
-    assert behind_at is not None, "o1 never reported itself behind"
-    # o1 out of rotation for the pointers (after HAProxy's two failed checks and
-    # nginx's 1 s log buffer), o2 took them over.
-    late_o1 = pointer_hits(o1.access_log()) - hits_o1
-    late_o2 = pointer_hits(o2.access_log()) - hits_o2
-    stand.release("o1")
-    stand.wait_everywhere(stand.sequence)
-    back = wait_for(
-        lambda: o1.curl("http://127.0.0.1:8080/readyz?lag=114") == 200, 10, "o1 caught up"
-    )
+        time.sleep(2)
+        o1.kill()  # nginx and agent, -9, mid-run
+        publish_every(stand, 3)
+        o1.start()
+        stand.wait_everywhere(stand.sequence)
+        # The first origin (balance first: it answers every pointer) stops receiving cuts.
+        stand.hold("o1")
+        behind_at = None
+        for _ in range(5):
+            stand.publish()
+            next_cut = time.monotonic() + EVERY
+            while time.monotonic() < next_cut:
+                if behind_at is None and o1.curl("http://127.0.0.1:8080/readyz?lag=114") == 503:
+                    behind_at = time.monotonic()
+                    hits_o1, hits_o2 = pointer_hits(o1.access_log()), pointer_hits(o2.access_log())
+                time.sleep(0.1)
+        assert behind_at is not None, "o1 never reported itself behind"
+        # o1 out of rotation for the pointers (after HAProxy's two failed checks and
+        # nginx's 1 s log buffer), o2 took them over.
+        late_o1 = pointer_hits(o1.access_log()) - hits_o1
+        late_o2 = pointer_hits(o2.access_log()) - hits_o2
+        stand.release("o1")
+        stand.wait_everywhere(stand.sequence)
+        back = wait_for(
+            lambda: o1.curl("http://127.0.0.1:8080/readyz?lag=114") == 200, 10, "o1 caught up"
+        )
     doc = stop_checker(checker)
     print("origin drill:", {k: doc[k] for k in ("requests", "errors", "pointer_regressions")})
     print(f"while o1 was behind: o1 served {late_o1} pointers, o2 {late_o2}")
