@@ -11,7 +11,8 @@ pointer regression (what the frame protects viewers from), never shown.
 
 Prints one JSON document: requests, errors (with times), mixed responses,
 backward steps, pointer regressions, the sequences shown in order, and
-per-status counts. Bounded: ``--seconds`` and ``--rate`` per worker.
+per-status counts. Bounded: ``--seconds`` and ``--rate`` per worker; SIGTERM
+ends the run early (the summary is still printed).
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ import http.client
 import json
 import random
 import re
+import signal
 import sys
 import threading
 import time
 from typing import Any
+
+STOP = threading.Event()
+"""Set by SIGTERM: every worker ends after its current request."""
 
 
 class Worker:
@@ -117,7 +122,7 @@ class Worker:
 
     def run(self) -> None:
         next_at = time.monotonic()
-        while time.time() < self.deadline:
+        while time.time() < self.deadline and not STOP.is_set():
             try:
                 self.step()
             except (OSError, http.client.HTTPException, ValueError, KeyError) as exc:
@@ -125,7 +130,7 @@ class Worker:
             next_at += self.period
             pause = next_at - time.monotonic()
             if pause > 0:
-                time.sleep(pause)
+                STOP.wait(pause)
             else:
                 next_at = time.monotonic()
 
@@ -138,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--rate", type=float, default=10.0, help="requests/s per worker")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda signum, frame: STOP.set())
     deadline = time.time() + min(args.seconds, 600.0)
     workers = [Worker(args.host, args.rate, deadline, i) for i in range(args.workers)]
     threads = [threading.Thread(target=w.run) for w in workers]

@@ -47,6 +47,13 @@ LAG = 114
 """The pointer backend's /readyz?lag=: an origin whose newest cut was published
 more than PERIOD + LAG - AGE = 14 s ago is behind (in steady state an origin's
 newest cut is at most EVERY + 5 = 11 s old)."""
+POLL = 1
+"""[frame] poll_seconds of the origins (the floor): the drill's viewer must see
+every cut, each the newest at the floating address for at least HOLD s."""
+HOLD = 1.5
+"""Seconds each cut of the steady drill stays the newest at the floating address
+(served there, on both origins) before the institute sends the next: the frame's
+poll (POLL) plus the check and load of the cut's entry page."""
 MIDDLE = timezone(timedelta(hours=-6))
 ENGINES = ("haproxy", "varnishd", "keepalived", "nginx", "curl")
 
@@ -137,7 +144,7 @@ class Origin:
             listen="127.0.0.1:8080",
             stamp_check="off",
             rescan_interval=0.5,
-            poll_seconds=5,
+            poll_seconds=POLL,
             nodes=purge,
         )
         self.inbox = self.config.inbox
@@ -445,3 +452,9 @@ def summary(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
     assert proc.returncode == 0, err[-2000:]
     doc: dict[str, Any] = json.loads(out)
     return doc
+
+
+def stop_checker(proc: subprocess.Popen[str], timeout: float = 30) -> dict[str, Any]:
+    """End a checker before its ``--seconds`` (SIGTERM) and return its summary."""
+    proc.terminate()
+    return summary(proc, timeout)

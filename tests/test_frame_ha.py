@@ -22,8 +22,8 @@ from tests.kit import Institute, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
-POLL = 5
-"""poll_seconds (the page's minimum)."""
+POLL = 1
+"""poll_seconds (the page's minimum: each wait below spans two polls and a retry)."""
 
 
 def shown(driver: WebDriver) -> tuple[str, str]:

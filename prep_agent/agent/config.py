@@ -194,7 +194,10 @@ opening_text = {opening_text}
 # Origins allowed to embed the frame (CSP frame-ancestors), space separated,
 # e.g. https://www.mi-portal.mx. 'self' alone allows no other site.
 frame_ancestors = 'self'
-# Seconds between the page's checks for a new cut.
+# Seconds between the page's checks for a new cut (status.json), at least 1.
+# Each open page asks once per poll_seconds: below 15, more requests per
+# viewer (and per carrier address, against the site's rate limits); worth it
+# only behind a cache or CDN, or when cuts come faster than every minute.
 poll_seconds = 15
 
 [health]

@@ -11,7 +11,10 @@
   var skewKnown = false;     // until the server's clock is known, trust the server's page
   var pending = null;        // release whose entry page is being checked
   var retryTimer = null;     // a pointer retry after a missing release
-  var poll = Math.max(5, Number(document.body.getAttribute("data-poll")) || 15) * 1000;
+  // [frame] poll_seconds: at least 1 s (agent/config.py rejects less; a lower
+  // number is raised to 1), 15 s when missing or not a positive number.
+  var pollSetting = Number(document.body.getAttribute("data-poll"));
+  var poll = (pollSetting > 0 ? Math.max(1, Math.floor(pollSetting)) : 15) * 1000;
 
   function el(id) { return document.getElementById(id); }
 
