@@ -45,6 +45,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import pytest
+from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from prep_agent.core.errors import Error
@@ -349,6 +350,7 @@ def test_every_origin_stopped_cache_serves_the_last_cut_then_notice(
     last = stand.publish(spread=0.0)
     stand.wait_everywhere(last)
     wait_for(lambda: sequence_at(stand) == last, 15, "the last cut at the floating address")
+    wait_for(lambda: frame_state(viewer) == ("current", str(last)), 15, "Chromium on the last cut")
     stopped = time.time()
     for origin in stand.origins.values():
         origin.kill()
@@ -369,3 +371,7 @@ def test_every_origin_stopped_cache_serves_the_last_cut_then_notice(
         f"stopped drill: served stale for {time.time() - stopped:.0f} s, Age {headers.get('age')}"
     )
     assert server_now > cut_time + 3 * PERIOD
+    # The viewer, polling the cache at the 1 s floor, now shows the notice over the last cut.
+    wait_for(lambda: frame_state(viewer)[0] == "stale", 10, "the frame's interruption notice")
+    assert frame_state(viewer) == ("stale", str(last))
+    assert viewer.find_element(By.ID, "stale-notice").is_displayed()
