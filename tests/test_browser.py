@@ -39,8 +39,8 @@ from tests.kit import OFFSET, Institute, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
-POLL = 5
-"""poll_seconds of every config here (the page's minimum)."""
+POLL = 1
+"""poll_seconds of every config here (the floor: agent/config.py refuses less)."""
 SWITCH = POLL + 5
 """A new cut must be on screen this many seconds after the agent published it."""
 NAME = "Diario de Prueba"
