@@ -16,7 +16,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Callable
 
@@ -110,17 +110,20 @@ def batch_lines(
     send: list[str],
     local: Callable[[str], Path] | None = None,
     signed: bool = True,
+    existing: Collection[str] = (),
 ) -> list[str]:
     """The sftp batch: ``cd directory`` (if given), the folders and the ``send``
     files of the cut ``folder``, its manifest, then its signature under a
     temporary name renamed into place (``signed=False``: without those two, for
     one of several batches sent before the one that ends the cut).
     ``local(rel)`` names the file uploaded as ``rel`` (default:
-    ``folder / rel``). Raises ``Error`` for a path a batch cannot carry.
+    ``folder / rel``). No ``-mkdir`` for the folders in ``existing`` (the
+    target holds them already: each ``-mkdir`` is a round trip). Raises
+    ``Error`` for a path a batch cannot carry.
     """
     source = local or (lambda rel: folder / rel)
     lines = [f"cd {_quote(directory)}"] if directory else []
-    made: set[str] = set()
+    made: set[str] = set(existing)
     for rel in sorted(send):
         parts = rel.split("/")[:-1]
         for depth in range(1, len(parts) + 1):
@@ -138,6 +141,17 @@ def batch_lines(
     # (sftp-server does), which replaces the previous signature atomically.
     lines.append(f"rename {_quote(temporary)} {_quote(SIGNATURE_NAME)}")
     return lines
+
+
+def folders_of(paths: Iterable[str]) -> set[str]:
+    """Every folder (and parent folder) holding one of ``paths`` (relative, ``/``-separated)."""
+    folders: set[str] = set()
+    for rel in paths:
+        parent = rel.rpartition("/")[0]
+        while parent and parent not in folders:
+            folders.add(parent)
+            parent = parent.rpartition("/")[0]
+    return folders
 
 
 def deliver_sftp(
