@@ -25,6 +25,27 @@ T0 = datetime.now(OFFSET).replace(microsecond=0) - timedelta(hours=1)
 
 
 @pytest.mark.core
+def test_a_folder_of_several_files_is_entered_to_send_them_by_name() -> None:
+    send = ["a/1", "a/2", "a/3", "b/c/1", "b/c/2", "b/c/3", "d/1", "top"]
+    lines = batch_lines(Path("/c"), "in", send, existing={"a", "b"}, view=Path("/v"))
+    assert lines == [
+        'cd "in"',
+        '-mkdir "b/c"',
+        '-mkdir "d"',
+        'put "/c/d/1" "d/1"',
+        'put "/v/top"',
+        'cd "a"',
+        *[f'put "/v/a/{i}"' for i in (1, 2, 3)],
+        'cd "../b/c"',
+        *[f'put "/v/b/c/{i}"' for i in (1, 2, 3)],
+        'cd "../.."',
+        'put "/c/prep-manifest.json" "prep-manifest.json"',
+        'put "/c/prep-manifest.json.sig" ".prep-manifest.json.sig.part"',
+        'rename ".prep-manifest.json.sig.part" "prep-manifest.json.sig"',
+    ]
+
+
+@pytest.mark.core
 def test_a_batch_makes_only_the_folders_not_held() -> None:
     held = folders_of(["actas/00/a.txt", "index.html"])
     assert held == {"actas", "actas/00"}
@@ -32,8 +53,8 @@ def test_a_batch_makes_only_the_folders_not_held() -> None:
         Path("/c"), "", ["actas/00/b.txt", "actas/01/c.txt"], signed=False, existing=held
     )
     assert lines == [
-        'put "/c/actas/00/b.txt" "actas/00/b.txt"',
         '-mkdir "actas/01"',
+        'put "/c/actas/00/b.txt" "actas/00/b.txt"',
         'put "/c/actas/01/c.txt" "actas/01/c.txt"',
     ]
 
@@ -44,10 +65,15 @@ def files(institute: Institute, sequence: int, extra: dict[str, bytes]) -> dict[
 
 
 def made(requests: Path, inbox: Path) -> list[str]:
-    """The folders sftp-server was asked to make under ``inbox`` (its INFO log)."""
+    """The folders sftp-server was asked to make under ``inbox`` (its log)."""
     text = requests.read_text(errors="replace")
     prefix = re.escape(str(inbox) + "/")
     return re.findall(rf'mkdir name "{prefix}([^"]+)"', text)
+
+
+def stats(requests: Path, path: Path) -> int:
+    """How many times sftp-server was asked to stat ``path``."""
+    return requests.read_text(errors="replace").count(f'stat name "{path}"')
 
 
 def test_a_later_cut_makes_only_new_folders_and_a_lost_one_on_the_retry(
@@ -57,7 +83,7 @@ def test_a_later_cut_makes_only_new_folders_and_a_lost_one_on_the_retry(
     server = Sshd(tmp_path / "sshd", [keygen(upload_key)])
     config = server.config.read_text()
     requests = tmp_path / "sftp-server.log"  # its requests (the subsystem runs in a shell)
-    server_log = f"/usr/lib/openssh/sftp-server -e -l INFO 2>>{requests}\n"
+    server_log = f"/usr/lib/openssh/sftp-server -e -l VERBOSE 2>>{requests}\n"
     server.config.write_text(config.replace("internal-sftp\n", server_log))
     institute = Institute(tmp_path / "institute")
     targets = []
@@ -68,7 +94,8 @@ def test_a_later_cut_makes_only_new_folders_and_a_lost_one_on_the_retry(
         targets.append(Target(sid, inbox, port=server.port, host_key=key, identity=upload_key))
     conf = write_config(tmp_path / "institute.conf", institute.allowed_signers, targets)
     out = tmp_path / "out"
-    first = {"actas/00/a.txt": b"a 1\n", "actas/01/b.txt": b"b 1\n"}
+    group = {f"actas/02/{name}.txt": name.encode() for name in ("x", "y", "z")}
+    first = {"actas/00/a.txt": b"a 1\n", "actas/01/b.txt": b"b 1\n", **group}
     second = {"actas/00/a.txt": b"a 2\n", "actas/01/b.txt": b"b 2\n", "nuevo/sub/c.txt": b"c\n"}
     server.start()
     try:
@@ -76,7 +103,13 @@ def test_a_later_cut_makes_only_new_folders_and_a_lost_one_on_the_retry(
         proc = distribute(conf, "--no-confirm", str(cut1.local))
         assert proc.returncode == 0, proc.stdout + proc.stderr
         intact, lost = (t.inbox for t in targets)
-        assert sorted(made(requests, intact)) == ["actas", "actas/00", "actas/01", "datos", "img"]
+        folders = ["actas", "actas/00", "actas/01", "actas/02", "datos", "img"]
+        assert sorted(made(requests, intact)) == folders
+        # 3 files of one folder went by their own names after a cd: no stat of each.
+        for rel, data in group.items():
+            assert (intact / rel).read_bytes() == data
+            assert stats(requests, intact / rel) == 0, rel
+        assert stats(requests, intact / "actas/00/a.txt") == 1  # alone in its folder
         shutil.rmtree(lost / "actas")  # someone else removed it: the record cannot know
         before = {t.service_id: len(made(requests, t.inbox)) for t in targets}
         cut2 = make_cut(institute, out, 2, T0 + timedelta(minutes=2), files(institute, 2, second))
@@ -93,5 +126,7 @@ def test_a_later_cut_makes_only_new_folders_and_a_lost_one_on_the_retry(
         query = "SELECT result, error FROM delivery_attempt WHERE difusor = ? AND sequence = 2"
         rows = list(db.execute(query + " ORDER BY id", ("sin-carpeta",)))
     assert rows == [("failed", "remote folder missing"), ("delivered", None)]
+    # The first attempt made the new folders, then failed; the retry made them all.
     retried = made(requests, lost)[before["sin-carpeta"] :]
-    assert sorted(retried) == ["actas", "actas/00", "actas/01", "datos", "nuevo", "nuevo/sub"]
+    assert retried[:2] == ["nuevo", "nuevo/sub"]
+    assert sorted(retried[2:]) == ["actas", "actas/00", "actas/01", "datos", "nuevo", "nuevo/sub"]

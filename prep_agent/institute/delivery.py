@@ -12,6 +12,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import posixpath
 import re
 import shutil
 import subprocess
@@ -104,6 +105,11 @@ def sftp_batch(source: Path, directory: str, previous: Path | None = None) -> li
     return batch_lines(source, directory, send)
 
 
+GROUP = 3
+"""Files of one folder from which a batch ``cd``s there to send them by their own
+names (a ``cd`` is 2 round trips; a ``put`` with a remote name stats it first)."""
+
+
 def batch_lines(
     folder: Path,
     directory: str,
@@ -111,6 +117,7 @@ def batch_lines(
     local: Callable[[str], Path] | None = None,
     signed: bool = True,
     existing: Collection[str] = (),
+    view: Path | None = None,
 ) -> list[str]:
     """The sftp batch: ``cd directory`` (if given), the folders and the ``send``
     files of the cut ``folder``, its manifest, then its signature under a
@@ -118,12 +125,17 @@ def batch_lines(
     one of several batches sent before the one that ends the cut).
     ``local(rel)`` names the file uploaded as ``rel`` (default:
     ``folder / rel``). No ``-mkdir`` for the folders in ``existing`` (the
-    target holds them already: each ``-mkdir`` is a round trip). Raises
-    ``Error`` for a path a batch cannot carry.
+    target holds them already: each ``-mkdir`` is a round trip). With
+    ``view``, a folder holding ``rel`` as ``view / rel`` (same bytes as
+    ``local(rel)``), a folder with at least ``GROUP`` files to send gets them
+    as ``cd FOLDER`` and ``put VIEW/REL`` without a remote name, which spares
+    sftp's stat of each destination. Raises ``Error`` for a path a batch
+    cannot carry.
     """
     source = local or (lambda rel: folder / rel)
     lines = [f"cd {_quote(directory)}"] if directory else []
     made: set[str] = set(existing)
+    groups: dict[str, list[str]] = {}
     for rel in sorted(send):
         parts = rel.split("/")[:-1]
         for depth in range(1, len(parts) + 1):
@@ -131,7 +143,21 @@ def batch_lines(
             if sub not in made:
                 made.add(sub)
                 lines.append(f"-mkdir {_quote(sub)}")
-        lines.append(f"put {_quote(str(source(rel)))} {_quote(rel)}")
+        groups.setdefault(rel.rpartition("/")[0], []).append(rel)
+    for parent, rels in groups.items():
+        if view is None or (parent and len(rels) < GROUP):
+            lines += [f"put {_quote(str(source(rel)))} {_quote(rel)}" for rel in rels]
+        elif not parent:
+            lines += [f"put {_quote(str(view / rel))}" for rel in rels]
+    here = ""
+    for parent, rels in groups.items():
+        if view is not None and parent and len(rels) >= GROUP:
+            if parent != here:
+                lines.append(f"cd {_quote(posixpath.relpath(parent or '.', here or '.'))}")
+                here = parent
+            lines += [f"put {_quote(str(view / rel))}" for rel in rels]
+    if here and signed:
+        lines.append(f"cd {_quote(posixpath.relpath('.', here))}")
     if not signed:
         return lines
     temporary = f".{SIGNATURE_NAME}.part"

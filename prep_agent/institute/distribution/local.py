@@ -71,6 +71,18 @@ class LocalCut:
             return self.store.path(self.signature_sha256)
         return self.store.path(self.files[rel])
 
+    @property
+    def view_name(self) -> str:
+        """The name of its view in the store (sequence and manifest)."""
+        return f"{self.sequence}-{self.manifest_sha256[:16]}"
+
+    def view(self, send: list[str]) -> Path:
+        """A folder holding each of ``send`` under its own path: hard links to
+        its verified bytes in the store. Raises ``Error``."""
+        if self.store is None:
+            raise Error(f"cut {self.sequence} was checked without keeping its bytes")
+        return self.store.view(self.view_name, {rel: self.files[rel] for rel in send})
+
     def hashes(self) -> set[str]:
         """The SHA-256 of every file it sends (what the store must keep for it)."""
         return {*self.files.values(), self.manifest_sha256, self.signature_sha256}

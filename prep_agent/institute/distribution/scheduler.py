@@ -286,15 +286,16 @@ class Distributor:
         """
         timeout = self.settings.transfer_timeout
         folder, path = cut.folder, link.target.path
+        view = cut.view(send)
         count = min(SESSIONS, math.ceil(len(send) / FILES_PER_SESSION))
         if count <= 1:
-            lines = batch_lines(folder, path, send, cut.local, existing=existing)
+            lines = batch_lines(folder, path, send, cut.local, True, existing, view)
             run_batch(link, lines, timeout, cancelled)
             return
         ordered = sorted(send)
         size = math.ceil(len(ordered) / count)
         parts = [
-            batch_lines(folder, path, ordered[i : i + size], cut.local, False, existing)
+            batch_lines(folder, path, ordered[i : i + size], cut.local, False, existing, view)
             for i in range(0, len(ordered), size)
         ]
         last = batch_lines(folder, path, [], cut.local)
