@@ -92,7 +92,9 @@ def test_a_later_cut_makes_only_new_folders_and_a_lost_one_on_the_retry(
         inbox.mkdir(parents=True)
         key = server.known_hosts_line()
         targets.append(Target(sid, inbox, port=server.port, host_key=key, identity=upload_key))
-    conf = write_config(tmp_path / "institute.conf", institute.allowed_signers, targets)
+    conf = write_config(
+        tmp_path / "institute.conf", institute.allowed_signers, targets, backoff_max=0.2
+    )
     out = tmp_path / "out"
     group = {f"actas/02/{name}.txt": name.encode() for name in ("x", "y", "z")}
     first = {"actas/00/a.txt": b"a 1\n", "actas/01/b.txt": b"b 1\n", **group}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -129,7 +130,13 @@ def _check_files(folder: Path, manifest: Manifest, store: Snapshots | None = Non
     """
     for entry in manifest.files:
         path = folder / entry.path
-        if path.is_symlink() or (path.exists() and not path.is_file()):
+        try:  # one lstat: on the critical path of every cut, for every listed file
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            raise Rejection(INCOMPLETE, f"{entry.path} is listed but missing") from None
+        except OSError as exc:
+            raise Error(f"cannot read {path}: {exc.strerror}") from None
+        if not stat.S_ISREG(mode):
             raise Rejection(FILE_TYPE, f"{entry.path} is not a regular file")
         partial = None if store is None or store.holds(entry.sha256) else store.partial()
         try:
