@@ -134,7 +134,7 @@ def test_faults_are_reported_and_never_block_healthy_targets(world: World) -> No
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full.inbox)], check=True)
     try:
         targets = [healthy, refused, wrong_key, auth, missing, readonly, full]
-        conf = world.config(targets, retry_for=3)
+        conf = world.config(targets, retry_for=1.5)  # a retry at 1 s, then given up
         files = {"index.html": b"<h1>Corte 1</h1>", "datos/grande.bin": bytes(range(256)) * 1024}
         first = world.cut(1, files)
         started = time.monotonic()

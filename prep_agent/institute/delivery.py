@@ -12,11 +12,12 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import posixpath
 import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Callable
 
@@ -104,23 +105,37 @@ def sftp_batch(source: Path, directory: str, previous: Path | None = None) -> li
     return batch_lines(source, directory, send)
 
 
+GROUP = 3
+"""Files of one folder from which a batch ``cd``s there to send them by their own
+names (a ``cd`` is 2 round trips; a ``put`` with a remote name stats it first)."""
+
+
 def batch_lines(
     folder: Path,
     directory: str,
     send: list[str],
     local: Callable[[str], Path] | None = None,
     signed: bool = True,
+    existing: Collection[str] = (),
+    view: Path | None = None,
 ) -> list[str]:
     """The sftp batch: ``cd directory`` (if given), the folders and the ``send``
     files of the cut ``folder``, its manifest, then its signature under a
     temporary name renamed into place (``signed=False``: without those two, for
     one of several batches sent before the one that ends the cut).
     ``local(rel)`` names the file uploaded as ``rel`` (default:
-    ``folder / rel``). Raises ``Error`` for a path a batch cannot carry.
+    ``folder / rel``). No ``-mkdir`` for the folders in ``existing`` (the
+    target holds them already: each ``-mkdir`` is a round trip). With
+    ``view``, a folder holding ``rel`` as ``view / rel`` (same bytes as
+    ``local(rel)``), a folder with at least ``GROUP`` files to send gets them
+    as ``cd FOLDER`` and ``put VIEW/REL`` without a remote name, which spares
+    sftp's stat of each destination. Raises ``Error`` for a path a batch
+    cannot carry.
     """
     source = local or (lambda rel: folder / rel)
     lines = [f"cd {_quote(directory)}"] if directory else []
-    made: set[str] = set()
+    made: set[str] = set(existing)
+    groups: dict[str, list[str]] = {}
     for rel in sorted(send):
         parts = rel.split("/")[:-1]
         for depth in range(1, len(parts) + 1):
@@ -128,7 +143,21 @@ def batch_lines(
             if sub not in made:
                 made.add(sub)
                 lines.append(f"-mkdir {_quote(sub)}")
-        lines.append(f"put {_quote(str(source(rel)))} {_quote(rel)}")
+        groups.setdefault(rel.rpartition("/")[0], []).append(rel)
+    for parent, rels in groups.items():
+        if view is None or (parent and len(rels) < GROUP):
+            lines += [f"put {_quote(str(source(rel)))} {_quote(rel)}" for rel in rels]
+        elif not parent:
+            lines += [f"put {_quote(str(view / rel))}" for rel in rels]
+    here = ""
+    for parent, rels in groups.items():
+        if view is not None and parent and len(rels) >= GROUP:
+            if parent != here:
+                lines.append(f"cd {_quote(posixpath.relpath(parent or '.', here or '.'))}")
+                here = parent
+            lines += [f"put {_quote(str(view / rel))}" for rel in rels]
+    if here and signed:
+        lines.append(f"cd {_quote(posixpath.relpath('.', here))}")
     if not signed:
         return lines
     temporary = f".{SIGNATURE_NAME}.part"
@@ -138,6 +167,17 @@ def batch_lines(
     # (sftp-server does), which replaces the previous signature atomically.
     lines.append(f"rename {_quote(temporary)} {_quote(SIGNATURE_NAME)}")
     return lines
+
+
+def folders_of(paths: Iterable[str]) -> set[str]:
+    """Every folder (and parent folder) holding one of ``paths`` (relative, ``/``-separated)."""
+    folders: set[str] = set()
+    for rel in paths:
+        parent = rel.rpartition("/")[0]
+        while parent and parent not in folders:
+            folders.add(parent)
+            parent = parent.rpartition("/")[0]
+    return folders
 
 
 def deliver_sftp(

@@ -138,10 +138,11 @@ def _snapshots(config: CollectorConfig, options: Options) -> Snapshots | None:
 def _prune(snapshots: Snapshots | None, cut: LocalCut, distributor: Distributor) -> None:
     """Keep the bytes of ``cut`` and of every cut a target still wants; drop the rest."""
     if snapshots is not None:
-        wanted = cut.hashes()
+        wanted, views = cut.hashes(), {cut.view_name}
         for other in distributor.in_use():
             wanted |= other.hashes()
-        snapshots.prune(wanted)
+            views.add(other.view_name)
+        snapshots.prune(wanted, views)
 
 
 def _links(config: CollectorConfig) -> tuple[dict[str, Link], dict[str, str | None]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -71,6 +72,18 @@ class LocalCut:
             return self.store.path(self.signature_sha256)
         return self.store.path(self.files[rel])
 
+    @property
+    def view_name(self) -> str:
+        """The name of its view in the store (sequence and manifest)."""
+        return f"{self.sequence}-{self.manifest_sha256[:16]}"
+
+    def view(self, send: list[str]) -> Path:
+        """A folder holding each of ``send`` under its own path: hard links to
+        its verified bytes in the store. Raises ``Error``."""
+        if self.store is None:
+            raise Error(f"cut {self.sequence} was checked without keeping its bytes")
+        return self.store.view(self.view_name, {rel: self.files[rel] for rel in send})
+
     def hashes(self) -> set[str]:
         """The SHA-256 of every file it sends (what the store must keep for it)."""
         return {*self.files.values(), self.manifest_sha256, self.signature_sha256}
@@ -117,7 +130,13 @@ def _check_files(folder: Path, manifest: Manifest, store: Snapshots | None = Non
     """
     for entry in manifest.files:
         path = folder / entry.path
-        if path.is_symlink() or (path.exists() and not path.is_file()):
+        try:  # one lstat: on the critical path of every cut, for every listed file
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            raise Rejection(INCOMPLETE, f"{entry.path} is listed but missing") from None
+        except OSError as exc:
+            raise Error(f"cannot read {path}: {exc.strerror}") from None
+        if not stat.S_ISREG(mode):
             raise Rejection(FILE_TYPE, f"{entry.path} is not a regular file")
         partial = None if store is None or store.holds(entry.sha256) else store.partial()
         try:

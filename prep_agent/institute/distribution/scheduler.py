@@ -37,7 +37,7 @@ from prep_agent.institute.collector.deliveries import (
     Attempt,
     DeliveryLog,
 )
-from prep_agent.institute.delivery import batch_lines
+from prep_agent.institute.delivery import batch_lines, folders_of
 from prep_agent.institute.distribution.local import LocalCut
 from prep_agent.institute.distribution.transport import (
     Cancelled,
@@ -210,6 +210,7 @@ class Distributor:
             target = self._targets[sid]
             cut = target.sending = target.cut
             target.tries += 1
+            first = target.tries == 1
         assert cut is not None
         link = self.links[sid]
         send: list[str] | None = None
@@ -224,8 +225,8 @@ class Distributor:
             connect(link, 2 * self.settings.connect_timeout + 5, cancelled)
             with self._slot(cancelled):
                 # Listed only now: a target waiting for a slot holds no list of its files.
-                send = self._to_send(sid, cut)
-                self._send(link, cut, send, cancelled)
+                send, existing = self._plan(sid, cut, first)
+                self._send(link, cut, send, existing, cancelled)
         except Cancelled as exc:
             result, error = SUPERSEDED, exc
             if self._closing:
@@ -235,7 +236,7 @@ class Distributor:
             error = exc if isinstance(exc, Error) else DeliveryError(f"local: {exc}")
         ended = time.time()
         # Files and bytes of the batch: all sent when delivered, an upper bound otherwise.
-        send = self._to_send(sid, cut) if send is None else send
+        send = self._plan(sid, cut, False)[0] if send is None else send
         size = sum(cut.sizes[p] for p in send)
         reason = str(error) if error is not None else None
         attempt = Attempt(sid, cut.sequence, started, ended, len(send), size, result, reason)
@@ -247,10 +248,14 @@ class Distributor:
             self._confirms.submit(self._confirm, sid, cut.sequence, ended)
         self._settle(sid, cut, error)
 
-    def _to_send(self, sid: str, cut: LocalCut) -> list[str]:
-        """The files of ``cut`` the target's last acknowledged cut lacks (by hash)."""
+    def _plan(self, sid: str, cut: LocalCut, first: bool) -> tuple[list[str], set[str]]:
+        """The files of ``cut`` the target's last acknowledged cut lacks (by hash),
+        and the folders it holds already: those of its acknowledged files (the
+        agent never deletes in its drop folder, prep-cut-v1 §1.4), on a first
+        attempt only, so a retry makes every folder again in case someone else did."""
         acked = self.records.target(sid).acked_files
-        return [path for path, sha in cut.files.items() if acked.get(path) != sha]
+        send = [path for path, sha in cut.files.items() if acked.get(path) != sha]
+        return send, folders_of(acked) if first else set()
 
     @contextmanager
     def _slot(self, cancelled: Callable[[], bool]) -> Iterator[None]:
@@ -264,9 +269,15 @@ class Distributor:
             self._slots.release()
 
     def _send(
-        self, link: Link, cut: LocalCut, send: list[str], cancelled: Callable[[], bool]
+        self,
+        link: Link,
+        cut: LocalCut,
+        send: list[str],
+        existing: set[str],
+        cancelled: Callable[[], bool],
     ) -> None:
-        """Upload ``send`` and then the manifest and the signature (renamed last).
+        """Upload ``send`` and then the manifest and the signature (renamed last),
+        making the folders not in ``existing``.
 
         Many files go in up to ``SESSIONS`` batches at once, each a contiguous
         run of the sorted paths (few shared folders), and the manifest and
@@ -275,14 +286,16 @@ class Distributor:
         """
         timeout = self.settings.transfer_timeout
         folder, path = cut.folder, link.target.path
+        view = cut.view(send)
         count = min(SESSIONS, math.ceil(len(send) / FILES_PER_SESSION))
         if count <= 1:
-            run_batch(link, batch_lines(folder, path, send, cut.local), timeout, cancelled)
+            lines = batch_lines(folder, path, send, cut.local, True, existing, view)
+            run_batch(link, lines, timeout, cancelled)
             return
         ordered = sorted(send)
         size = math.ceil(len(ordered) / count)
         parts = [
-            batch_lines(folder, path, ordered[i : i + size], cut.local, signed=False)
+            batch_lines(folder, path, ordered[i : i + size], cut.local, False, existing, view)
             for i in range(0, len(ordered), size)
         ]
         last = batch_lines(folder, path, [], cut.local)

@@ -18,8 +18,10 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import shutil
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from prep_agent.core.errors import Error
@@ -36,6 +38,8 @@ FILE_MODE = 0o644
 """Mode of a kept file. sftp gives an uploaded file its local mode, and the
 difusor's upload account must be able to overwrite it with the next cut's
 bytes: so not read-only (the store's folder is private, 0700)."""
+VIEWS = ".views"
+"""The store's folder of views: a cut's files under their own paths (hard links)."""
 
 
 def copy_hashing(source: Path, target: Path) -> tuple[int, str]:
@@ -68,6 +72,8 @@ class Snapshots:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._lock: int | None = None
+        self._views: dict[str, set[str]] = {}
+        self._views_lock = threading.Lock()
 
     def open(self) -> None:
         """Take this process's shared lock on the store. Raises ``Error``."""
@@ -90,7 +96,7 @@ class Snapshots:
 
     def holds(self, sha256: str) -> bool:
         """Whether the bytes with this SHA-256 are kept (verified when written)."""
-        return self.path(sha256).is_file()
+        return os.path.isfile(os.path.join(self.root, sha256))
 
     def partial(self) -> Path:
         """A new name to write into, in the store (created on first use). Raises ``Error``."""
@@ -124,10 +130,36 @@ class Snapshots:
         self.keep(partial, sha)
         return sha
 
-    def prune(self, keep: Iterable[str]) -> None:
-        """Remove every kept file whose SHA-256 is not in ``keep``, and the partial
-        files a run left (this process's, or any older than an hour); nothing
-        while another process uses the store (or before :meth:`open`)."""
+    def view(self, name: str, files: Mapping[str, str]) -> Path:
+        """The folder of view ``name`` where each path of ``files`` is a hard link
+        to the kept bytes of its SHA-256, so sftp can send a file by its own
+        name (links already made for the view are not made again).
+
+        Raises ``Error``.
+        """
+        root = self.root / VIEWS / name
+        with self._views_lock:
+            linked = self._views.setdefault(name, set())
+            folders: set[Path] = set()
+            for rel, sha in files.items():
+                if rel in linked:
+                    continue
+                target = root / rel
+                try:
+                    if target.parent not in folders:
+                        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                        folders.add(target.parent)
+                    _link(self.path(sha), target)
+                except OSError as exc:
+                    raise Error(f"cannot link kept files into {root}: {exc.strerror}") from None
+                linked.add(rel)
+        return root
+
+    def prune(self, keep: Iterable[str], views: Iterable[str] = ()) -> None:
+        """Remove every kept file whose SHA-256 is not in ``keep``, every view not
+        named in ``views``, and the partial files a run left (this process's,
+        or any older than an hour); nothing while another process uses the
+        store (or before :meth:`open`)."""
         if self._lock is None:
             return
         try:
@@ -136,8 +168,20 @@ class Snapshots:
             return  # another run sends from the store: the next prune will do
         try:
             self._remove(set(keep))
+            self._remove_views(set(views))
         finally:
             fcntl.lockf(self._lock, fcntl.LOCK_SH)
+
+    def _remove_views(self, wanted: set[str]) -> None:
+        try:
+            names = os.listdir(self.root / VIEWS)
+        except OSError:
+            return
+        for name in names:
+            if name not in wanted:
+                with self._views_lock:
+                    self._views.pop(name, None)
+                    shutil.rmtree(self.root / VIEWS / name, ignore_errors=True)
 
     def _remove(self, wanted: set[str]) -> None:
         mine = f"{PARTIAL}{os.getpid()}-"
@@ -153,6 +197,17 @@ class Snapshots:
                         path.unlink()
             elif name not in wanted and not name.startswith("."):
                 discard(path)
+
+
+def _link(source: Path, target: Path) -> None:
+    """Make ``target`` a hard link to ``source``, replacing a file of that name
+    atomically (a view left by an earlier run). Raises OSError."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        partial = target.with_name(f"{PARTIAL}{os.getpid()}-{os.urandom(6).hex()}")
+        os.link(source, partial)
+        os.replace(partial, target)
 
 
 def discard(path: Path) -> None:

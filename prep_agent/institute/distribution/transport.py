@@ -148,6 +148,8 @@ _REASONS: tuple[tuple[str, str, bool], ...] = (
         True,
     ),
     (r"permission denied", "remote folder not writable", True),
+    # A file's folder is gone (a later cut makes only folders the target lacked).
+    (r"dest open .*no such file", "remote folder missing", True),
 )
 
 
