@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prep_agent.agent.layout import Layout
+from prep_agent.rehearsal import pair, skew
 from prep_agent.rehearsal.faults import NOT_AVAILABLE, Fault
 from prep_agent.rehearsal.stand import COMMAND, Difusor, Stand, signal_tree
 from prep_agent.rehearsal.viewer import fetch
@@ -40,9 +41,9 @@ EXPECTED = {
     "replay": "distribute refuses the older cut; every difusor rejects it (rollback)",
     "tamper": "the collector's audit finds the public copy altered",
     "notice-off": "a viewer finds the interruption notice missing once one is due",
-    "clock-skew": "",
-    "balancer-kill": "",
-    "origin-stop": "",
+    "clock-skew": skew.EXPECTED,
+    "balancer-kill": pair.EXPECTED["balancer-kill"],
+    "origin-stop": pair.EXPECTED["origin-stop"],
 }
 
 
@@ -151,6 +152,12 @@ class Injection:
             return
         if f.kind == "disk-full" and not self.difusor().tmpfs:
             self.record.update(status="not-available", detail="needs root to mount a tmpfs")
+            return
+        if f.kind in pair.EXPECTED and self.stand.pair is None:
+            self.record.update(status="not-available", detail=self.stand.pair_unavailable)
+            return
+        if f.kind == "clock-skew" and skew.unavailable():
+            self.record.update(status="not-available", detail=skew.unavailable())
             return
         if f.difusor is not None:
             self.busy.add(f.difusor)
@@ -419,6 +426,15 @@ class Injection:
                         6 * self.period + 30, self.stop)  # fmt: skip
         if altered:
             self._detected(time.time(), "collector audit (copia alterada)")
+
+    def _clock_skew(self) -> None:
+        skew.run(self)
+
+    def _balancer_kill(self) -> None:
+        pair.balancer_kill(self)
+
+    def _origin_stop(self) -> None:
+        pair.origin_stop(self)
 
     def _notice_off(self) -> None:
         d = self.difusor()
