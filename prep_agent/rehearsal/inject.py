@@ -159,9 +159,10 @@ class Injection:
         if f.kind == "clock-skew" and skew.unavailable():
             self.record.update(status="not-available", detail=skew.unavailable())
             return
-        if f.difusor is not None:
+        queued = f.difusor is not None and f.difusor in self.busy
+        if f.difusor is not None and not queued:
             self.busy.add(f.difusor)
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(queued,), daemon=True)
         self.thread.start()
 
     def join(self, timeout: float) -> None:
@@ -171,7 +172,14 @@ class Injection:
             if self.thread.is_alive():
                 self.record["detail"] += " (still running at the end)"
 
-    def _run(self) -> None:
+    def _run(self, queued: bool = False) -> None:
+        sid = self.fault.difusor
+        if queued and sid is not None:
+            # Another fault holds this difusor (on a loaded machine a restart after
+            # kill-agent outlasted the cuts until the next fault on the same agent,
+            # which then stopped the agent being restarted): wait for it, bounded.
+            until(lambda: sid not in self.busy, 10 * self.period + 30, self.stop)
+            self.busy.add(sid)
         try:
             getattr(self, "_" + self.fault.kind.replace("-", "_"))()
         except Exception as exc:  # a fault that cannot be run is a failed rehearsal
