@@ -47,6 +47,10 @@ EXPECTED = {
 }
 
 
+RESTARTS = {"kill-agent", "clock-skew"}
+"""Kinds that stop and start a difusor's agent."""
+
+
 def journal(d: Difusor) -> Iterator[dict[str, Any]]:
     """The events of ``d``'s journal (unreadable lines skipped)."""
     try:
@@ -159,7 +163,8 @@ class Injection:
         if f.kind == "clock-skew" and skew.unavailable():
             self.record.update(status="not-available", detail=skew.unavailable())
             return
-        queued = f.difusor is not None and f.difusor in self.busy
+        # One that restarts an agent waits for another fault on that difusor to end.
+        queued = f.kind in RESTARTS and f.difusor in self.busy
         if f.difusor is not None and not queued:
             self.busy.add(f.difusor)
         self.thread = threading.Thread(target=self._run, args=(queued,), daemon=True)
@@ -176,7 +181,7 @@ class Injection:
         sid = self.fault.difusor
         if queued and sid is not None:
             # Another fault holds this difusor (on a loaded machine a restart after
-            # kill-agent outlasted the cuts until the next fault on the same agent,
+            # kill-agent outlasted the cuts until a clock-skew of the same agent,
             # which then stopped the agent being restarted): wait for it, bounded.
             until(lambda: sid not in self.busy, 10 * self.period + 30, self.stop)
             self.busy.add(sid)

@@ -49,9 +49,12 @@ def missing() -> list[str]:
 
 
 def behind_lag(period: float, period_seconds: int, cut_age: float) -> int:
-    """HAProxy's ``/readyz?lag=`` so an origin counts as behind two compressed periods
-    after its newest cut was signed (cuts are signed ``cut_age`` s old)."""
-    return max(0, round(cut_age + 2 * period - period_seconds))
+    """HAProxy's ``/readyz?lag=`` so an origin counts as behind three compressed periods
+    after its newest cut was signed (cuts are signed ``cut_age`` s old), one before the
+    interruption notice. With two, on a loaded machine both origins were behind at
+    once, HAProxy sent pointers to any ready origin (the shipped fallback), and one
+    just restarted with an old cut made the pair's viewer see a cut time go back."""
+    return max(0, round(cut_age + 3 * period - period_seconds))
 
 
 @dataclass
