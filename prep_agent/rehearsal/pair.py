@@ -72,14 +72,18 @@ class Balancer:
     def kill(self) -> None:
         """SIGKILL keepalived, Varnish and HAProxy and every process below them,
         children first: keepalived's VRRP child is told of its parent's death
-        (SIGTERM) and would send a goodbye advertisement, which a crash does not."""
+        (SIGTERM) and would send a goodbye advertisement, which a crash does not.
+        Each parent is stopped (SIGSTOP) first and killed while stopped (no
+        SIGCONT): a running keepalived respawned the killed child, which then
+        outlived it (found after a run)."""
         for proc in self.procs:
             if proc.proc is not None and proc.proc.poll() is None:
+                proc.signal(signal.SIGSTOP)
                 for pid in reversed(descendants(proc.proc.pid)):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-        for proc in self.procs:
-            proc.kill()
+                proc.signal(signal.SIGKILL)
+                proc.proc.wait(timeout=10)
 
 
 @dataclass
