@@ -24,6 +24,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from prep_agent.rehearsal.edge import (
+    haproxy_config,
+    keepalived_config,
+    varnish_config,
+)
+from prep_agent.rehearsal.edge import (
+    substitute as substitute,  # re-exported for the edge drills
+)
 from tests.kit import PREP_AGENT, Institute, make_config, stop_process, wait_for
 from tests.kit.netns import Network, Node
 from tests.nginxkit import NGINX, instantiate
@@ -61,48 +69,6 @@ ENGINES = ("haproxy", "varnishd", "keepalived", "nginx", "curl")
 def missing_engines() -> list[str]:
     """The stand's programs that are not installed."""
     return [e for e in ENGINES if shutil.which(e) is None and not Path(f"/usr/sbin/{e}").exists()]
-
-
-def substitute(text: str, subs: dict[str, str]) -> str:
-    """Replace each documented per-installation string; AssertionError if one is gone."""
-    for old, new in subs.items():
-        assert old in text, f"packaging/ha no longer contains {old!r}"
-        text = text.replace(old, new)
-    return text
-
-
-def haproxy_config(origins: dict[str, str], lag: int = LAG) -> str:
-    """packaging/ha/haproxy.cfg for ``origins`` (name -> address)."""
-    text = (HA / "haproxy.cfg").read_text()
-    servers = "".join(f"    server {n} {a}:80 check\n" for n, a in origins.items())
-    text = substitute(
-        text,
-        {
-            "    server o1 10.0.0.11:80 check\n    server o2 10.0.0.12:80 check\n": servers,
-            "/readyz?lag=30": f"/readyz?lag={lag}",
-            "    log /dev/log local0\n": "",
-        },
-    )
-    return text
-
-
-def varnish_config() -> str:
-    """packaging/ha/default.vcl for the stand's network."""
-    return substitute((HA / "default.vcl").read_text(), {'"10.0.0.0"/24': f'"{PREFIX}.0"/24'})
-
-
-def keepalived_config(name: str, own: str, peer: str, priority: int) -> str:
-    """packaging/ha/keepalived.conf for one balancer."""
-    return substitute(
-        (HA / "keepalived.conf").read_text(),
-        {
-            "router_id lb1": f"router_id {name}",
-            "10.0.0.100/24": f"{VIP}/24",
-            "unicast_src_ip 10.0.0.2": f"unicast_src_ip {own}",
-            "        10.0.0.3\n": f"        {peer}\n",
-            "priority 150": f"priority {priority}",
-        },
-    )
 
 
 class Proc:

@@ -17,9 +17,9 @@ from typing import Any
 from prep_agent.rehearsal.browser import unavailable
 from tests.kit import PREP_AGENT
 
-INJECTED = {"kill-agent", "bad-signature", "network-cut", "replay", "disk-full"}
+INJECTED = {"kill-agent", "bad-signature", "network-cut", "replay", "disk-full", "clock-skew"}
 """Kinds the loopback rehearsal injects (disk-full only as root)."""
-NOT_AVAILABLE = {"clock-skew", "balancer-kill", "origin-stop"}
+NOT_AVAILABLE = {"balancer-kill", "origin-stop"}
 
 
 def rehearse(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
@@ -57,6 +57,8 @@ def test_short_night_with_every_fault_passes(tmp_path: Path) -> None:
         assert fault["status"] == "detected", fault
         assert fault["injected_at"] <= fault["detected_at"], fault
         assert fault["detected_by"], fault
+    skewed = kinds["clock-skew"]  # libfaketime: a real wall clock 900 s behind
+    assert skewed["agent_clock_offset"] < -800 and skewed["refused_by"] == ["agent", "collector"]
     cut_off = kinds["network-cut"]
     assert cut_off["relinked_at"] > cut_off["detected_at"]
     flagged = [s for s in doc["collector_timeline"] if s["difusores"]["b"]["unlink"]]

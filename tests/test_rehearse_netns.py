@@ -2,7 +2,10 @@
 agent in a namespace of their own, on the institute's and the readers' private
 switches; the network cut is a real link down (``ip link set inst0 down``) for
 3+ periods, during which the cut-off difusor's frame must show the interruption
-notice to readers, then up again. Needs root and iproute2 (the Debian leg).
+notice to readers, then up again. The HA pair (two origins behind the shipped
+HAProxy/Varnish/keepalived configs, read through the floating address) runs
+too, with every fault kind: its active balancer killed, one origin stopped, a
+difusor's clock skewed (libfaketime). Needs root and iproute2 (the Debian leg).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import pytest
 from prep_agent.rehearsal.browser import unavailable
 from prep_agent.rehearsal.netns import available
 from tests.test_rehearse import rehearse
+from tests.test_rehearse_ha import check_pair_and_every_fault
 
 pytestmark = pytest.mark.edge
 
@@ -45,7 +49,9 @@ def test_night_in_namespaces_cuts_a_real_link_and_shows_the_notice(tmp_path: Pat
         assert due[0]["shown_browser_at"], doc["notices"]
     last = doc["cuts"][-1]["difusores"]
     assert all(last[d]["published"] for d in last), last
+    assert set(last) == {"a", "b", "c", "h1", "h2", "h"}
+    check_pair_and_every_fault(doc, out)
     names = doc["options"]["namespaces"]
-    assert len(names) == 5, names  # two switches, three difusores
+    assert len(names) == 9, names  # two switches, three difusores, two origins, two balancers
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not [n for n in names if n in left], left

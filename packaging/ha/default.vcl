@@ -3,7 +3,7 @@
 # varnishd listening on port 80 of every address (so it answers on the floating
 # address when keepalived puts it on this balancer).
 #
-# Per-installation strings (tests/edgekit.py replaces them verbatim):
+# Per-installation strings (prep_agent/rehearsal/edge.py replaces them verbatim):
 #   "127.0.0.1" port "8081"   HAProxy's fe_origins (haproxy.cfg)
 #   "10.0.0.0"/24             the origins, allowed to soft-purge (acl purgers)
 vcl 4.1;

@@ -17,6 +17,7 @@ from typing import Any
 
 from prep_agent.core.errors import Error
 from prep_agent.rehearsal import faults as schedule
+from prep_agent.rehearsal import pair as ha
 from prep_agent.rehearsal.browser import Browser, Frame
 from prep_agent.rehearsal.browser import unavailable as browser_unavailable
 from prep_agent.rehearsal.inject import Injection, api_rows, published, standing
@@ -25,7 +26,8 @@ from prep_agent.rehearsal.stand import COMMAND, Proc, Stand, build, is_root, run
 from prep_agent.rehearsal.viewer import Viewer
 
 NAMES = ("a", "b", "c")
-"""The difusores of the rehearsal (all standalone; see the report's notes)."""
+"""The standalone difusores of the rehearsal (in namespace mode the HA pair ``h`` too,
+its origins ``h1`` and ``h2``: ``pair.py``)."""
 PERIOD_SECONDS = 600
 """The simulated cuts' ``period_seconds`` (``prep-agent simulate``'s)."""
 STALE_PERIODS = 3
@@ -180,17 +182,27 @@ def rehearse(options: Options) -> dict[str, Any]:
     tmpfs = {f.difusor for f in plan if f.kind == "disk-full" and f.difusor} if is_root() else set()
     started = time.time()
     quiet = sorted({f.difusor for f in plan if f.kind == "notice-off" and f.difusor})
-    stand = build(out, options.period, NAMES, sorted(tmpfs), quiet, options.netns())
+    netns = options.netns()
+    why_no_pair = "the HA pair runs only in network namespaces (root)"
+    if netns and ha.missing():
+        why_no_pair = f"the HA pair needs {', '.join(ha.missing())}"
+    lag = ha.behind_lag(options.period, PERIOD_SECONDS, age(options.period))
+    with_pair = netns and not ha.missing()
+    stand = build(out, options.period, NAMES, sorted(tmpfs), quiet, netns,
+                  lag if with_pair else None)  # fmt: skip
+    stand.pair_unavailable = why_no_pair
     try:
         horizon = options.cuts * options.period + 120 + 20 * len(plan)
         viewers = [Viewer(d.service_id, d.url, stand.allowed_signers) for d in stand.difusores]
+        if stand.pair is not None:  # the pair, as readers see it: through the floating address
+            viewers.append(Viewer(ha.NAME, stand.pair.url, stand.allowed_signers))
         for v in viewers:
             v.start(horizon)
         board = Board(stand)
         board.start(horizon)
         browser: Browser | None = None
         if options.browser and browser_unavailable() is None:
-            frames = [Frame(d.service_id, d.url) for d in stand.difusores]
+            frames = [Frame(v.service_id, v.url) for v in viewers]
             browser = Browser(out / "navegador", frames)
             browser.start(stand.portal_port, horizon)
             browser.ready.wait(60)  # the night starts once the portal is on screen
@@ -217,6 +229,8 @@ def rehearse(options: Options) -> dict[str, Any]:
         institute = simulate(stand, options.cuts, options.period)
         for k in range(1, options.cuts + 1):
             placed[k] = wait_cut(stand, k, 10 * options.period + 30, institute)
+            if k == 1 and stand.pair is not None:
+                ha.wait_ready(stand.pair, 10 * options.period + 30)
             for fault in (f for f in plan if f.at_cut == k):
                 injection = Injection(fault, stand, placed, stop, busy, shown, missed)
                 injection.start()
@@ -238,6 +252,16 @@ def rehearse(options: Options) -> dict[str, Any]:
             browser.stop()
         ended = time.time()
         journals = {d.service_id: published(d) for d in stand.difusores}
+        sent = deliveries(stand)
+        if stand.pair is not None:  # the pair published (was sent) a cut once an origin did
+            names = [d.service_id for d in stand.pair.origins]
+            journals[ha.NAME] = {}
+            for sid in names:
+                for k, at in journals[sid].items():
+                    journals[ha.NAME][k] = min(at, journals[ha.NAME].get(k, at))
+            for (sid, k), at in list(sent.items()):
+                if sid in names:
+                    sent[(ha.NAME, k)] = min(at, sent.get((ha.NAME, k), at))
         records: dict[str, Any] = {
             "options": {
                 "cuts": options.cuts,
@@ -254,11 +278,40 @@ def rehearse(options: Options) -> dict[str, Any]:
             "ended": ended,
             "placed": placed,
             "difusores": [
-                {"service_id": d.service_id, "url": d.url, "tmpfs": d.tmpfs, "kind": "standalone"}
+                {
+                    "service_id": d.service_id,
+                    "url": d.url,
+                    "tmpfs": d.tmpfs,
+                    "kind": "origin" if d.service_id in ha.ORIGINS else "standalone",
+                }
                 for d in stand.difusores
-            ],
+            ]
+            + (
+                [
+                    {
+                        "service_id": ha.NAME,
+                        "url": stand.pair.url,
+                        "tmpfs": False,
+                        "kind": "ha-pair",
+                        "origins": list(ha.ORIGINS),
+                        "balancers": [b.name for b in stand.pair.balancers],
+                    }
+                ]
+                if stand.pair is not None
+                else []
+            ),
+            "pair": None
+            if stand.pair is None
+            else {
+                "vip": stand.pair.vip,
+                "ready_at": stand.pair.ready_at,
+                "lag": lag,
+                "origins": list(ha.ORIGINS),
+                "balancers": [b.name for b in stand.pair.balancers],
+            },
+            "pair_unavailable": None if stand.pair is not None else why_no_pair,
             "journals": journals,
-            "deliveries": deliveries(stand),
+            "deliveries": sent,
             "viewers": {v.service_id: v for v in viewers},
             "browser": browser,
             "browser_unavailable": None

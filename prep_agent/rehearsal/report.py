@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prep_agent.rehearsal.browser import Browser
+from prep_agent.rehearsal.pair import NAME as PAIR
 from prep_agent.rehearsal.viewer import NOTICE_GRACE, Finding, Viewer
 
 LATENCY = {
@@ -37,6 +38,13 @@ EXPECTED_ES = {
     "replay": "distribute rechaza el corte anterior; todo difusor lo rechaza (retroceso)",
     "tamper": "la auditoría del colector encuentra la copia alterada",
     "notice-off": "un visor encuentra que falta el aviso de interrupción cuando corresponde",
+    "balancer-kill": "el keepalived del otro balanceador toma la dirección flotante; los lectores "
+    "del par no ven errores después de la ventana de conmutación (medida)",
+    "origin-stop": "HAProxy saca al origen detenido y el colector no logra consultarlo; los "
+    "lectores del par no ven errores; al reiniciar publica el corte más reciente",
+    "clock-skew": "el colector rechaza sus reportes de salud (hora fuera de ±300 s) y el agente "
+    "rechaza los cortes nuevos como futuros (hora inválida); con el reloj corregido publica "
+    "el siguiente corte",
 }
 """What each fault should cause, for the Spanish page."""
 STATUS_ES = {"detected": "detectada", "missed": "no detectada", "not-available": "no disponible"}
@@ -48,9 +56,10 @@ MEASURE_ES = {
 }
 ALWAYS_WRONG = {"mixed", "unsigned", "backwards"}
 """Viewer findings that fail the verdict even under a fault."""
-NOTICE_EXCUSED_BY = {"kill-agent", "disk-full"}
+NOTICE_EXCUSED_BY = {"kill-agent", "disk-full", "clock-skew"}
 """Faults in whose window a missing notice is excused: a full disk cannot take the
-rewritten status.json, a killed agent rewrites nothing. Not a network cut: the
+rewritten status.json, a killed agent rewrites nothing, an agent whose clock is
+behind thinks its cut younger than it is. Not a network cut: the
 agent is fine then, and showing the notice is the point."""
 KIND_ES = {
     "kill-agent": "kill -9 del agente durante la publicación",
@@ -87,8 +96,15 @@ def excused(
 ) -> bool:
     """Whether ``service_id`` was under a fault (of ``kinds``, None: any) at ``at``:
     from one period before the fault (or from the cut before the fault's cut, which
-    may still have been in flight) to two periods after its recovery."""
+    may still have been in flight) to two periods after its recovery; for a fault
+    with a ``strict_window`` (a balancer killed), only within the window. The HA
+    pair is excused before its floating address first served a cut (no origin
+    held one: HAProxy answers 503 by design) and for the ``FRAME_POLL`` seconds a
+    frame that loaded that 503 takes to load again."""
     period = float(records["options"]["period"])
+    pair = records.get("pair")
+    if pair and service_id == PAIR and at < float(pair.get("ready_at") or 0) + FRAME_POLL:
+        return True
     for fault in records["faults"]:
         window = fault.get("window")
         if fault.get("difusor") != service_id or not window:
@@ -96,7 +112,10 @@ def excused(
         if kinds is not None and fault["kind"] not in kinds:
             continue
         start = min(window[0] - period, records["placed"].get(fault["at_cut"] - 1, window[0]))
-        if start <= at <= window[1] + 2 * period:
+        end = window[1] + 2 * period
+        if fault.get("strict_window"):
+            start, end = window
+        if start <= at <= end:
             return True
     return False
 
@@ -222,7 +241,7 @@ def build(records: dict[str, Any]) -> dict[str, Any]:
     for fault in records["faults"]:
         entry = {**fault, "injected_at": iso(fault["injected_at"]),
                  "detected_at": iso(fault["detected_at"])}  # fmt: skip
-        for moment in ("relinked_at", "notice_shown_at"):
+        for moment in ("relinked_at", "notice_shown_at", "caught_up_at"):
             if fault.get(moment) is not None:
                 entry[moment] = iso(fault[moment])
         if fault["injected_at"] is not None and fault["detected_at"] is not None:
@@ -252,7 +271,7 @@ def build(records: dict[str, Any]) -> dict[str, Any]:
             }
             for d in records["difusores"]
         ],  # fmt: skip
-        "ha_pair": "not available: the HA edge is not part of this build of the rehearsal",
+        "ha_pair": pair_part(records),
         "cuts": cuts,
         "latency_seconds": stats,
         "faults": faults,
@@ -265,8 +284,27 @@ def build(records: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def pair_part(records: dict[str, Any]) -> dict[str, Any]:
+    """The HA pair's part of the report (or why it did not run)."""
+    pair = records.get("pair")
+    if not pair:
+        return {"ran": False, "why": records.get("pair_unavailable")}
+    return {"ran": True, **pair, "ready_at": iso(pair.get("ready_at"))}
+
+
 def _cell(value: object) -> str:
     return html.escape("—" if value is None else str(value))
+
+
+def pair_line(pair: dict[str, Any]) -> str:
+    """One Spanish sentence on the HA pair."""
+    if not pair["ran"]:
+        return f"Par de alta disponibilidad: no se ejecutó ({pair['why']})."
+    return (
+        f"Par de alta disponibilidad {PAIR}: orígenes {', '.join(pair['origins'])} detrás de "
+        f"los balanceadores {', '.join(pair['balancers'])} (HAProxy, Varnish y keepalived con "
+        f"la configuración distribuida), dirección flotante {pair['vip']}."
+    )
 
 
 def render(doc: dict[str, Any]) -> str:
@@ -324,7 +362,7 @@ td,th{{border:1px solid #999;padding:2px 6px;font-size:13px}}
 <p class="v">Veredicto: <strong>{verdict}</strong></p>
 <p>Inicio {_cell(doc['started'])}, fin {_cell(doc['ended'])}; {len(doc['cuts'])} cortes, periodo de
 {_cell(doc['options']['period'])} s; modo {_cell(doc['options']['mode'])}.
-Par de alta disponibilidad: no disponible en esta versión del simulacro.
+{_cell(pair_line(doc['ha_pair']))}
 Los problemas y los detalles técnicos se muestran en inglés, como en las bitácoras.</p>
 <h2>Problemas</h2><ul>{problems}</ul>
 <h2>Latencias (segundos desde que el corte estuvo listo)</h2>

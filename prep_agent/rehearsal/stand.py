@@ -26,11 +26,14 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from prep_agent.agent.layout import Layout
 from prep_agent.core.errors import Error
 from prep_agent.rehearsal.netns import Network, Node, free_prefix, ip
+
+if TYPE_CHECKING:
+    from prep_agent.rehearsal.pair import Pair
 
 ELECTION = "coah-ayun-2021"
 COMMAND = (sys.executable, "-m", "prep_agent.cli")
@@ -264,14 +267,15 @@ class Difusor:
     def journal(self) -> Path:
         return Layout(self.root).journal_file
 
-    def start_agent(self, timeout: float = 30) -> None:
-        """Start ``prep-agent run`` and wait until ``/livez`` answers.
+    def start_agent(self, timeout: float = 30, wrapper: Sequence[str] = ()) -> None:
+        """Start ``prep-agent run`` (behind ``wrapper``, e.g. ``env LD_PRELOAD=...``)
+        and wait until ``/livez`` answers.
 
         Raises Error when it exits or does not answer in time.
         """
         self.agent = Proc(
             f"agent {self.service_id}",
-            self.command([*COMMAND, "run", "--config", str(self.conf)]),
+            self.command([*wrapper, *COMMAND, "run", "--config", str(self.conf)]),
             self.home / "agent.log",
         )
         self.agent.start()
@@ -299,6 +303,10 @@ class Stand:
     allowed_signers: Path = Path()
     conf: Path = Path()
     watch: Path = Path()
+    pair: Pair | None = None
+    """The HA pair (namespace mode, when asked for)."""
+    pair_unavailable: str = "the HA pair runs only in network namespaces (root)"
+    """Why there is no pair (English, for the JSON)."""
 
     @property
     def collector_url(self) -> str:
@@ -316,6 +324,10 @@ class Stand:
                     proc.stop()
         for proc in reversed(self.procs):
             proc.stop()
+        if self.pair is not None:
+            from prep_agent.rehearsal.pair import stop
+
+            stop(self.pair)
         for mount in self.mounts:
             subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
         for network in self.networks:
@@ -438,10 +450,13 @@ def build(
     tmpfs: Sequence[str],
     quiet: Sequence[str] = (),
     netns: bool = False,
+    pair_lag: int | None = None,
 ) -> Stand:
     """Make and start the stand: difusores ``names`` (those in ``tmpfs`` on a small
     tmpfs, those in ``quiet`` with ``stale_periods = 1000``; with ``netns``, each in
-    a namespace of its own), the collector and ``distribute --watch``.
+    a namespace of its own), the collector and ``distribute --watch``; with
+    ``netns`` and ``pair_lag``, the HA pair too (``pair.py``; HAProxy's
+    ``/readyz?lag=pair_lag``).
 
     Raises Error when a part does not start; what started is stopped then.
     """
@@ -451,14 +466,22 @@ def build(
         stand.collector_port, stand.portal_port = free_port(), free_port()
         if netns:
             _switches(stand)
-        for i, name in enumerate(names):
+        from prep_agent.rehearsal import pair
+
+        with_pair = netns and pair_lag is not None
+        origin_port = free_port()  # one port on both origins: HAProxy's server lines share it
+        for i, name in enumerate([*names, *(pair.ORIGINS if with_pair else ())]):
             d = Difusor(name, out / "difusores" / name, free_port(), free_port(), name in tmpfs)
             d.stale_periods = 1000 if name in quiet else d.stale_periods
             if netns:
                 _namespace(stand, d, 10 + i)
+            if name in pair.ORIGINS:
+                d.web_port = origin_port
             d.home.mkdir(parents=True)
             stand.difusores.append(d)
             _agent(stand, d)  # first: a tmpfs root is mounted before sshd's namespace is made
+            if name in pair.ORIGINS:
+                set_values(d.conf, {"purge": {"nodes": pair.purge_nodes(stand.networks[1])}})
             _sshd(stand, d)
         _collector_conf(stand)
         home = out / "institute"
@@ -469,6 +492,9 @@ def build(
         wait(lambda: answers(stand.collector_url + "/livez"), 30, "the collector", collector)
         for d in stand.difusores:
             d.start_agent()
+        if with_pair and pair_lag is not None:
+            origins = [d for d in stand.difusores if d.service_id in pair.ORIGINS]
+            stand.pair = pair.start(out / "balanceadores", stand.networks[1], origins, pair_lag)
         watch = [*COMMAND, "distribute", "--config", str(stand.conf), "--watch", str(stand.watch)]
         distribute = Proc("distribute", watch, home / "distribute.log")
         stand.procs.append(distribute)

@@ -49,8 +49,9 @@ def fetch(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return 0, b""
 
 
-def signed_by_institute(allowed_signers: Path, manifest: bytes, signature: bytes) -> bool:
-    """Whether ``ssh-keygen -Y verify`` accepts ``signature`` over ``manifest``."""
+def signed_by_institute(allowed_signers: Path, manifest: bytes, signature: bytes) -> bool | None:
+    """Whether ``ssh-keygen -Y verify`` accepts ``signature`` over ``manifest`` (None:
+    it did not answer within 10 s, as on a machine loaded past its cores; ask again)."""
     folder = allowed_signers.parent
     sig = folder / f".viewer-{threading.get_ident()}.sig"
     sig.write_bytes(signature)
@@ -60,6 +61,8 @@ def signed_by_institute(allowed_signers: Path, manifest: bytes, signature: bytes
              "-n", "prep-cut", "-s", str(sig)],
             input=manifest, capture_output=True, timeout=10, check=False,
         )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return None
     finally:
         sig.unlink(missing_ok=True)
     return done.returncode == 0
@@ -133,7 +136,10 @@ class Viewer:
             self._note("error", f"manifest of {release}: HTTP {code}/{code_sig}")
             return None  # not cached: a transient error is tried again
         files: dict[str, str] | None = None
-        if signed_by_institute(self.allowed_signers, manifest, signature):
+        verdict = signed_by_institute(self.allowed_signers, manifest, signature)
+        if verdict is None:
+            return None  # not cached: asked again on the next look (the thread lives on)
+        if verdict:
             doc = json.loads(manifest)
             files = {str(f["path"]): str(f["sha256"]) for f in doc.get("files", [])}
             cut_time = datetime.fromisoformat(str(doc["cut_time"])).timestamp()
