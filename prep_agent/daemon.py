@@ -129,6 +129,7 @@ class Agent:
         self.pusher: Pusher | None = None
         self.purger: Purger | None = None
         self._running = False
+        self._scanned = False  # the drop folder (or source) looked at since start
         self._failing: tuple[int, str | None] = (0, None)
         self.store.ensure_layout()
         if not self.store.release_names() and not self.layout.state_file.exists():
@@ -338,6 +339,7 @@ class Agent:
             watcher_mode=watcher.mode if watcher else "polling",
             watcher_fallback=bool(watcher and watcher.failure),
             agent_alive=alive,
+            scanned=self._scanned,
             storage_writable=os.access(self.layout.releases, os.W_OK),
             last_report_age=self.pusher.last_accepted_age() if self.pusher else None,
             push_configured=bool(self.config.push_urls),
@@ -463,6 +465,7 @@ class Agent:
             ready = False
             while not self.stop_event.is_set():
                 outcome = self._safe_step()
+                self._scanned = True
                 # READY=1 after the first full scan; WATCHDOG=1 from the main loop.
                 sd_notify("WATCHDOG=1" if ready else "READY=1\nSTATUS=watching the drop folder")
                 ready = True
@@ -491,6 +494,7 @@ class Agent:
             while not self.stop_event.is_set():
                 if time.monotonic() >= next_poll:
                     outcome = self._safe_step()
+                    self._scanned = True
                     next_poll = time.monotonic() + fetcher.delay()
                 else:
                     with LockFile(self.layout.publish_lock_file, blocking=True):

@@ -100,6 +100,10 @@ class Snapshot:
     """Whether cuts come from polling a URL (``[source] type = https-package``)."""
     source_error: str | None = None
     """Why the last poll of that URL failed, in one line (None: it answered)."""
+    scanned: bool = True
+    """Whether the running agent has looked at its drop folder (or polled its
+    source) since it started: until then it may serve an older cut than one it
+    already holds (a restarted origin), so ``/readyz`` says not ready."""
 
 
 def _check(
@@ -378,6 +382,7 @@ def create_app(
     def readyz() -> Response:
         s = snapshot(False)
         ready = s.manifest is not None and s.agent_alive and publication_status(s) != "fail"
+        ready = ready and s.scanned
         body, code = ("ok\n", 200) if ready else ("not ready\n", 503)
         lag = request.args.get("lag")
         if ready and lag is not None:
