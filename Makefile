@@ -18,11 +18,13 @@ lint: deps
 test: deps
 	$(VENV)/python -m pytest
 
-# The second leg: the suite on the newest PyPI releases, except the packaging and edge
-# tests (the .deb and .rpm are built on Debian's packages, and the edge drills test
-# Debian's haproxy/varnish/nginx configuration; the first leg runs them).
+# The second leg: the suite on the newest PyPI releases, except the packaging, edge
+# and drill tests (the .deb and .rpm are built on Debian's packages, the edge drills
+# test Debian's haproxy/varnish/nginx configuration, and the loopback rehearsals
+# run minutes of processes whose code the rest of the suite covers; the first leg
+# runs them).
 test-latest: deps-latest
-	$(LATEST)/python -m pytest -m "not packaging and not edge"
+	$(LATEST)/python -m pytest -m "not packaging and not edge and not drill"
 
 # Only the tests marked core: they need Python and the runtime dependencies, no
 # system tools, so no deps (any venv will do: make test-core PYTHON=venv/bin/python).

@@ -14,8 +14,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from prep_agent.rehearsal.browser import unavailable
 from tests.kit import PREP_AGENT
+
+pytestmark = pytest.mark.drill
 
 INJECTED = {"kill-agent", "bad-signature", "network-cut", "replay", "disk-full", "clock-skew"}
 """Kinds the loopback rehearsal injects (disk-full only as root)."""

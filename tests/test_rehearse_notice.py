@@ -13,7 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.test_rehearse import rehearse
+
+pytestmark = pytest.mark.drill
 
 
 def test_a_difusor_that_never_shows_the_notice_fails_the_rehearsal(tmp_path: Path) -> None:
