@@ -15,8 +15,9 @@ lint: deps
 	$(VENV)/ruff format --check prep_agent tests benchmarks
 	$(VENV)/mypy prep_agent benchmarks
 
+# --durations: the slowest tests in CI's log, to keep the suite's time in view.
 test: deps
-	$(VENV)/python -m pytest
+	$(VENV)/python -m pytest --durations=30
 
 # The second leg: the suite on the newest PyPI releases, except the packaging, edge
 # and drill tests (the .deb and .rpm are built on Debian's packages, the edge drills
@@ -24,7 +25,7 @@ test: deps
 # run minutes of processes whose code the rest of the suite covers; the first leg
 # runs them).
 test-latest: deps-latest
-	$(LATEST)/python -m pytest -m "not packaging and not edge and not drill"
+	$(LATEST)/python -m pytest --durations=30 -m "not packaging and not edge and not drill"
 
 # Only the tests marked core: they need Python and the runtime dependencies, no
 # system tools, so no deps (any venv will do: make test-core PYTHON=venv/bin/python).

@@ -397,7 +397,7 @@ def _agent(stand: Stand, d: Difusor) -> None:
             },
             "frame": {
                 "difusor_name": f"Diario {d.service_id.upper()}",
-                "poll_seconds": 5,  # the frame's minimum
+                "poll_seconds": 5,  # a viewer every 5 s (the floor is 1)
                 "frame_ancestors": f"'self' http://127.0.0.1:{stand.portal_port}",
             },
             "health": {"token_file": d.home / "token"},
