@@ -13,7 +13,13 @@ Measured from "cut ready" (signed in its folder, before the command starts):
   serves  the 3 agents' status.json show the cut (polled every 20 ms).
 Baselines, on their own 30 folders each, holding the previous cut like ours:
   sftp-seq   a loop of ``sftp -b`` per target (the changed files, manifest, signature);
-  rsync-par  ``xargs -P 8 rsync -a -e ssh CUT/ TARGET/`` (parallel rsync over ssh).
+  rsync-par  ``xargs -P 8 rsync -a -e ssh CUT/ TARGET/`` (parallel rsync over ssh);
+  sftp-par   the floor of an sftp delivery: per target one ``sftp -b`` holding
+             exactly the files to send (the script knows them: no hashing, no
+             listing), the folders it lacks made, ``cd`` + ``put`` by name, the
+             signature last; 8 targets at a time, as distribute's ``workers``,
+             each over its own ssh master connection opened before the clock
+             starts (distribute keeps its connections across cuts likewise).
 Also: (b) with a 31st target black-holed (a network namespace dropping every
 packet), and the institute process's peak RSS (VmHWM sampled every 20 ms) with
 10 and with 30 targets.
@@ -36,6 +42,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -191,13 +198,16 @@ class Bench:
             make_config(self.work / f"agent{i}", self.institute, listen=f"127.0.0.1:{port}")
             self.agents.append(AgentDaemon(self.work / f"agent{i}" / "prep-agent.conf").start())
             self.status_urls.append(f"http://127.0.0.1:{port}/status.json")
-        for method in ("seq", "rsync"):
+        for method in ("seq", "rsync", "par"):
             for i in range(TARGETS):
                 (self.work / method / f"t{i:02d}").mkdir(parents=True)
 
     def stop(self) -> None:
         for agent in self.agents:
             agent.stop()
+        for control in self.work.glob("par-master-*"):
+            subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={control}", "x"],
+                           capture_output=True, timeout=10, check=False)  # fmt: skip
         self.sshd.stop()
 
     def targets(self, count: int, prefix: str = "t") -> list[Target]:
@@ -364,6 +374,63 @@ class Bench:
         print(f"sftp sequential: {took:.2f} s", file=sys.stderr, flush=True)
         return took
 
+    def sftp_parallel(self, all_files: bool) -> float:
+        """The floor of an sftp delivery: one ``sftp -b`` per target with exactly the
+        files to send (folders it lacks made first, then ``cd`` and ``put`` by name:
+        no stat of a remote name), the signature last; ``WORKERS`` targets at a time."""
+        send = sorted(self.tree.files) if all_files else self.changed
+        by_folder: dict[str, list[str]] = {}
+        for rel in send:
+            folder, _, name = rel.rpartition("/")
+            by_folder.setdefault(folder, []).append(name)
+        batches = []
+        for i in range(TARGETS):
+            root = self.work / "par" / f"t{i:02d}"
+            (root / SIG).unlink(missing_ok=True)
+            needed = {
+                "/".join(d.split("/")[:k])
+                for d in by_folder
+                if d
+                for k in range(1, d.count("/") + 2)
+            }
+            lines = [f'-mkdir "{root / d}"' for d in sorted(needed) if not (root / d).is_dir()]
+            for folder, names in sorted(by_folder.items()):
+                lines += [f'cd "{root / folder}"', f'lcd "{self.cut / folder}"']
+                lines += [f'put "{name}"' for name in names]
+            lines += [f'cd "{root}"', f'lcd "{self.cut}"', f'put "{MANIFEST}"']
+            lines += [f'put "{SIG}" ".sig.part"', f'rename ".sig.part" "{SIG}"']
+            batch = self.work / f"par-batch-{i:02d}"
+            batch.write_text("\n".join(lines) + "\n")
+            batches.append(batch)
+        options = [
+            *("-i", str(self.upload_key), "-o", "BatchMode=yes"),
+            *("-o", f"UserKnownHostsFile={self.known_hosts}"),
+        ]
+        for i in range(TARGETS):  # the masters, once: not timed
+            control = self.work / f"par-master-{i:02d}"
+            if not control.exists():
+                subprocess.run(
+                    ["ssh", "-p", str(self.sshd.port), *options, "-o", "ControlMaster=yes",
+                     "-o", f"ControlPath={control}", "-o", "ControlPersist=yes", "-fN",
+                     "root@127.0.0.1"],
+                    check=True, capture_output=True, timeout=30,
+                )  # fmt: skip
+
+        def deliver(i: int) -> None:
+            control = self.work / f"par-master-{i:02d}"
+            subprocess.run(
+                ["sftp", "-P", str(self.sshd.port), *options, "-o", f"ControlPath={control}",
+                 "-o", "ControlMaster=no", "-b", str(batches[i]), "root@127.0.0.1"],
+                check=True, capture_output=True,
+            )  # fmt: skip
+
+        start = time.monotonic()
+        with ThreadPoolExecutor(WORKERS) as pool:
+            list(pool.map(deliver, range(TARGETS)))
+        took = time.monotonic() - start
+        print(f"sftp parallel: {took:.2f} s", file=sys.stderr, flush=True)
+        return took
+
     def rsync_parallel(self) -> float:
         """``xargs -P 8 rsync -a`` over ssh into the 30 rsync folders."""
         folders = "\n".join(str(self.work / "rsync" / f"t{i:02d}") for i in range(TARGETS))
@@ -385,23 +452,29 @@ def p50(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def run(bench: Bench, a_runs: int, b_runs: int) -> dict[str, Any]:
-    """Every scenario; returns the figures."""
-    results: dict[str, Any] = {k: [] for k in ("a", "b", "seq_a", "seq_b", "rsync_a", "rsync_b")}
+def run(bench: Bench, a_runs: int, b_runs: int, sequential: bool = True) -> dict[str, Any]:
+    """Every scenario (the sequential loop if ``sequential``); returns the figures."""
+    results: dict[str, Any] = {
+        k: [] for k in ("a", "b", "seq_a", "seq_b", "rsync_a", "rsync_b", "par_a", "par_b")
+    }
     targets = bench.targets(TARGETS)
     conf = bench.config("main", targets)
     watch = bench.watch(conf)
     try:
         bench.next_cut(all_new=True)  # warm-up: every method's folders hold a cut
         bench.publish(watch, TARGETS, "warm-up")
-        bench.sftp_sequential(all_files=True)
+        if sequential:
+            bench.sftp_sequential(all_files=True)
         bench.rsync_parallel()
+        bench.sftp_parallel(all_files=True)
         for kind, runs in (("a", a_runs), ("b", b_runs)):
             for _ in range(runs):
                 bench.next_cut(all_new=kind == "a")
                 results[kind].append(bench.publish(watch, TARGETS, kind))
-                results[f"seq_{kind}"].append(bench.sftp_sequential(all_files=kind == "a"))
+                if sequential:
+                    results[f"seq_{kind}"].append(bench.sftp_sequential(all_files=kind == "a"))
                 results[f"rsync_{kind}"].append(bench.rsync_parallel())
+                results[f"par_{kind}"].append(bench.sftp_parallel(all_files=kind == "a"))
     finally:
         watch.stop()
     with BlackHole(7) as hole:
@@ -438,6 +511,8 @@ def run(bench: Bench, a_runs: int, b_runs: int) -> dict[str, Any]:
 
 def report(res: dict[str, Any], info: dict[str, str], command: str, scale: Scale) -> str:
     def row(name: str, values: list[float]) -> str:
+        if not values:
+            return f"| {name} | not run | | | 0 |"
         figures = f"{p50(values):.2f} | {min(values):.2f} | {max(values):.2f}"
         return f"| {name} | {figures} | {len(values)} |"
 
@@ -467,10 +542,12 @@ def report(res: dict[str, Any], info: dict[str, str], command: str, scale: Scale
         row("(a) distribute: 3 agents serve", [r.serves or float("nan") for r in a]),
         row("(a) sftp -b, sequential loop", res["seq_a"]),
         row("(a) rsync over ssh, xargs -P 8", res["rsync_a"]),
+        row("(a) sftp -b of exactly the files, 8 in parallel (floor)", res["par_a"]),
         row("(b) distribute: 30 hold", [r.holds for r in b]),
         row("(b) distribute: 3 agents serve", [r.serves or float("nan") for r in b]),
         row("(b) sftp -b, sequential loop", res["seq_b"]),
         row("(b) rsync over ssh, xargs -P 8", res["rsync_b"]),
+        row("(b) sftp -b of exactly the files, 8 in parallel (floor)", res["par_b"]),
         "",
         "## A black-holed 31st target (connect_timeout 10 s, retried all along)",
         "",
@@ -503,17 +580,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="1,000 files, 1 + 3 runs")
     parser.add_argument("--out", metavar="FILE", help="append the report to FILE")
+    parser.add_argument(
+        "--runs", type=int, nargs=2, metavar=("A", "B"), help="runs of (a) and of (b)"
+    )
+    parser.add_argument(
+        "--no-sequential", action="store_true", help="leave out the sequential sftp loop"
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("the benchmark needs root (sshd, network namespace)", file=sys.stderr)
         return 2
     scale = QUICK if args.quick else FULL
-    a_runs, b_runs = (1, 3) if args.quick else (1, 5)
+    a_runs, b_runs = args.runs or ((1, 3) if args.quick else (1, 5))
     with workdir() as work:
         bench = Bench(work, scale)
         bench.start()
         try:
-            res = run(bench, a_runs, b_runs)
+            res = run(bench, a_runs, b_runs, not args.no_sequential)
         finally:
             bench.stop()
         text = report(
