@@ -207,8 +207,6 @@ def rehearse(options: Options) -> dict[str, Any]:
             for v in viewers
             if options.readers and v.service_id not in ha.ORIGINS
         ]  # readers' URLs
-        for load in loads:
-            load.start(horizon)
         board = Board(stand)
         board.start(horizon)
         browser: Browser | None = None
@@ -217,6 +215,8 @@ def rehearse(options: Options) -> dict[str, Any]:
             browser = Browser(out / "navegador", frames)
             browser.start(stand.portal_port, horizon)
             browser.ready.wait(60)  # the night starts once the portal is on screen
+        for load in loads:  # the simulated frames too (not competing with Chromium's start)
+            load.start(horizon)
         placed: dict[int, float] = {}
 
         def shown(sid: str, since: float) -> float | None:

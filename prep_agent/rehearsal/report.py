@@ -342,7 +342,9 @@ def load_table(load: dict[str, Any]) -> str:
     )
     return (
         "<p>Cada lector simula un marco: su propia conexión persistente, consulta "
-        "status.json cada periodo y pide la página de entrada de cada corte nuevo.</p>"
+        "status.json cada periodo y pide la página de entrada de cada corte nuevo. Los "
+        "errores dentro de la ventana de una falla inyectada se excusan, como los de los "
+        "visores; los que cuentan aparecen en «Problemas».</p>"
         "<table><tr><th>difusor</th><th>lectores</th><th>consulta cada (s)</th>"
         "<th>consultas</th><th>consultas/s</th><th>errores (no 2xx)</th><th>sin respuesta</th>"
         "<th>latencia p50 (ms)</th><th>latencia p99 (ms)</th><th>hallazgos</th></tr>"
