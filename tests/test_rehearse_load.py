@@ -94,15 +94,20 @@ def serving(
         thread.join(timeout=5)
 
 
-def run_load(server: Difusor, readers: int, looks: int, poll: float = 0.1) -> Load:
-    """A load on ``server`` until it answered ``looks`` status.json requests (bounded)."""
+def run_load(
+    server: Difusor, readers: int, looks: int, poll: float = 0.1, entries: int = 0
+) -> Load:
+    """A load on ``server`` until it answered ``looks`` status.json requests and
+    ``entries`` entry pages (bounded)."""
     load = Load("a", f"http://127.0.0.1:{server.server_address[1]}", readers, poll)
     load.start(20, seed=1)
     deadline = time.monotonic() + 15
-    while server.looks < looks and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        if server.looks >= looks and len(server.entries) >= entries:
+            break
         time.sleep(0.02)
     load.stop()
-    assert server.looks >= looks, server.looks
+    assert server.looks >= looks and len(server.entries) >= entries, server.entries
     return load
 
 
@@ -131,7 +136,7 @@ def fault_over(at: float) -> dict[str, Any]:
 def test_a_healthy_difusor_is_read_on_one_connection_per_reader_and_passes() -> None:
     script: list[tuple[int, int] | int] = [*[(1, 0)] * 6, (2, 10)]
     for server in serving(script):
-        load = run_load(server, readers=3, looks=15)
+        load = run_load(server, readers=3, looks=15, entries=6)
         figures = load.figures()
         assert figures["readers"] == 3 and figures["no_answer"] == 0
         assert figures["requests"] == server.looks + len(server.entries)
