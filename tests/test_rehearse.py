@@ -40,6 +40,18 @@ def rehearse(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], d
     return proc, doc
 
 
+def check_load(doc: dict[str, Any], difusores: set[str], readers: int) -> None:
+    """The simulated frames read every difusor, and the verdict judged what they saw."""
+    load = doc["load"]
+    assert load["readers"] == readers and set(load["difusores"]) == difusores, load
+    for sid, part in load["difusores"].items():
+        assert part["readers"] == readers and part["poll_seconds"] == 5, part
+        assert part["requests"] > 0 and part["answers"].get("200", 0) > 0, (sid, part)
+        assert part["latency_ms"]["p50"] is not None, part
+        # Judged (report.judge_findings): a counted one is a "load of" problem.
+        assert {f["kind"] for f in part["findings"]} <= {"error", "backwards"}, part
+
+
 def test_short_night_with_every_fault_passes(tmp_path: Path) -> None:
     out = tmp_path / "ensayo"
     proc, doc = rehearse(out, "--cuts", "8", "--period", "2", "--mode", "loopback")
@@ -84,8 +96,10 @@ def test_short_night_with_every_fault_passes(tmp_path: Path) -> None:
         assert (out / doc["browser"]["screenshot"]).is_file()
     for d in doc["difusores"]:
         assert (out / d["memoria"] / "memoria-tecnica.html").is_file(), d
+    check_load(doc, {"a", "b", "c"}, readers=25)
     page = (out / "rehearsal.html").read_text(encoding="utf-8")
     assert "Veredicto: <strong>APROBADO</strong>" in page
+    assert "Carga HTTP de marcos simulados" in page
 
 
 def test_a_modified_file_on_a_difusor_fails_the_rehearsal(tmp_path: Path) -> None:
@@ -93,7 +107,7 @@ def test_a_modified_file_on_a_difusor_fails_the_rehearsal(tmp_path: Path) -> Non
     schedule.write_text("# a defect, not a fault\n3 tamper a\n", encoding="utf-8")
     out = tmp_path / "ensayo"
     args = ["--cuts", "6", "--period", "2", "--faults", str(schedule), "--no-browser"]
-    proc, doc = rehearse(out, *args, "--mode", "loopback")
+    proc, doc = rehearse(out, *args, "--mode", "loopback", "--readers", "5")
     assert proc.returncode == 9, proc.stdout + proc.stderr
     assert doc["verdict"] == "fail"
     (tamper,) = doc["faults"]
@@ -101,5 +115,7 @@ def test_a_modified_file_on_a_difusor_fails_the_rehearsal(tmp_path: Path) -> Non
     assert "the public copy of a was found altered" in doc["problems"]
     assert any(p.startswith("viewer of a: mixed") for p in doc["problems"]), doc["problems"]
     assert not any(p.startswith(("viewer of b", "viewer of c")) for p in doc["problems"])
+    assert not any(p.startswith("load of") for p in doc["problems"]), doc["problems"]
     assert doc["browser"] == {"ran": False, "why": "not asked for"}
+    check_load(doc, {"a", "b", "c"}, readers=5)
     assert "NO APROBADO" in (out / "rehearsal.html").read_text(encoding="utf-8")

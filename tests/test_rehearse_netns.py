@@ -17,7 +17,7 @@ import pytest
 
 from prep_agent.rehearsal.browser import unavailable
 from prep_agent.rehearsal.netns import available
-from tests.test_rehearse import rehearse
+from tests.test_rehearse import check_load, rehearse
 from tests.test_rehearse_ha import check_pair_and_every_fault
 
 pytestmark = pytest.mark.edge
@@ -51,6 +51,7 @@ def test_night_in_namespaces_cuts_a_real_link_and_shows_the_notice(tmp_path: Pat
     assert all(last[d]["published"] for d in last), last
     assert set(last) == {"a", "b", "c", "h1", "h2", "h"}
     check_pair_and_every_fault(doc, out)
+    check_load(doc, {"a", "b", "c", "h"}, readers=25)  # the pair through its floating address
     names = doc["options"]["namespaces"]
     assert len(names) == 9, names  # two switches, three difusores, two origins, two balancers
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

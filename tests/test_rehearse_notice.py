@@ -25,7 +25,7 @@ def test_a_difusor_that_never_shows_the_notice_fails_the_rehearsal(tmp_path: Pat
     schedule.write_text("2 notice-off a\n2 network-cut a\n", encoding="utf-8")
     out = tmp_path / "ensayo"
     args = ["--cuts", "6", "--period", "2", "--faults", str(schedule), "--no-browser"]
-    args += ["--mode", "loopback"]
+    args += ["--mode", "loopback", "--readers", "0"]  # no simulated frames (load.py)
     proc, doc = rehearse(out, *args)
     assert proc.returncode == 9, proc.stdout + proc.stderr
     assert doc["verdict"] == "fail"
@@ -39,3 +39,4 @@ def test_a_difusor_that_never_shows_the_notice_fails_the_rehearsal(tmp_path: Pat
     assert not any(p.startswith(("viewer of b", "viewer of c")) for p in doc["problems"])
     assert all(n["shown_at"] is None for n in doc["notices"]["a"]), doc["notices"]
     assert doc["notices"]["a"], doc["notices"]
+    assert doc["load"] == {"readers": 0, "difusores": {}}

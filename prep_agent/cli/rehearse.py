@@ -12,6 +12,10 @@ from prep_agent.rehearsal.night import Options, rehearse
 
 EXIT_FAILED = 9
 """The rehearsal ran and its verdict is ``fail``."""
+MAX_READERS = 50
+"""Most simulated frames per difusor: they all come from this machine's one address,
+and an agent takes at most 64 open connections per client address (the viewer's and
+Chromium's among them)."""
 
 
 def cmd_rehearse(args: argparse.Namespace) -> int:
@@ -21,8 +25,12 @@ def cmd_rehearse(args: argparse.Namespace) -> int:
     """
     if not 0.5 <= args.period <= 600:
         raise ConfigError("--period must be between 0.5 and 600 seconds")
+    if not 0 <= args.readers <= MAX_READERS:
+        raise ConfigError(f"--readers must be between 0 and {MAX_READERS}")
     faults = Path(args.faults) if args.faults else None
-    options = Options(Path(args.out), args.cuts, args.period, faults, args.browser, args.mode)
+    options = Options(
+        Path(args.out), args.cuts, args.period, faults, args.browser, args.mode, args.readers
+    )
     doc = report.build(rehearse(options))
     report.write(options.out, doc)
     where = options.out / "rehearsal.html"
@@ -44,6 +52,14 @@ def add_commands(add: AddCommand) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also watch the frames in headless Chromium (needs selenium; default: yes)",
+    )
+    p.add_argument(
+        "--readers",
+        type=int,
+        default=25,
+        metavar="N",
+        help="simulated frames polling each difusor's status.json over HTTP, each on its "
+        f"own keep-alive connection (0 to {MAX_READERS}; 0: no load; default 25)",
     )
     p.add_argument(
         "--mode",

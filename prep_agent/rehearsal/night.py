@@ -21,7 +21,9 @@ from prep_agent.rehearsal import pair as ha
 from prep_agent.rehearsal.browser import Browser, Frame
 from prep_agent.rehearsal.browser import unavailable as browser_unavailable
 from prep_agent.rehearsal.inject import Injection, api_rows, published, standing
+from prep_agent.rehearsal.load import Load
 from prep_agent.rehearsal.netns import available as netns_unavailable
+from prep_agent.rehearsal.report import FRAME_POLL
 from prep_agent.rehearsal.stand import COMMAND, Proc, Stand, build, is_root, run, wait
 from prep_agent.rehearsal.viewer import Viewer
 
@@ -54,6 +56,8 @@ class Options:
     browser: bool = True
     mode: str = "auto"
     """``loopback``, ``netns`` (root) or ``auto`` (netns when root)."""
+    readers: int = 25
+    """Simulated frames polling each difusor (``load.py``); 0: no load."""
 
     def netns(self) -> bool:
         """Whether the difusores run in network namespaces.
@@ -198,6 +202,11 @@ def rehearse(options: Options) -> dict[str, Any]:
             viewers.append(Viewer(ha.NAME, stand.pair.url, stand.allowed_signers))
         for v in viewers:
             v.start(horizon)
+        loads = [
+            Load(v.service_id, v.url, options.readers, FRAME_POLL)
+            for v in viewers
+            if options.readers and v.service_id not in ha.ORIGINS
+        ]  # readers' URLs
         board = Board(stand)
         board.start(horizon)
         browser: Browser | None = None
@@ -206,6 +215,8 @@ def rehearse(options: Options) -> dict[str, Any]:
             browser = Browser(out / "navegador", frames)
             browser.start(stand.portal_port, horizon)
             browser.ready.wait(60)  # the night starts once the portal is on screen
+        for load in loads:  # the simulated frames too (not competing with Chromium's start)
+            load.start(horizon)
         placed: dict[int, float] = {}
 
         def shown(sid: str, since: float) -> float | None:
@@ -247,6 +258,8 @@ def rehearse(options: Options) -> dict[str, Any]:
         stop.set()
         for v in viewers:
             v.stop()
+        for load in loads:
+            load.stop()
         board.stop()
         if browser is not None:
             browser.stop()
@@ -273,6 +286,7 @@ def rehearse(options: Options) -> dict[str, Any]:
                 "period_seconds": PERIOD_SECONDS,
                 "cut_age_seconds": age(options.period),
                 "notice_after_periods": NOTICE_AFTER,
+                "readers": options.readers,
             },  # fmt: skip
             "started": started,
             "ended": ended,
@@ -313,6 +327,7 @@ def rehearse(options: Options) -> dict[str, Any]:
             "journals": journals,
             "deliveries": sent,
             "viewers": {v.service_id: v for v in viewers},
+            "load": {load.service_id: load for load in loads},
             "browser": browser,
             "browser_unavailable": None
             if browser is not None

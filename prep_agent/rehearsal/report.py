@@ -6,7 +6,9 @@ under a fault, or a missing interruption notice (not held against a difusor
 whose agent was killed or whose disk was full); when an accepted cut is
 missing from the journal of a difusor that was not under a fault then; when the
 final cut is missing anywhere at the end; when a fault was not detected where
-the spec says; and when a copy was found altered (a ``tamper`` defect).
+the spec says; when a copy was found altered (a ``tamper`` defect); and when
+the simulated frames' HTTP load (``load.py``) saw an error answer (judged as a
+viewer's) or a cut that went backwards.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from prep_agent.rehearsal.browser import Browser
+from prep_agent.rehearsal.load import Load
 from prep_agent.rehearsal.pair import NAME as PAIR
 from prep_agent.rehearsal.viewer import NOTICE_GRACE, Finding, Viewer
 
@@ -195,6 +198,22 @@ def notices_part(records: dict[str, Any], problems: list[str]) -> dict[str, list
     return found
 
 
+def load_part(records: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The simulated frames' HTTP load per difusor: its figures, latency p50/p99 (ms)
+    and findings; the findings that fail the verdict go to ``problems``, judged as
+    a viewer's (errors inside a fault's window excused, backwards never)."""
+    loads: dict[str, Load] = records.get("load") or {}
+    found: dict[str, Any] = {}
+    for sid, load in loads.items():
+        millis = [t * 1000 for t in load.latencies]
+        found[sid] = {
+            **load.figures(),
+            "latency_ms": {"p50": percentile(millis, 50), "p99": percentile(millis, 99)},
+            "findings": judge_findings(records, "load", sid, load.findings, problems),
+        }
+    return {"readers": records["options"].get("readers", 0), "difusores": found}
+
+
 def build(records: dict[str, Any]) -> dict[str, Any]:
     """The report document, verdict included."""
     viewers: dict[str, Viewer] = records["viewers"]
@@ -237,6 +256,7 @@ def build(records: dict[str, Any]) -> dict[str, Any]:
     }
     browser_doc = browser_part(records, problems)
     notices = notices_part(records, problems)
+    load = load_part(records, problems)
     faults = []
     for fault in records["faults"]:
         entry = {**fault, "injected_at": iso(fault["injected_at"]),
@@ -278,6 +298,7 @@ def build(records: dict[str, Any]) -> dict[str, Any]:
         "viewer_findings": findings,
         "notices": notices,
         "browser": browser_doc,
+        "load": load,
         "collector_timeline": [
             {"at": iso(s["at"]), "difusores": s["difusores"]} for s in records["timeline"]
         ],  # fmt: skip
@@ -304,6 +325,30 @@ def pair_line(pair: dict[str, Any]) -> str:
         f"Par de alta disponibilidad {PAIR}: orígenes {', '.join(pair['origins'])} detrás de "
         f"los balanceadores {', '.join(pair['balancers'])} (HAProxy, Varnish y keepalived con "
         f"la configuración distribuida), dirección flotante {pair['vip']}."
+    )
+
+
+def load_table(load: dict[str, Any]) -> str:
+    """The Spanish table of the simulated frames' HTTP load (escaped)."""
+    if not load["difusores"]:
+        return "<p>No se simularon lectores (<code>--readers 0</code>).</p>"
+    rows = "".join(
+        f"<tr><td>{_cell(sid)}</td><td>{d['readers']}</td><td>{_cell(d['poll_seconds'])}</td>"
+        f"<td>{d['requests']}</td><td>{_cell(d['requests_per_second'])}</td>"
+        f"<td>{sum(n for code, n in d['answers'].items() if not code.startswith('2'))}</td>"
+        f"<td>{d['no_answer']}</td><td>{_cell(d['latency_ms']['p50'])}</td>"
+        f"<td>{_cell(d['latency_ms']['p99'])}</td><td>{len(d['findings'])}</td></tr>"
+        for sid, d in load["difusores"].items()
+    )
+    return (
+        "<p>Cada lector simula un marco: su propia conexión persistente, consulta "
+        "status.json cada periodo y pide la página de entrada de cada corte nuevo. Los "
+        "errores dentro de la ventana de una falla inyectada se excusan, como los de los "
+        "visores; los que cuentan aparecen en «Problemas».</p>"
+        "<table><tr><th>difusor</th><th>lectores</th><th>consulta cada (s)</th>"
+        "<th>consultas</th><th>consultas/s</th><th>errores (no 2xx)</th><th>sin respuesta</th>"
+        "<th>latencia p50 (ms)</th><th>latencia p99 (ms)</th><th>hallazgos</th></tr>"
+        f"{rows}</table>"
     )
 
 
@@ -382,6 +427,8 @@ HTTP)</th><th>mostrado (navegador)</th></tr>{notice_rows}</table>
 <th>visto por primera vez (consulta HTTP)</th><th>visto en el navegador</th></tr>
 {''.join(rows)}</table>
 <h2>Navegador</h2><p>{_cell(browser_line)}</p>
+<h2>Carga HTTP de marcos simulados</h2>
+{load_table(doc['load'])}
 <h2>Indicadores del colector a lo largo del simulacro</h2>
 <table><tr><th>hora</th><th>difusores</th></tr>{flags}</table>
 </body></html>
