@@ -14,10 +14,12 @@ folder nobody owns. The environment keeps root's ``USER`` and ``LOGNAME``, as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,7 +38,7 @@ NEEDS_ROOT = {"disk-full", "balancer-kill", "origin-stop"}
 """Faults a user cannot inject: a tmpfs mount, the HA pair's network namespaces."""
 
 
-def test_an_unprivileged_user_rehearses_on_loopback() -> None:
+def test_an_unprivileged_user_rehearses_on_loopback(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to drop to an unprivileged user in a private mount namespace")
     missing = [tool for tool in ("unshare", "setpriv") if shutil.which(tool) is None]
@@ -45,6 +47,7 @@ def test_an_unprivileged_user_rehearses_on_loopback() -> None:
     checkout = Path(__file__).resolve().parents[1]
     venv = Path(sys.prefix)
     top = Path(tempfile.mkdtemp(prefix="prep-sin-root-"))
+    own, out = top / "nobody", top / "nobody" / "ensayo"
     try:
         top.chmod(0o755)  # our own folder, not the checkout's: nobody may traverse it
         mounts = [(checkout, top / "src")]
@@ -55,11 +58,9 @@ def test_an_unprivileged_user_rehearses_on_loopback() -> None:
             if not inside:
                 mounts.append((venv, base))
             python = base / Path(sys.executable).relative_to(venv)
-        own = top / "nobody"
         for folder in (own, own / "home", own / "tmp"):
             folder.mkdir()
             os.chown(folder, NOBODY, NOBODY)
-        out = own / "ensayo"
         script = "".join(
             f"mkdir -p {shlex.quote(str(where))} && mount --bind {shlex.quote(str(what))} "
             f"{shlex.quote(str(where))} && "
@@ -77,19 +78,27 @@ def test_an_unprivileged_user_rehearses_on_loopback() -> None:
         }
         argv = ["unshare", "--mount", "--propagation", "private", "sh", "-ec",
                 script.format(u=NOBODY), "sh", "nice", str(python), "-m", "prep_agent.cli",
-                "rehearse", "--out", str(out), "--cuts", "6", "--period", "2",
+                "rehearse", "--out", str(out), "--cuts", "8", "--period", "2",
                 "--mode", "loopback", "--no-browser"]  # fmt: skip
-        proc = subprocess.run(
-            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240,
-            cwd=own, env=env,
+        child = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, cwd=own, env=env, start_new_session=True,
         )  # fmt: skip
+        try:
+            output, _ = child.communicate(timeout=240)
+        finally:  # the rehearsal's sshd, agents and collector are in its process group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
         report = out / "rehearsal.json"
-        assert report.exists(), proc.stdout + proc.stderr
+        assert report.exists(), output
         assert report.stat().st_uid == NOBODY
         doc: dict[str, Any] = json.loads(report.read_text(encoding="utf-8"))
     finally:
+        with contextlib.suppress(OSError, shutil.Error):  # kept to read after a failure
+            shutil.copytree(out, tmp_path / "ensayo", symlinks=True)
         shutil.rmtree(top, ignore_errors=True)  # the mounts went with the namespace
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert child.returncode == 0, output
     assert doc["verdict"] == "pass" and doc["problems"] == [], doc["problems"]
     assert doc["options"]["root"] is False and doc["options"]["mode"] == "loopback"
     kinds = {f["kind"]: f for f in doc["faults"]}
