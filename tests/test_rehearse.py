@@ -97,9 +97,28 @@ def test_short_night_with_every_fault_passes(tmp_path: Path) -> None:
     for d in doc["difusores"]:
         assert (out / d["memoria"] / "memoria-tecnica.html").is_file(), d
     check_load(doc, {"a", "b", "c"}, readers=25)
+    check_skewed_memoria(out, doc, skewed["difusor"])
     page = (out / "rehearsal.html").read_text(encoding="utf-8")
     assert "Veredicto: <strong>APROBADO</strong>" in page
     assert "Carga HTTP de marcos simulados" in page
+
+
+def check_skewed_memoria(out: Path, doc: dict[str, Any], sid: str) -> None:
+    """The memoria técnica of the difusor whose agent ran 900 s behind holds every
+    publication and rejection of its journal, each within the night, and the step
+    of its clock."""
+    entry = next(d for d in doc["difusores"] if d["service_id"] == sid)
+    summary = json.loads((out / entry["memoria"] / "summary.json").read_text(encoding="utf-8"))
+    incidents = summary["incidents"]
+    lines = (out / "difusores" / sid / "journal.jsonl").read_text(encoding="utf-8")
+    events = [json.loads(line)["event"] for line in lines.splitlines()]
+    assert len(incidents["cuts"]) == events.count("cut-published"), incidents["cuts"]
+    assert len(incidents["rejected"]) == events.count("cut-rejected") > 0, incidents
+    start, end = doc["started"], doc["ended"]  # RFC 3339 UTC, comparable as text
+    times = [c["published"] for c in incidents["cuts"]] + [r["time"] for r in incidents["rejected"]]
+    assert all(start[:19] <= t[:19] <= end[:19] for t in times), (start, end, times)
+    steps = [o for o in incidents["other"] if o["event"] == "clock-behind"]
+    assert steps and steps[0]["detail"]["seconds"] > 800, incidents["other"]
 
 
 def test_a_modified_file_on_a_difusor_fails_the_rehearsal(tmp_path: Path) -> None:

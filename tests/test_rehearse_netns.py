@@ -52,6 +52,14 @@ def test_night_in_namespaces_cuts_a_real_link_and_shows_the_notice(tmp_path: Pat
     assert set(last) == {"a", "b", "c", "h1", "h2", "h"}
     check_pair_and_every_fault(doc, out)
     check_load(doc, {"a", "b", "c", "h"}, readers=25)  # the pair through its floating address
+    # Through the floating address, every cut the pair published was seen unless it
+    # was replaced within 1.5 s or shown only while its active balancer was down
+    # (report.pair_unseen; a verdict problem otherwise); the final cut is seen too.
+    unseen = doc["ha_pair"]["unseen"]
+    assert all(u["excused"] for u in unseen), unseen
+    missed = {c["sequence"] for c in doc["cuts"] if not c["difusores"]["h"]["first_seen"]}
+    assert missed == {u["sequence"] for u in unseen}, (missed, unseen)
+    assert doc["cuts"][-1]["difusores"]["h"]["first_seen"], unseen
     names = doc["options"]["namespaces"]
     assert len(names) == 9, names  # two switches, three difusores, two origins, two balancers
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

@@ -40,6 +40,13 @@ each cut is signed with a cut time ``STALE_PERIODS`` x ``PERIOD_SECONDS`` -
 ``NOTICE_AFTER`` x ``--period`` seconds old."""
 
 
+LAST_LOOK_SECONDS = 8.0
+"""At most how long the viewers keep looking, once every difusor published the final
+cut, until each saw it: through the pair's Varnish a cut shows after the origins'
+purge delay (1.5 s, ``web/purge.py``), or at worst once a pointer's max-age (5 s)
+ran out."""
+
+
 def age(period: float) -> float:
     """How old (seconds) each simulated cut's cut time is when it is signed."""
     return STALE_PERIODS * PERIOD_SECONDS - NOTICE_AFTER * period
@@ -255,6 +262,9 @@ def rehearse(options: Options) -> dict[str, Any]:
             while final not in published(d) and time.monotonic() < until_final:
                 time.sleep(0.2)
         time.sleep(min(3.0, options.period))  # the viewers' last look
+        looking = time.monotonic() + LAST_LOOK_SECONDS  # the pair's shows it later
+        while any(final not in v.first_seen for v in viewers) and time.monotonic() < looking:
+            time.sleep(0.2)
         stop.set()
         for v in viewers:
             v.stop()

@@ -104,10 +104,18 @@ def excused(
     pair is excused before its floating address first served a cut (no origin
     held one: HAProxy answers 503 by design) and for the ``FRAME_POLL`` seconds a
     frame that loaded that 503 takes to load again."""
+    return any(start <= at <= end for start, end in excused_windows(records, service_id, kinds))
+
+
+def excused_windows(
+    records: dict[str, Any], service_id: str, kinds: set[str] | None = None
+) -> list[tuple[float, float]]:
+    """The intervals in which ``service_id`` is excused (``excused``)."""
     period = float(records["options"]["period"])
     pair = records.get("pair")
-    if pair and service_id == PAIR and at < float(pair.get("ready_at") or 0) + FRAME_POLL:
-        return True
+    found = []
+    if pair and service_id == PAIR:
+        found.append((float(records["started"]), float(pair.get("ready_at") or 0) + FRAME_POLL))
     for fault in records["faults"]:
         window = fault.get("window")
         if fault.get("difusor") != service_id or not window:
@@ -118,9 +126,8 @@ def excused(
         end = window[1] + 2 * period
         if fault.get("strict_window"):
             start, end = window
-        if start <= at <= end:
-            return True
-    return False
+        found.append((start, end))
+    return found
 
 
 def judge_findings(
@@ -274,6 +281,7 @@ def build(records: dict[str, Any]) -> dict[str, Any]:
                             f"{fault['detail']}")  # fmt: skip
         elif fault["kind"] == "tamper":
             problems.append(f"the public copy of {fault['difusor']} was found altered")
+    pair = pair_part(records, problems)
     stats = {name: {"p50": percentile(v, 50), "p99": percentile(v, 99), "n": len(v)}
              for name, v in latencies.items()}  # fmt: skip
     return {
@@ -291,7 +299,7 @@ def build(records: dict[str, Any]) -> dict[str, Any]:
             }
             for d in records["difusores"]
         ],  # fmt: skip
-        "ha_pair": pair_part(records),
+        "ha_pair": pair,
         "cuts": cuts,
         "latency_seconds": stats,
         "faults": faults,
@@ -305,12 +313,67 @@ def build(records: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def pair_part(records: dict[str, Any]) -> dict[str, Any]:
-    """The HA pair's part of the report (or why it did not run)."""
+PURGE_DELAY = 1.5
+"""Seconds after a swap an origin soft-purges the pair's Varnish nodes (``web/purge.py``):
+a cut shows through the floating address that much after its origins had it."""
+PAIR_MIN_NEWEST = 1.5
+"""Seconds a cut must be the pair's newest for its HTTP viewer (a look every 0.5 s; the
+first look after a soft purge still gets the old copy) to be sure to see it."""
+
+
+def longest_outside(span: tuple[float, float], windows: list[tuple[float, float]]) -> float:
+    """The longest part of ``span`` (seconds) outside every one of ``windows``."""
+    pieces = [span]
+    for start, end in windows:
+        pieces = [
+            piece
+            for a, b in pieces
+            for piece in (((a, b),) if end <= a or b <= start else ((a, start), (end, b)))
+            if piece[1] > piece[0]
+        ]
+    return max((b - a for a, b in pieces), default=0.0)
+
+
+def pair_unseen(records: dict[str, Any], problems: list[str]) -> list[dict[str, Any]]:
+    """The cuts the pair published that its HTTP viewer never saw, each with its
+    excuse: replaced within ``PAIR_MIN_NEWEST`` s, or shown through the floating
+    address (from the purge after it to the purge after its successor) for less
+    than that outside the pair's excused windows (before it first served a cut, a
+    balancer killed). One without an excuse goes to ``problems``."""
+    viewer: Viewer | None = records["viewers"].get(PAIR)
+    published: dict[int, float] = records["journals"].get(PAIR, {})
+    if not records.get("pair") or viewer is None:
+        return []
+    windows = excused_windows(records, PAIR)
+    unseen = []
+    for k, at in sorted(published.items()):
+        if k in viewer.first_seen:
+            continue
+        until = min((t for j, t in published.items() if j > k), default=records["ended"])
+        newest = max(0.0, until - at)
+        outside = longest_outside((at + PURGE_DELAY, until + PURGE_DELAY), windows)
+        excuse = None
+        if newest < PAIR_MIN_NEWEST:
+            excuse = f"replaced after {newest:.1f} s"
+        elif outside < PAIR_MIN_NEWEST:
+            excuse = f"newest within an excused window of the pair but for {outside:.1f} s"
+        else:
+            problems.append(
+                f"viewer of {PAIR}: cut {k} never seen (the pair's newest for {newest:.1f} s "
+                f"from {iso(at)}, outside every excused window)"
+            )
+        unseen.append({"sequence": k, "newest_seconds": round(newest, 3), "excused": excuse})
+    return unseen
+
+
+def pair_part(records: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The HA pair's part of the report (or why it did not run); the cuts its
+    viewer missed without an excuse go to ``problems``."""
     pair = records.get("pair")
     if not pair:
         return {"ran": False, "why": records.get("pair_unavailable")}
-    return {"ran": True, **pair, "ready_at": iso(pair.get("ready_at"))}
+    unseen = pair_unseen(records, problems)
+    return {"ran": True, **pair, "ready_at": iso(pair.get("ready_at")), "unseen": unseen}
 
 
 def _cell(value: object) -> str:

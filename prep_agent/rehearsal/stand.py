@@ -15,8 +15,8 @@ rehearsal's folder; each is stopped with SIGTERM, then SIGKILL.
 from __future__ import annotations
 
 import contextlib
-import getpass
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -356,11 +356,15 @@ def _sshd(stand: Stand, d: Difusor) -> None:
     upload = Path(f"{stand.identity}.pub").read_text(encoding="ascii")
     (folder / "authorized_keys").write_text(upload, encoding="ascii")
     config = folder / "sshd_config"
+    # Not root, sshd serves only the user running it; without PAM it judges that
+    # account by its password field and refuses a locked one (nobody's is "!*"),
+    # key or not. With PAM the account stack decides, as with Debian's own sshd.
     config.write_text(
         f"Port {d.ssh_port}\nListenAddress {d.institute_host}\nHostKey {folder / 'host_key'}\n"
         f"PidFile {folder / 'sshd.pid'}\nAuthorizedKeysFile {folder / 'authorized_keys'}\n"
         "StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-        "UsePAM no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n"
+        f"UsePAM {'no' if is_root() else 'yes'}\nPermitRootLogin prohibit-password\n"
+        "Subsystem sftp internal-sftp\n"
         "MaxStartups 50:30:100\nLogLevel VERBOSE\n",
         encoding="ascii",
     )
@@ -429,7 +433,9 @@ def _collector_conf(stand: Stand) -> None:
         "[audit]\nenabled = yes\nsample = 5\nfull_every = 3\nafter = 2\ntimeout = 3\n"
         "concurrency = 4\nworkers = 4\n"
     )
-    user = getpass.getuser()
+    # The account the sshd run as this user accepts: the effective uid's, not $USER
+    # (a privilege drop by setpriv or su without a login keeps root's).
+    user = pwd.getpwuid(os.geteuid()).pw_name
     for d in stand.difusores:
         text += (
             f"\n[difusor:{d.service_id}]\nname = Diario {d.service_id.upper()}\n"

@@ -10,8 +10,17 @@ the next cut is published; after the last cut it ends at the end of the
 operation window (flagged ``after_last_cut``: no interruption if it was final).
 
 Agent downtime: from ``agent-stopped`` (or, after a crash, the last event
-before an ``agent-started`` not preceded by ``agent-stopped``) to the next
-``agent-started``.
+before an ``agent-started`` not preceded by ``agent-stopped``, the starting
+agent's own ``server-listening`` left out) to the next ``agent-started``.
+
+A clock set behind: the journal is appended in the order things happened, each
+line stamped by the agent's wall clock. A line ``CLOCK_STEP_SECONDS`` or more
+older than the newest line before it means that clock was behind (an agent
+started with a wrong clock, or a clock set back); its lines, until one is as
+new as that newest line again, are moved forward by the step (so the first of
+them lands right after the last line written before it: the earliest it can
+have happened) and keep the journal's order; the step is listed among the
+other events (``clock-behind``, with its size and the first line's own time).
 """
 
 from __future__ import annotations
@@ -95,6 +104,11 @@ OTHER_EVENTS = frozenset(
     )
 )
 """Journal events listed as incidents as they are."""
+STARTING = frozenset(("server-listening",))
+"""Events an agent journals while it starts, before ``agent-started``."""
+CLOCK_STEP_SECONDS = 2.0
+"""How much older than the newest line before it a journal line must be to count as
+written by a clock set behind (lines of concurrent threads differ by milliseconds)."""
 
 
 def _pct(values: list[float], p: int) -> float | None:
@@ -131,8 +145,10 @@ def read_incidents(
             inc.bad_lines += 1
             continue
         timed.append((t, e))
+    timed, steps = on_one_clock(timed)
     timed.sort(key=lambda te: te[0])
     inc.events = len(timed)
+    inc.other.extend(steps)
     published: list[tuple[datetime, dict[str, Any]]] = []
     for t, e in timed:
         name = e["event"]
@@ -150,6 +166,33 @@ def read_incidents(
     inc.stale = stale_windows(published, operation, period_seconds, stale_periods)
     inc.downtime = downtime_windows(timed, operation)
     return inc
+
+
+def on_one_clock(
+    timed: list[tuple[datetime, dict[str, Any]]],
+) -> tuple[list[tuple[datetime, dict[str, Any]]], list[dict[str, Any]]]:
+    """The events (in journal order) with the lines of a clock set behind moved
+    forward by its step (see the module docstring); and one ``clock-behind``
+    event per step."""
+    moved: list[tuple[datetime, dict[str, Any]]] = []
+    steps: list[dict[str, Any]] = []
+    newest: datetime | None = None
+    shift = timedelta(0)
+    tolerance = timedelta(seconds=CLOCK_STEP_SECONDS)
+    for t, e in timed:
+        if newest is not None and shift and t >= newest - tolerance:
+            shift = timedelta(0)  # the clock is right again
+        if newest is not None and not shift and t < newest - tolerance:
+            shift = newest - t
+            steps.append({"time": newest, "event": "clock-behind", "detail": {
+                "seconds": round(shift.total_seconds(), 1),
+                "journal_time": t.isoformat(timespec="milliseconds"), "lines": 0}})  # fmt: skip
+        if shift:
+            steps[-1]["detail"]["lines"] += 1
+        else:
+            newest = t if newest is None else max(newest, t)
+        moved.append((t + shift, e))
+    return moved, steps
 
 
 def _cut_row(t: datetime, e: dict[str, Any]) -> CutRow | None:
@@ -214,7 +257,8 @@ def downtime_windows(
                 if start < end:
                     windows.append(Window(start, end, down_since[1]))
             down_since = None
-        previous = (t, name)
+        if name not in STARTING:
+            previous = (t, name)
     if down_since is not None and down_since[0] < operation[1]:
         windows.append(Window(max(down_since[0], operation[0]), operation[1], down_since[1]))
     return windows
