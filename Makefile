@@ -23,7 +23,10 @@ test: deps
 # and drill tests (the .deb and .rpm are built on Debian's packages, the edge drills
 # test Debian's haproxy/varnish/nginx configuration, and the loopback rehearsals
 # run minutes of processes whose code the rest of the suite covers; the first leg
-# runs them).
+# runs them). The rule for packaging and edge: a test is marked so only if its
+# result cannot depend on the venv's library versions, i.e. none of our code under
+# test runs on them (Debian's tools build the packages, Debian's python3 runs the
+# installed agent: tests/test_fresh_system.py, tests/test_package_split.py).
 test-latest: deps-latest
 	$(LATEST)/python -m pytest --durations=30 -m "not packaging and not edge and not drill"
 

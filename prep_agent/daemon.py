@@ -20,14 +20,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prep_agent.agent.config import Config
-from prep_agent.agent.fetch import Fetcher, settings_of
 from prep_agent.agent.floor import JournalFloor, checked_state
 from prep_agent.agent.intake import FileIdentity, Pending, Watcher, read_delivery, sequence_hint
 from prep_agent.agent.journal import Journal, write_published
 from prep_agent.agent.lock import LockFile
-from prep_agent.agent.package_store import PackageIntake
 from prep_agent.agent.state import Rejected, State, save_state
 from prep_agent.agent.store import Release, Store
 from prep_agent.core.allowed_signers import parse_allowed_signers
@@ -49,6 +48,10 @@ from prep_agent.web.purge import Purger
 from prep_agent.web.push import Pusher, load_push_key
 from prep_agent.web.server import build_app, make_server, write_nginx_snippets
 from prep_agent.web.system import SystemProbe
+
+if TYPE_CHECKING:
+    from prep_agent.agent.fetch import Fetcher
+    from prep_agent.agent.package_store import PackageIntake
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +145,11 @@ class Agent:
         write_public(config, self.store.current(), clock())
         self.packages: PackageIntake | None = None
         if config.source.type == "https-package":
+            # Imported here: the https source loads requests, a fifth of a command's
+            # start-up, which an agent watching its drop folder never needs.
+            from prep_agent.agent.fetch import Fetcher, settings_of
+            from prep_agent.agent.package_store import PackageIntake
+
             fetcher = Fetcher(settings_of(config.source), self.policy.signers, config.threshold)
             self.packages = PackageIntake(
                 config, self.store, self.journal, self.metrics, clock, self._show, fetcher

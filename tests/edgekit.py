@@ -61,7 +61,8 @@ every cut, each the newest at the floating address for at least HOLD s."""
 HOLD = 1.5
 """Seconds each cut of the steady drill stays the newest at the floating address
 (served there, on both origins) before the institute sends the next: the frame's
-poll (POLL) plus the check and load of the cut's entry page."""
+poll (POLL) plus the check and load of the cut's entry page. The drill sends the
+next cut sooner once the viewer (Chromium) has shown this one."""
 MIDDLE = timezone(timedelta(hours=-6))
 ENGINES = ("haproxy", "varnishd", "keepalived", "nginx", "curl")
 

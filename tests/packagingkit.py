@@ -92,13 +92,26 @@ def version() -> str:
     return found.group(1)
 
 
+_BUILT: dict[str, tuple[list[Path], float]] = {}
+"""The artifacts of each target built in this test run, and the build's seconds."""
+
+
 def build(target: str) -> tuple[list[Path], float]:
-    """``make deb`` / ``make rpm`` (the scripts behind them); return (artifacts, seconds)."""
+    """``make deb`` / ``make rpm`` (the scripts behind them); return (artifacts, seconds).
+
+    Built once per test run (the tree does not change during it): later calls
+    return the same artifacts and seconds while every artifact is still there.
+    Raises AssertionError, with the build's output, if the build fails.
+    """
+    built = _BUILT.get(target)
+    if built is not None and all(p.is_file() for p in built[0]):
+        return list(built[0]), built[1]
     started = time.monotonic()
     out = check([str(ROOT / "packaging" / f"build-{target}")], timeout=480)
     paths = [Path(line) if Path(line).is_absolute() else ROOT / line for line in out.split()]
     assert paths and all(p.is_file() for p in paths), out
-    return paths, time.monotonic() - started
+    _BUILT[target] = (paths, time.monotonic() - started)
+    return list(paths), _BUILT[target][1]
 
 
 def unit_settings(path: Path, section: str = "Service") -> dict[str, list[str]]:

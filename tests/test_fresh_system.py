@@ -40,7 +40,9 @@ from tests.freshkit import (
 from tests.kit import Institute, minute_ago
 from tests.packagingkit import ROOT, build, require_tools, unit_settings
 
-pytestmark = pytest.mark.timeout(900)
+# packaging: the agent under test runs on the fresh system's Debian packages, not on
+# this venv's releases (the newest-PyPI leg leaves it out).
+pytestmark = [pytest.mark.timeout(900), pytest.mark.packaging]
 
 MAX_AGENT_BYTES = 100 * 10**6
 """The agent's whole installation over the minimal base: under 100 MB."""

@@ -16,7 +16,8 @@ import pytest
 
 from tests.packagingkit import ROOT, build, check, require_tools, version
 
-pytestmark = pytest.mark.timeout(600)
+# packaging: built with Debian's tools and inspected as files; no venv release is involved.
+pytestmark = [pytest.mark.timeout(600), pytest.mark.packaging]
 
 RUNTIME = {
     "python3-cryptography",

@@ -31,7 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from prep_agent import __version__
-from prep_agent.core.errors import Error
+from prep_agent.core.errors import PACKAGE_UNSIGNED, Error
 from prep_agent.shared.deadline import SocketDeadline
 from prep_agent.shared.watched_http import BodyTooLarge, WatchedAdapter, read_capped, watching
 
@@ -52,7 +52,7 @@ TOO_LARGE = "package-too-large"
 NOT_A_ZIP = "package-not-zip"
 TRUNCATED = "package-truncated"
 INDEX_INVALID = "source-index-invalid"
-UNSIGNED = "package-unsigned"
+UNSIGNED = PACKAGE_UNSIGNED
 
 
 class FetchError(Error):

@@ -34,11 +34,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from prep_agent.agent.config import Config
-from prep_agent.agent.fetch import Fetcher
-from prep_agent.agent.https_get import UNSIGNED, FetchError
 from prep_agent.agent.journal import Journal, write_published
 from prep_agent.agent.lock import LockFile
 from prep_agent.agent.package_pages import PAGES_FOLDER, render_results_pages
@@ -46,6 +44,7 @@ from prep_agent.agent.state import Rejected, State, save_state
 from prep_agent.agent.store import Release, Store, release_name, remove_tree, sync_filesystem
 from prep_agent.core.errors import (
     EQUIVOCATION,
+    PACKAGE_UNSIGNED,
     PATH_INVALID,
     SIGNATURE_MALFORMED,
     SIGNATURE_UNTRUSTED,
@@ -56,6 +55,10 @@ from prep_agent.core.manifest import FORMAT, WELL_KNOWN, parse_manifest
 from prep_agent.core.package import Package, check_order, inspect_package, package_stamp
 from prep_agent.shared.clock import Clock
 from prep_agent.shared.fsutil import fsync_dir
+
+if TYPE_CHECKING:  # the https source's modules load requests: only its agents import them
+    from prep_agent.agent.fetch import Fetcher
+    from prep_agent.agent.https_get import FetchError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ PACKAGE_FOLDER = ".well-known/prep-package"
 """Folder of a package release holding its metadata and the institute's signature."""
 MAX_JOURNALED_WARNINGS = 20
 """Warnings of one package written to the journal (all of them go to package.json)."""
-PACKAGE_REFUSALS = (SIGNATURE_MALFORMED, SIGNATURE_UNTRUSTED, UNSIGNED)
+PACKAGE_REFUSALS = (SIGNATURE_MALFORMED, SIGNATURE_UNTRUSTED, PACKAGE_UNSIGNED)
 """Poll failures that are the package's own (its signature), recorded as rejections;
 every other poll failure is a ``source-error``."""
 _PLAIN_NAME = re.compile(r"[^/\\\x00-\x1f\x7f]{1,255}")
@@ -297,6 +300,8 @@ class PackageIntake:
 
         Raises ``OSError`` or ``Error`` (a failure of the agent's own).
         """
+        from prep_agent.agent.https_get import FetchError  # loaded with the fetcher
+
         polled = time.monotonic()
         try:
             fetched = self.fetcher.poll(self.clock())

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -24,10 +25,9 @@ from prep_agent.agent.config import load, render_template
 from prep_agent.cli.options import AddCommand
 from prep_agent.core import sshkeys
 from prep_agent.daemon import serving
-from prep_agent.institute.delivery import deliver_local
-from prep_agent.institute.simulation.election import Simulation
-from prep_agent.institute.simulation.https import PackagePublisher
-from prep_agent.institute.simulation.run import MinuteApart, run_institute
+
+if TYPE_CHECKING:
+    from prep_agent.institute.simulation.https import PackagePublisher
 
 ELECTION = "coah-ayun-2021"
 """Election id of the demo (the simulated institute's)."""
@@ -93,6 +93,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     make_key(workdir)  # a new demo key each run, as before
     key = sshkeys.load_private_key((workdir / "institute_key").read_bytes())
+    # Imported here: the simulated institute is a sixth of every command's
+    # start-up, and only the demo runs it.
+    from prep_agent.institute.simulation.https import PackagePublisher
+
     publisher = None
     if args.source == "https-package":
         publisher = PackagePublisher(workdir / "institute", key, "127.0.0.1", 0)
@@ -111,6 +115,10 @@ def _run(
     publisher: PackagePublisher | None,
 ) -> int:
     """The demo's agent and institute threads, until Ctrl-C or ``--cuts`` cuts."""
+    from prep_agent.institute.delivery import deliver_local
+    from prep_agent.institute.simulation.election import Simulation
+    from prep_agent.institute.simulation.run import MinuteApart, run_institute
+
     config = load(setup(workdir, args.port, publisher))
     stop = threading.Event()
 

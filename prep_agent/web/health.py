@@ -15,9 +15,10 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from flask import Flask, Response, request
+if TYPE_CHECKING:
+    from flask import Flask
 
 from prep_agent import __version__
 from prep_agent.agent.state import Rejected
@@ -349,6 +350,10 @@ def create_app(
 
     ``snapshot(full)`` reads the host only when ``full`` (a privileged /health).
     """
+    # Imported here: Flask is a third of a command's start-up, and only the
+    # commands that serve need it (``run --once``, ``status`` and the rest do not).
+    from flask import Flask, Response, request
+
     app = Flask("prep_agent.web.health")
     networks = [ipaddress.ip_network(n, strict=False) for n in allow]
 

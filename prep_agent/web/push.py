@@ -21,15 +21,16 @@ import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable
-
-import requests  # type: ignore[import-untyped]  # no stubs in Debian 12
+from typing import TYPE_CHECKING, Any, Callable
 
 from prep_agent.agent.journal import Journal
 from prep_agent.core import sshkeys, sshsig
 from prep_agent.core.errors import ConfigError, SignatureFormatError
 from prep_agent.core.protocol import HEALTH_TYPE, NAMESPACE_HEALTH, SIGNATURE_HEADER
 from prep_agent.shared.clock import Clock, utc_now
+
+if TYPE_CHECKING:
+    import requests  # type: ignore[import-untyped]  # no stubs in Debian 12
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,10 @@ class _Target:
         self.thread = threading.Thread(target=self.loop, name=f"push {url}", daemon=True)
 
     def loop(self) -> None:
+        # Imported here: requests is a fifth of a command's start-up, and only an
+        # agent that pushes its health needs it.
+        import requests  # type: ignore[import-untyped]  # no stubs in Debian 12
+
         p = self.pusher
         session = requests.Session()
         rng = random.Random()
@@ -120,6 +125,8 @@ class _Target:
 
     def attempt(self, session: requests.Session) -> bool:
         """POST the newest document once; True if the institute accepted it."""
+        import requests  # type: ignore[import-untyped]  # no stubs in Debian 12
+
         p = self.pusher
         moment = None
         try:
