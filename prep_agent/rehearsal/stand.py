@@ -377,6 +377,51 @@ def _sshd(stand: Stand, d: Difusor) -> None:
     wait(lambda: accepts(d.ssh_port, d.institute_host), 15, f"sshd of {d.service_id}", d.sshd)
 
 
+def upload_user() -> str:
+    """The account every rehearsal sshd accepts: the effective uid's, not $USER
+    (a privilege drop by setpriv or su without a login keeps root's)."""
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def check_login(stand: Stand, d: Difusor, timeout: float = 15) -> None:
+    """Log in to ``d``'s sshd as the institute will (upload key, pinned host key,
+    sftp), so that an account sshd refuses stops the rehearsal at its start rather
+    than as a night of failed deliveries.
+
+    Raises Error with ssh's reason when the login fails.
+    """
+    known = d.home / "sshd" / "known_hosts"
+    known.write_text(f"[{d.institute_host}]:{d.ssh_port} {d.host_public}\n", encoding="ascii")
+    options = {
+        "BatchMode": "yes",
+        "IdentitiesOnly": "yes",
+        "IdentityFile": str(stand.identity),
+        "UserKnownHostsFile": str(known),
+        "GlobalKnownHostsFile": "/dev/null",
+        "StrictHostKeyChecking": "yes",
+        "ConnectTimeout": str(round(timeout)),
+        "LogLevel": "ERROR",
+    }
+    argv = ["sftp", "-b", "-", "-P", str(d.ssh_port)]
+    for name, value in options.items():
+        argv += ["-o", f"{name}={value}"]
+    argv.append(f"{upload_user()}@{d.institute_host}")
+    try:
+        done = subprocess.run(
+            argv, input="pwd\n", capture_output=True, text=True, timeout=timeout + 5
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise Error(f"sftp login to the sshd of {d.service_id} failed: {exc}") from None
+    if done.returncode != 0:
+        # ssh's reason is its last line; sftp's own "Connection closed" follows it.
+        lines = [x for x in done.stderr.strip().splitlines() if x != "Connection closed"]
+        line = (lines or ["no output"])[-1]
+        raise Error(
+            f"sftp login as {upload_user()} to the sshd of {d.service_id} failed: {line} "
+            "(the rehearsal's sshd accepts only the account running it, by key)"
+        )
+
+
 def _agent(stand: Stand, d: Difusor) -> None:
     d.root.mkdir(parents=True)
     if d.tmpfs:
@@ -433,9 +478,7 @@ def _collector_conf(stand: Stand) -> None:
         "[audit]\nenabled = yes\nsample = 5\nfull_every = 3\nafter = 2\ntimeout = 3\n"
         "concurrency = 4\nworkers = 4\n"
     )
-    # The account the sshd run as this user accepts: the effective uid's, not $USER
-    # (a privilege drop by setpriv or su without a login keeps root's).
-    user = pwd.getpwuid(os.geteuid()).pw_name
+    user = upload_user()
     for d in stand.difusores:
         text += (
             f"\n[difusor:{d.service_id}]\nname = Diario {d.service_id.upper()}\n"
@@ -489,6 +532,7 @@ def build(
             if name in pair.ORIGINS:
                 set_values(d.conf, {"purge": {"nodes": pair.purge_nodes(stand.networks[1])}})
             _sshd(stand, d)
+            check_login(stand, d)
         _collector_conf(stand)
         home = out / "institute"
         collector = Proc("collector", [*COMMAND, "collector", "--config", str(stand.conf)],
