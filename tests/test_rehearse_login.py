@@ -1,5 +1,5 @@
 """The rehearsal's stand logs in to each difusor's sshd before the night: an
-account the sshd refuses stops ``rehearse`` at once with sftp's reason, instead
+account the sshd refuses stops ``rehearse`` at once with ssh's reason, instead
 of a night of failed deliveries and a failing verdict minutes later.
 
 Real sshd (the stand's own ``_sshd``), real sftp client.
@@ -24,7 +24,11 @@ def _one_difusor(tmp_path: Path) -> tuple[stand_mod.Stand, stand_mod.Difusor]:
     )
     d.home.mkdir(parents=True)
     stand.difusores.append(d)
-    stand_mod._sshd(stand, d)
+    try:
+        stand_mod._sshd(stand, d)
+    except BaseException:
+        stand.close()  # an sshd that started but did not answer is stopped
+        raise
     return stand, d
 
 

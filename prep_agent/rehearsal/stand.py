@@ -251,6 +251,11 @@ class Difusor:
     def institute_url(self) -> str:
         return f"http://{self.institute_host}:{self.web_port}"
 
+    @property
+    def host_key_line(self) -> str:
+        """Its sshd's pinned key as a known_hosts line (the institute config's ``host_key``)."""
+        return f"[{self.institute_host}]:{self.ssh_port} {self.host_public}"
+
     def command(self, argv: Sequence[str]) -> list[str]:
         """``argv`` run where the difusor lives (inside its namespace, if any)."""
         return self.node.command(argv) if self.node is not None else list(argv)
@@ -391,7 +396,7 @@ def check_login(stand: Stand, d: Difusor, timeout: float = 15) -> None:
     Raises Error with ssh's reason when the login fails.
     """
     known = d.home / "sshd" / "known_hosts"
-    known.write_text(f"[{d.institute_host}]:{d.ssh_port} {d.host_public}\n", encoding="ascii")
+    known.write_text(d.host_key_line + "\n", encoding="ascii")
     options = {
         "BatchMode": "yes",
         "IdentitiesOnly": "yes",
@@ -405,7 +410,8 @@ def check_login(stand: Stand, d: Difusor, timeout: float = 15) -> None:
     argv = ["sftp", "-b", "-", "-P", str(d.ssh_port)]
     for name, value in options.items():
         argv += ["-o", f"{name}={value}"]
-    argv.append(f"{upload_user()}@{d.institute_host}")
+    user = upload_user()
+    argv.append(f"{user}@{d.institute_host}")
     try:
         done = subprocess.run(
             argv, input="pwd\n", capture_output=True, text=True, timeout=timeout + 5
@@ -417,7 +423,7 @@ def check_login(stand: Stand, d: Difusor, timeout: float = 15) -> None:
         lines = [x for x in done.stderr.strip().splitlines() if x != "Connection closed"]
         line = (lines or ["no output"])[-1]
         raise Error(
-            f"sftp login as {upload_user()} to the sshd of {d.service_id} failed: {line} "
+            f"sftp login as {user} to the sshd of {d.service_id} failed: {line} "
             "(the rehearsal's sshd accepts only the account running it, by key)"
         )
 
@@ -485,7 +491,7 @@ def _collector_conf(stand: Stand) -> None:
             f"contact = Mesa de {d.service_id}, 844 000 0000\n"
             f"health_url = {d.institute_url}/health\ntoken_file = {d.home / 'token'}\n"
             f"sftp = {user}@{d.institute_host}:{d.ssh_port}:{d.inbox}\n"
-            f"host_key = [{d.institute_host}]:{d.ssh_port} {d.host_public}\n"
+            f"host_key = {d.host_key_line}\n"
             f"identity = {stand.identity}\nstatus_url = {d.institute_url}/status.json\n"
         )
     stand.conf = home / "institute.conf"
